@@ -1,0 +1,1 @@
+"""reconciler: keeps container networking and HAProxy backends equal to Consul KV."""
