@@ -35,9 +35,17 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.key}: {self.field}" if self.field else self.key
-        if self.value:
-            return f"{where}: {self.reason} (got {self.value})"
-        return f"{where}: {self.reason}"
+        text = f"{where}: {self.reason} (got {self.value})" if self.value \
+            else f"{where}: {self.reason}"
+        return _printable(text)
+
+
+def _printable(text: str) -> str:
+    """Escape control characters: keys and fields come from untrusted input, and a
+    message must never forge a second log line."""
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text
+    )
 
 
 class ReconcilerError(Exception):

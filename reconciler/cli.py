@@ -1,0 +1,214 @@
+"""The `reconciler` command line: argument parsing, exit codes and human-readable output.
+
+Exit status (the contract): 0 success, 1 the operation failed (Consul unreachable, token
+refused, a write lost a race), 2 bad usage or invalid input. Errors are one line on
+stderr, never a traceback, and never contain the Consul token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from reconciler import model
+from reconciler.errors import (
+    CasConflict,
+    ConfigurationError,
+    ConsulError,
+    Problem,
+    ReconcilerError,
+)
+from reconciler.settings import env_prefix
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+log = logging.getLogger("reconciler")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="reconciler",
+        description="Keep container networking and HAProxy blue-green backends equal to the "
+        "desired state in Consul KV.",
+        epilog="Consul is reached as the consul CLI does: CONSUL_HTTP_ADDR, CONSUL_HTTP_TOKEN, "
+        "CONSUL_HTTP_TOKEN_FILE, CONSUL_CACERT, CONSUL_CLIENT_CERT, CONSUL_CLIENT_KEY, "
+        "CONSUL_HTTP_SSL_VERIFY.",
+    )
+    p.add_argument("--prefix", default=None,
+                   help="KV prefix (default: $RECONCILER_PREFIX or reconciler/)")
+    p.add_argument("--log-level", default=os.environ.get("RECONCILER_LOG_LEVEL", "info"),
+                   choices=["debug", "info", "warning", "error"], help="log verbosity")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    v = sub.add_parser("validate", help="check a YAML/JSON state file and print every error",
+                       description="Check a state file (networks, containers, services) "
+                       "against every rule of the KV contract. Prints every error; exit 0 "
+                       "when valid, 2 when not. Talks to nothing.")
+    v.add_argument("-f", "--file", required=True, help="state file (.yaml, .yml or .json)")
+    v.set_defaults(func=cmd_validate)
+
+    a = sub.add_parser("apply", help="validate a state file, then write it to Consul",
+                       description="Validate FILE and, only if every key is valid, write the "
+                       "keys that differ to Consul in transactions (check-and-set, so a "
+                       "concurrent writer makes it fail instead of being overwritten).")
+    a.add_argument("-f", "--file", required=True, help="state file (.yaml, .yml or .json)")
+    a.add_argument("--prune", action="store_true",
+                   help="also delete user keys absent from the file (never daemon-owned keys "
+                   "nor members published by nodes)")
+    a.add_argument("--dry-run", action="store_true", help="print the changes, write nothing")
+    a.set_defaults(func=cmd_apply)
+
+    pl = sub.add_parser("plan", help="what `run --once` would change, changing nothing",
+                        description="Read the whole prefix and print, per key, what is invalid "
+                        "and why; exit 2 when anything is invalid.")
+    pl.add_argument("--node", default=None, help="plan for this node (default: host name)")
+    pl.set_defaults(func=cmd_plan)
+
+    for name, helptext in (
+        ("run", "the daemon"),
+        ("status", "every node: last applied index, errors per key"),
+        ("render", "print the HAProxy config the daemon would write"),
+        ("cutover", "switch a service's live pool"),
+    ):
+        s = sub.add_parser(name, help=helptext, description=helptext)
+        s.set_defaults(func=_not_yet, command_name=name)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.prefix = model.normalize_prefix(args.prefix) if args.prefix is not None \
+        else env_prefix()
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigurationError as e:
+        print(f"reconciler: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ReconcilerError as e:
+        print(f"reconciler: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _not_yet(args: argparse.Namespace) -> int:
+    print(f"reconciler {args.command_name}: not implemented yet", file=sys.stderr)
+    return EXIT_FAILED
+
+
+# ------------------------------------------------------------------ validate
+
+
+def _print_problems(problems: Sequence[Problem]) -> None:
+    for p in problems:
+        print(f"error: {p}", file=sys.stderr)
+
+
+def _load_file(path: str) -> tuple[list[model.RawEntry], model.DesiredState]:
+    entries, file_problems = model.load_state_file(path)
+    return entries, model.validate_entries(entries, file_problems)
+
+
+def _summary(st: model.DesiredState) -> str:
+    members = sum(len(m) for s in st.services.values() for m in s.pools.values())
+    return (f"{len(st.networks)} networks, {len(st.containers)} containers, "
+            f"{len(st.services)} services, {members} members")
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    _, st = _load_file(args.file)
+    if st.problems:
+        _print_problems(st.problems)
+        print(f"{args.file}: {len(st.problems)} error(s)", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"{args.file}: valid ({_summary(st)})")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ apply
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from reconciler import kvsync
+    from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings, TxnOp
+
+    entries, st = _load_file(args.file)
+    if st.problems:
+        _print_problems(st.problems)
+        print(f"{args.file}: {len(st.problems)} error(s); nothing written", file=sys.stderr)
+        return EXIT_USAGE
+    kv = ConsulKV(ConsulSettings.from_env())
+    snap = kv.read_prefix(args.prefix, consistent=True)
+    current = {k: kvsync.CurrentKey(i.value, i.modify_index, i.session)
+               for k, i in snap.items.items()}
+    changes = kvsync.diff_kv(kvsync.desired_kv(entries, args.prefix), current,
+                             args.prefix, args.prune)
+    for c in changes:
+        print({"create": "+", "update": "~", "delete": "-"}[c.op], c.key)
+    if not changes:
+        print("no changes")
+        return EXIT_OK
+    if args.dry_run:
+        print(f"{len(changes)} change(s) (dry run: nothing written)")
+        return EXIT_OK
+    ops = [TxnOp.delete_cas(c.key, c.index) if c.op == "delete"
+           else TxnOp.cas(c.key, c.value, c.index) for c in changes]
+    try:
+        kv.txn(ops)
+    except CasConflict as e:
+        print(f"reconciler: a key changed in Consul while applying; nothing after it was "
+              f"written ({e}); run apply again", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"applied {len(changes)} change(s) ({_summary(st)})")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ plan
+
+
+def read_state(prefix: str) -> tuple[int, model.DesiredState]:
+    """Read the whole prefix with one query and parse it."""
+    from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
+
+    kv = ConsulKV(ConsulSettings.from_env())
+    snap = kv.read_prefix(prefix, consistent=True)
+    entries = [model.KVEntry(i.key, i.value, i.create_index, i.session)
+               for i in snap.items.values()]
+    return snap.index, model.parse_kv(prefix, entries)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    try:
+        index, st = read_state(args.prefix)
+    except ConsulError as e:
+        print(f"reconciler: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"desired state at index {index}: {_summary(st)}")
+    by_key: dict[str, list[Problem]] = {}
+    for p in st.problems:
+        by_key.setdefault(p.key, []).append(p)
+    for key in sorted(by_key):
+        print(f"invalid {key}")
+        for p in by_key[key]:
+            detail = str(p)[len(key):].lstrip(": ")
+            print(f"    {detail}")
+    return EXIT_USAGE if st.problems else EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,75 @@
+"""Turning a validated state file into KV writes: pure diff + ordering, no I/O.
+
+`diff_kv(desired, current, prefix, prune)` compares the user keys a file wants with what
+Consul holds and returns the changes, ordered so that a reader between two transactions
+(a file can need more than one: Consul caps a transaction at 64 operations) never sees a
+reference to something not yet written: networks, then containers, then service configs,
+then members, then `active` last; deletions run in the opposite order, after the writes.
+
+`--prune` only ever deletes user keys (networks/, containers/, services/...): never a
+daemon-owned key (nodes/, ipam/, audit/, locks/), and never a member that a node
+published under its Consul session.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+from reconciler.model import KeyRef, RawEntry, classify_key, entry_kv_value, key_for
+
+_RANK = {"network": 0, "container": 1, "service_config": 2, "member": 3, "service_active": 4}
+
+
+@dataclass(frozen=True)
+class CurrentKey:
+    """What apply needs to know of a key Consul holds."""
+
+    value: bytes
+    modify_index: int
+    session: str | None = None
+
+
+@dataclass(frozen=True)
+class Change:
+    """One KV change. `index` is the ModifyIndex seen (0: the key must not exist yet), used
+    for check-and-set so a concurrent writer makes the apply fail instead of being lost."""
+
+    op: Literal["create", "update", "delete"]
+    key: str
+    value: bytes = b""
+    index: int = 0
+
+
+def desired_kv(entries: list[RawEntry], prefix: str) -> dict[str, tuple[KeyRef, bytes]]:
+    return {key_for(e.ref, prefix): (e.ref, entry_kv_value(e)) for e in entries}
+
+
+def diff_kv(
+    desired: Mapping[str, tuple[KeyRef, bytes]],
+    current: Mapping[str, CurrentKey],
+    prefix: str,
+    prune: bool,
+) -> list[Change]:
+    writes: list[tuple[int, Change]] = []
+    for key, (ref, value) in desired.items():
+        cur = current.get(key)
+        if cur is None:
+            writes.append((_RANK[ref.kind], Change("create", key, value, 0)))
+        elif cur.value != value:
+            writes.append((_RANK[ref.kind], Change("update", key, value, cur.modify_index)))
+    deletes: list[tuple[int, Change]] = []
+    if prune:
+        for key, cur in current.items():
+            if key in desired or not key.startswith(prefix):
+                continue
+            found = classify_key(key[len(prefix):])
+            if not isinstance(found, KeyRef):
+                continue  # daemon-owned, or not part of the layout: never pruned
+            if found.kind == "member" and cur.session:
+                continue  # published by a node; it goes away with the node's session
+            deletes.append((-_RANK[found.kind], Change("delete", key, b"", cur.modify_index)))
+    writes.sort(key=lambda rc: (rc[0], rc[1].key))
+    deletes.sort(key=lambda rc: (rc[0], rc[1].key))
+    return [c for _, c in writes] + [c for _, c in deletes]

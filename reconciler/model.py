@@ -1,0 +1,992 @@
+"""The desired-state model: frozen dataclasses parsed and validated once at the boundary.
+
+Owns the KV layout (which key holds what), the parsing of KV values and state files into
+`DesiredState`, and every validation rule of the contract (../docs/kv-layout.md lists them).
+
+Parsing never raises for bad input: each invalid key becomes one or more `Problem`s naming
+the key (or file location), the field, the bad value and the reason, and only that key
+(and what depends on it) is left out of the model. The rest stays usable, because the
+daemon reconciles everything that is valid and reports the rest.
+
+When two valid keys conflict (overlapping subnets that are not isolated, one static
+address used twice, two services on one bind), the *older* key keeps its claim (lower
+Consul CreateIndex; file order for state files) and the newer one is reported, so adding
+a bad key never tears down something that already works.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from reconciler.errors import Problem
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ 16 incl. NUL
+MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+HEALTH_PATH_RE = re.compile(r"^/[A-Za-z0-9/_.~%!$&'()*+,;=:@?-]{0,255}$")
+
+DEFAULT_PREFIX = "reconciler/"
+
+# Daemon-owned areas under the prefix (see docs/kv-layout.md). User commands never
+# write or prune these; the model ignores them.
+DAEMON_AREAS = ("nodes/", "ipam/", "audit/", "locks/")
+
+DRIVERS = ("ovs", "linux")
+MODES = ("http", "tcp")
+BALANCES = ("roundrobin", "leastconn", "source")
+MTU_MIN, MTU_MAX = 576, 9000
+VLAN_MIN, VLAN_MAX = 1, 4094
+WEIGHT_MIN, WEIGHT_MAX = 0, 256
+HEALTH_INTERVAL_MIN_MS, HEALTH_INTERVAL_MAX_MS = 100, 3_600_000
+AUTO = "auto"
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass(frozen=True)
+class AddressPool:
+    """Inclusive range of addresses handed out to `auto` interfaces."""
+
+    start: IPAddress
+    end: IPAddress
+
+    def __contains__(self, addr: object) -> bool:
+        if not isinstance(addr, ipaddress.IPv4Address | ipaddress.IPv6Address):
+            return False
+        return addr.version == self.start.version and self.start <= addr <= self.end  # type: ignore[operator]
+
+    @property
+    def size(self) -> int:
+        return int(self.end) - int(self.start) + 1
+
+
+@dataclass(frozen=True)
+class Network:
+    """`networks/<name>`: an L2 segment on a host bridge."""
+
+    name: str
+    subnet: IPNetwork
+    bridge: str
+    driver: Literal["ovs", "linux"] = "ovs"
+    vlan: int | None = None
+    gateway: IPAddress | None = None
+    mtu: int | None = None
+    pool: AddressPool | None = None
+
+    def isolated_from(self, other: Network) -> bool:
+        """True when traffic cannot cross between the two networks at L2."""
+        if self.bridge != other.bridge:
+            return True
+        return self.vlan is not None and other.vlan is not None and self.vlan != other.vlan
+
+
+@dataclass(frozen=True)
+class Route:
+    """An extra route inside a container."""
+
+    dst: IPNetwork
+    via: IPAddress
+
+
+@dataclass(frozen=True)
+class InterfaceSpec:
+    """One interface wanted inside matching containers."""
+
+    name: str
+    network: str
+    address: IPInterface | None  # None means "auto" (allocated from the network's pool)
+    mac: str | None = None
+    gateway: IPAddress | None = None  # resolved: `true` becomes the network's gateway
+    routes: tuple[Route, ...] = ()
+    mtu: int | None = None
+
+    @property
+    def is_auto(self) -> bool:
+        return self.address is None
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """`containers/<name>`: interfaces for containers named <name> or labelled with it."""
+
+    name: str
+    interfaces: tuple[InterfaceSpec, ...]
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    path: str
+    interval_ms: int = 2000
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """`services/<name>/config`: one HAProxy frontend and its health check."""
+
+    bind_host: str  # an IP literal, or "*" for every address
+    bind_port: int
+    mode: Literal["http", "tcp"] = "http"
+    balance: Literal["roundrobin", "leastconn", "source"] = "roundrobin"
+    health: HealthCheck | None = None
+
+    @property
+    def bind(self) -> str:
+        host = f"[{self.bind_host}]" if ":" in self.bind_host else self.bind_host
+        return f"{host}:{self.bind_port}"
+
+
+@dataclass(frozen=True)
+class Member:
+    """`services/<s>/pools/<p>/<name>`: one backend server."""
+
+    name: str
+    address: IPAddress
+    port: int
+    weight: int = 100
+    published_by: str | None = None  # Consul session of the node that published it
+
+
+@dataclass(frozen=True)
+class Service:
+    """A service: its config, the live pool, and every pool's members."""
+
+    name: str
+    config: ServiceConfig
+    active: str | None  # None when missing or invalid; see Problems
+    pools: Mapping[str, Mapping[str, Member]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """Everything valid under the prefix, plus a Problem for everything that is not."""
+
+    networks: Mapping[str, Network] = field(default_factory=dict)
+    containers: Mapping[str, ContainerSpec] = field(default_factory=dict)
+    services: Mapping[str, Service] = field(default_factory=dict)
+    problems: tuple[Problem, ...] = ()
+
+    @property
+    def invalid_keys(self) -> frozenset[str]:
+        return frozenset(p.key for p in self.problems)
+
+    def problems_for(self, key: str) -> list[Problem]:
+        return [p for p in self.problems if p.key == key]
+
+
+# ------------------------------------------------------------------- key layout
+
+
+@dataclass(frozen=True)
+class KeyRef:
+    """What a key under the prefix is: kind plus the names in its path."""
+
+    kind: Literal["network", "container", "service_config", "service_active", "member"]
+    name: str
+    pool: str = ""
+    member: str = ""
+
+
+def classify_key(rel: str) -> KeyRef | str | None:
+    """Map a key relative to the prefix to a KeyRef; None for daemon-owned keys; a reason
+    string for a key that is not part of the layout."""
+    if rel.startswith(DAEMON_AREAS):
+        return None
+    parts = rel.split("/")
+    bad = [p for p in parts if not NAME_RE.match(p)]
+    kind = parts[0]
+    if kind == "networks" and len(parts) == 2 and not bad:
+        return KeyRef("network", parts[1])
+    if kind == "containers" and len(parts) == 2 and not bad:
+        return KeyRef("container", parts[1])
+    if kind == "services" and not bad:
+        if len(parts) == 3 and parts[2] == "config":
+            return KeyRef("service_config", parts[1])
+        if len(parts) == 3 and parts[2] == "active":
+            return KeyRef("service_active", parts[1])
+        if len(parts) == 5 and parts[2] == "pools":
+            return KeyRef("member", parts[1], parts[3], parts[4])
+    if bad and kind in ("networks", "containers", "services"):
+        return (
+            f"invalid name {bad[-1]!r}: names are 1-63 characters of [A-Za-z0-9_.-]"
+        )
+    if rel.endswith("/") and kind in ("networks", "containers", "services"):
+        return None  # a "folder" key created by some UIs; carries nothing
+    return "not part of the layout (networks/, containers/, services/)"
+
+
+def key_for(ref: KeyRef, prefix: str = DEFAULT_PREFIX) -> str:
+    if ref.kind == "network":
+        return f"{prefix}networks/{ref.name}"
+    if ref.kind == "container":
+        return f"{prefix}containers/{ref.name}"
+    if ref.kind == "service_config":
+        return f"{prefix}services/{ref.name}/config"
+    if ref.kind == "service_active":
+        return f"{prefix}services/{ref.name}/active"
+    return f"{prefix}services/{ref.name}/pools/{ref.pool}/{ref.member}"
+
+
+def normalize_prefix(prefix: str) -> str:
+    prefix = prefix.strip("/")
+    return f"{prefix}/" if prefix else ""
+
+
+# ------------------------------------------------------------------- validation
+
+
+_NO_VALUE: Any = object()
+
+
+class _Checker:
+    """Collects problems for one key while converting its raw value."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.problems: list[Problem] = []
+
+    def add(self, fld: str, reason: str, value: Any = _NO_VALUE) -> None:
+        shown = "" if value is _NO_VALUE else _show(value)
+        self.problems.append(Problem(self.where, fld, reason, shown))
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def obj(self, raw: Any, fld: str, allowed: Iterable[str], required: Iterable[str] = ()
+            ) -> dict[str, Any] | None:
+        if not isinstance(raw, dict):
+            self.add(fld, f"must be a JSON object, not {_typename(raw)}", raw)
+            return None
+        allowed_set = set(allowed)
+        for k in raw:
+            if k not in allowed_set:
+                allowed_s = ", ".join(sorted(allowed_set))
+                self.add(_join(fld, str(k)), f"unknown field (allowed: {allowed_s})")
+        for k in required:
+            if k not in raw or raw[k] is None:
+                self.add(_join(fld, k), "required")
+        return raw
+
+    def string(self, raw: dict[str, Any], fld: str, path: str) -> str | None:
+        v = raw.get(fld)
+        if v is None:
+            return None
+        if not isinstance(v, str):
+            self.add(_join(path, fld), f"must be a string, not {_typename(v)}", v)
+            return None
+        return v
+
+    def integer(self, raw: dict[str, Any], fld: str, path: str, lo: int, hi: int) -> int | None:
+        v = raw.get(fld)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.add(_join(path, fld), f"must be an integer, not {_typename(v)}", v)
+            return None
+        if not lo <= v <= hi:
+            self.add(_join(path, fld), f"must be between {lo} and {hi}", v)
+            return None
+        return v
+
+
+def _join(path: str, fld: str) -> str:
+    return f"{path}.{fld}" if path else fld
+
+
+def _typename(v: Any) -> str:
+    return {
+        dict: "an object", list: "an array", str: "a string", bool: "a boolean",
+        int: "a number", float: "a number", type(None): "null",
+    }.get(type(v), type(v).__name__)
+
+
+def _show(v: Any) -> str:
+    try:
+        s = json.dumps(v, ensure_ascii=True)
+    except (TypeError, ValueError):
+        s = repr(v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def decode_json(where: str, raw: bytes) -> tuple[Any, list[Problem]]:
+    """KV bytes → JSON value, or a Problem naming the key and the decode error."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return None, [Problem(where, "", f"value is not UTF-8 ({e.reason} at byte {e.start})")]
+    if not text.strip():
+        return None, [Problem(where, "", "value is empty; expected a JSON object")]
+    try:
+        return json.loads(text, parse_constant=_reject_constant), []
+    except (ValueError, RecursionError) as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+        pos = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        return None, [Problem(where, "", f"invalid JSON: {msg}{pos}")]
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_ip(c: _Checker, v: Any, fld: str) -> IPAddress | None:
+    if not isinstance(v, str):
+        c.add(fld, f"must be an IP address string, not {_typename(v)}", v)
+        return None
+    try:
+        return ipaddress.ip_address(v)
+    except ValueError:
+        c.add(fld, "not a valid IPv4 or IPv6 address", v)
+        return None
+
+
+def parse_network(where: str, name: str, raw: Any) -> tuple[Network | None, list[Problem]]:
+    c = _Checker(where)
+    d = c.obj(raw, "", ("subnet", "bridge", "driver", "vlan", "gateway", "mtu", "pool"),
+              required=("subnet", "bridge"))
+    if d is None:
+        return None, c.problems
+    subnet: IPNetwork | None = None
+    s = c.string(d, "subnet", "")
+    if s is not None:
+        try:
+            subnet = ipaddress.ip_network(s, strict=True)
+        except ValueError as e:
+            reason = "host bits set; use the network address" if "host bits" in str(e) \
+                else "not a valid IPv4 or IPv6 CIDR"
+            c.add("subnet", reason, s)
+    bridge = c.string(d, "bridge", "")
+    if bridge is not None and not IFNAME_RE.match(bridge):
+        c.add("bridge", "must be 1-15 characters of [A-Za-z0-9_.-] (a Linux interface name)",
+              bridge)
+    driver = c.string(d, "driver", "") or "ovs"
+    if driver not in DRIVERS:
+        c.add("driver", f"must be one of {', '.join(DRIVERS)}", driver)
+    vlan = c.integer(d, "vlan", "", VLAN_MIN, VLAN_MAX)
+    if vlan is not None and driver == "linux":
+        c.add("vlan", "only the ovs driver supports vlan", vlan)
+    mtu = c.integer(d, "mtu", "", MTU_MIN, MTU_MAX)
+    gateway = None
+    if d.get("gateway") is not None:
+        gateway = _parse_ip(c, d["gateway"], "gateway")
+        if gateway is not None and subnet is not None:
+            _check_host_in_subnet(c, "gateway", gateway, subnet)
+    pool = None
+    if d.get("pool") is not None:
+        p = c.obj(d["pool"], "pool", ("start", "end"), required=("start", "end"))
+        if p is not None and "start" in p and "end" in p:
+            start = _parse_ip(c, p["start"], "pool.start")
+            end = _parse_ip(c, p["end"], "pool.end")
+            if start is not None and end is not None and subnet is not None:
+                for f, a in (("pool.start", start), ("pool.end", end)):
+                    _check_host_in_subnet(c, f, a, subnet)
+                if start.version == end.version and start > end:  # type: ignore[operator]
+                    c.add("pool", "start must not be after end", d["pool"])
+                elif c.ok:
+                    pool = AddressPool(start, end)
+    if not c.ok or subnet is None or bridge is None:
+        return None, c.problems
+    return Network(name, subnet, bridge, driver, vlan, gateway, mtu, pool), []  # type: ignore[arg-type]
+
+
+def _check_host_in_subnet(c: _Checker, fld: str, addr: IPAddress, subnet: IPNetwork) -> bool:
+    if addr.version != subnet.version or addr not in subnet:
+        c.add(fld, f"must be inside the subnet {subnet}", str(addr))
+        return False
+    if subnet.version == 4 and subnet.prefixlen < 31 and addr in (
+        subnet.network_address, subnet.broadcast_address
+    ):
+        c.add(fld, f"is the network or broadcast address of {subnet}", str(addr))
+        return False
+    if subnet.version == 6 and subnet.prefixlen < 127 and addr == subnet.network_address:
+        c.add(fld, f"is the subnet-router anycast address of {subnet}", str(addr))
+        return False
+    return True
+
+
+def parse_container(
+    where: str, name: str, raw: Any, networks: Mapping[str, Network],
+    invalid_networks: Mapping[str, str],
+) -> tuple[ContainerSpec | None, list[Problem]]:
+    c = _Checker(where)
+    d = c.obj(raw, "", ("interfaces",), required=("interfaces",))
+    if d is None or d.get("interfaces") is None:
+        return None, c.problems
+    ifaces_raw = d["interfaces"]
+    if not isinstance(ifaces_raw, list):
+        c.add("interfaces", f"must be an array, not {_typename(ifaces_raw)}", ifaces_raw)
+        return None, c.problems
+    if not ifaces_raw:
+        c.add("interfaces", "must list at least one interface")
+    out: list[InterfaceSpec] = []
+    seen_names: set[str] = set()
+    gateways: list[str] = []
+    for i, r in enumerate(ifaces_raw):
+        path = f"interfaces[{i}]"
+        spec = _parse_interface(c, path, r, networks, invalid_networks)
+        if spec is None:
+            continue
+        if spec.name in seen_names:
+            c.add(f"{path}.name", "duplicate interface name in this container", spec.name)
+        seen_names.add(spec.name)
+        if spec.gateway is not None:
+            gateways.append(path)
+        out.append(spec)
+    if len(gateways) > 1:
+        c.add("interfaces", "at most one interface per container may set gateway "
+              f"({' and '.join(gateways)} both do)")
+    if not c.ok:
+        return None, c.problems
+    return ContainerSpec(name, tuple(out)), []
+
+
+def _parse_interface(
+    c: _Checker, path: str, r: Any, networks: Mapping[str, Network],
+    invalid_networks: Mapping[str, str],
+) -> InterfaceSpec | None:
+    before = len(c.problems)
+    d = c.obj(r, path, ("name", "network", "address", "mac", "gateway", "routes", "mtu"),
+              required=("name", "network"))
+    if d is None:
+        return None
+    ifname = c.string(d, "name", path)
+    if ifname is not None and (not IFNAME_RE.match(ifname) or ifname in (".", "..")):
+        c.add(f"{path}.name", "must be 1-15 characters of [A-Za-z0-9_.-] (IFNAMSIZ)", ifname)
+    if ifname == "lo":
+        c.add(f"{path}.name", "lo is the loopback interface and cannot be managed", ifname)
+    netname = c.string(d, "network", path)
+    net: Network | None = None
+    if netname is not None:
+        net = networks.get(netname)
+        if net is None:
+            if netname in invalid_networks:
+                c.add(f"{path}.network", f"network {netname!r} is invalid "
+                      f"(see {invalid_networks[netname]})", netname)
+            else:
+                c.add(f"{path}.network", "unknown network", netname)
+    address: IPInterface | None = None
+    a = d.get("address", AUTO)
+    if a != AUTO:
+        if not isinstance(a, str):
+            c.add(f"{path}.address", f"must be \"auto\" or a CIDR string, not {_typename(a)}", a)
+        else:
+            try:
+                address = ipaddress.ip_interface(a)
+                if "/" not in a:
+                    raise ValueError("no prefix length")
+            except ValueError:
+                c.add(f"{path}.address", "must be \"auto\" or an address with prefix length "
+                      "like 10.77.3.10/24", a)
+                address = None
+            if address is not None and net is not None:
+                if address.network != net.subnet:
+                    c.add(f"{path}.address", f"must be inside the network's subnet {net.subnet} "
+                          "with the same prefix length", a)
+                else:
+                    _check_host_in_subnet(c, f"{path}.address", address.ip, net.subnet)
+                    if net.gateway is not None and address.ip == net.gateway:
+                        c.add(f"{path}.address", "is the network's gateway address", a)
+    elif net is not None and net.pool is None:
+        c.add(f"{path}.address", f"is auto but network {net.name!r} has no pool", a)
+    mac = c.string(d, "mac", path)
+    if mac is not None:
+        if not MAC_RE.match(mac):
+            c.add(f"{path}.mac", "must be six colon-separated hex bytes like "
+                  "02:00:00:00:03:0a", mac)
+        elif int(mac[:2], 16) & 1:
+            c.add(f"{path}.mac", "must be a unicast MAC (the first byte's lowest bit is 0)", mac)
+        elif mac.lower() == "00:00:00:00:00:00":
+            c.add(f"{path}.mac", "must not be all zeros", mac)
+        else:
+            mac = mac.lower()
+    gateway: IPAddress | None = None
+    g = d.get("gateway")
+    if g is True:
+        if net is not None:
+            if net.gateway is None:
+                c.add(f"{path}.gateway", f"is true but network {net.name!r} has no gateway", g)
+            else:
+                gateway = net.gateway
+    elif g is not None and g is not False:
+        gateway = _parse_ip(c, g, f"{path}.gateway")
+        if gateway is not None and net is not None:
+            _check_host_in_subnet(c, f"{path}.gateway", gateway, net.subnet)
+    routes: list[Route] = []
+    rr = d.get("routes")
+    if rr is not None:
+        if not isinstance(rr, list):
+            c.add(f"{path}.routes", f"must be an array, not {_typename(rr)}", rr)
+        else:
+            for j, rt in enumerate(rr):
+                rp = f"{path}.routes[{j}]"
+                before_r = len(c.problems)
+                rd = c.obj(rt, rp, ("dst", "via"), required=("dst", "via"))
+                if rd is None or len(c.problems) > before_r:
+                    continue
+                dst_s = c.string(rd, "dst", rp)
+                dst = None
+                if dst_s is not None:
+                    try:
+                        dst = ipaddress.ip_network(dst_s, strict=True)
+                    except ValueError:
+                        c.add(f"{rp}.dst", "not a valid CIDR (host bits must be zero)", dst_s)
+                via = _parse_ip(c, rd["via"], f"{rp}.via")
+                if dst is not None and via is not None:
+                    if dst.version != via.version:
+                        c.add(rp, "dst and via are of different IP versions", rt)
+                    elif net is not None and via.version == net.subnet.version \
+                            and via not in net.subnet:
+                        c.add(f"{rp}.via", f"must be inside the network's subnet {net.subnet}",
+                              str(via))
+                    elif net is not None and via.version != net.subnet.version:
+                        c.add(f"{rp}.via", "is of another IP version than the network", str(via))
+                    else:
+                        routes.append(Route(dst, via))
+    mtu = c.integer(d, "mtu", path, MTU_MIN, MTU_MAX)
+    if len(c.problems) > before or ifname is None or netname is None:
+        return None
+    return InterfaceSpec(ifname, netname, address, mac, gateway, tuple(routes), mtu)
+
+
+def parse_service_config(where: str, raw: Any) -> tuple[ServiceConfig | None, list[Problem]]:
+    c = _Checker(where)
+    d = c.obj(raw, "", ("bind", "mode", "balance", "health"), required=("bind",))
+    if d is None:
+        return None, c.problems
+    host, port = None, None
+    b = c.string(d, "bind", "")
+    if b is not None:
+        host, port = _parse_bind(c, b)
+    mode = c.string(d, "mode", "") or "http"
+    if mode not in MODES:
+        c.add("mode", f"must be one of {', '.join(MODES)}", mode)
+    balance = c.string(d, "balance", "") or "roundrobin"
+    if balance not in BALANCES:
+        c.add("balance", f"must be one of {', '.join(BALANCES)}", balance)
+    health = None
+    if d.get("health") is not None:
+        h = c.obj(d["health"], "health", ("path", "interval_ms"), required=("path",))
+        if h is not None and "path" in h:
+            path = c.string(h, "path", "health")
+            if path is not None and not HEALTH_PATH_RE.match(path):
+                c.add("health.path", "must start with / and hold only URL path characters "
+                      "(no spaces, quotes, # or control characters)", path)
+            interval = c.integer(h, "interval_ms", "health",
+                                 HEALTH_INTERVAL_MIN_MS, HEALTH_INTERVAL_MAX_MS)
+            if path is not None:
+                health = HealthCheck(path, interval if interval is not None else 2000)
+    if not c.ok or host is None or port is None:
+        return None, c.problems
+    return ServiceConfig(host, port, mode, balance, health), []  # type: ignore[arg-type]
+
+
+def _parse_bind(c: _Checker, b: str) -> tuple[str | None, int | None]:
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", b)
+    if not m:
+        c.add("bind", "must be host:port, e.g. 127.0.0.1:18080 or [::1]:18080", b)
+        return None, None
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if host != "*":
+        try:
+            ip = ipaddress.ip_address(host)
+        except ValueError:
+            c.add("bind", "host must be an IP address or *", b)
+            return None, None
+        if m.group(3) and ip.version == 6:
+            c.add("bind", "IPv6 hosts go in brackets, e.g. [::1]:18080", b)
+            return None, None
+        host = str(ip)
+    if not 1 <= port <= 65535:
+        c.add("bind", "port must be between 1 and 65535", b)
+        return None, None
+    return host, port
+
+
+def parse_member(where: str, name: str, raw: Any, session: str | None = None
+                 ) -> tuple[Member | None, list[Problem]]:
+    c = _Checker(where)
+    d = c.obj(raw, "", ("address", "port", "weight"), required=("address", "port"))
+    if d is None:
+        return None, c.problems
+    addr = _parse_ip(c, d["address"], "address") if d.get("address") is not None else None
+    if addr is not None and (addr.is_unspecified or addr.is_multicast):
+        c.add("address", "must be a unicast host address", str(addr))
+    port = c.integer(d, "port", "", 1, 65535)
+    weight = c.integer(d, "weight", "", WEIGHT_MIN, WEIGHT_MAX)
+    if not c.ok or addr is None or port is None:
+        return None, c.problems
+    return Member(name, addr, port, 100 if weight is None else weight, session), []
+
+
+def parse_active(where: str, raw: bytes) -> tuple[str | None, list[Problem]]:
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        return None, [Problem(where, "", "value is not UTF-8")]
+    if text.startswith('"') and text.endswith('"') and len(text) >= 2:
+        text = text[1:-1]  # tolerate a JSON string
+    if not NAME_RE.match(text):
+        return None, [Problem(where, "", "must name a pool: 1-63 characters of [A-Za-z0-9_.-]",
+                              _show(text))]
+    return text, []
+
+
+# ---------------------------------------------------------- whole-state assembly
+
+
+@dataclass(frozen=True)
+class RawEntry:
+    """One user value: where it came from (KV key or file location), its KeyRef, its value.
+
+    `value` is bytes for KV entries and an already-decoded object for file entries.
+    `order` ranks claims in conflicts: lower is older (Consul CreateIndex, file position).
+    """
+
+    where: str
+    ref: KeyRef
+    value: bytes | Any
+    order: int = 0
+    session: str | None = None
+
+
+def _decode(e: RawEntry) -> tuple[Any, list[Problem]]:
+    if isinstance(e.value, bytes | bytearray):
+        return decode_json(e.where, bytes(e.value))
+    return e.value, []
+
+
+def build_state(entries: Iterable[RawEntry]) -> DesiredState:
+    """Validate every entry, then the cross-object rules, into a DesiredState."""
+    problems: list[Problem] = []
+    ents = sorted(entries, key=lambda e: (e.order, e.where))
+    by_kind: dict[str, list[RawEntry]] = {}
+    for e in ents:
+        by_kind.setdefault(e.ref.kind, []).append(e)
+
+    # Networks, then isolation between them (older claim wins).
+    networks: dict[str, Network] = {}
+    net_where: dict[str, str] = {}
+    invalid_networks: dict[str, str] = {}
+    for e in by_kind.get("network", []):
+        raw, probs = _decode(e)
+        net = None
+        if not probs:
+            net, probs = parse_network(e.where, e.ref.name, raw)
+        if net is not None:
+            clash = _network_clash(net, networks.values())
+            if clash is not None:
+                probs = [Problem(e.where, clash[0], clash[1])]
+                net = None
+        if net is None:
+            problems.extend(probs)
+            invalid_networks[e.ref.name] = e.where
+            continue
+        networks[net.name] = net
+        net_where[net.name] = e.where
+
+    # Containers, then static addresses claimed twice in one network.
+    containers: dict[str, ContainerSpec] = {}
+    claimed: dict[tuple[str, IPAddress], str] = {}
+    for e in by_kind.get("container", []):
+        raw, probs = _decode(e)
+        spec = None
+        if not probs:
+            spec, probs = parse_container(e.where, e.ref.name, raw, networks, invalid_networks)
+        if spec is not None:
+            for i, itf in enumerate(spec.interfaces):
+                if itf.address is None:
+                    continue
+                other = claimed.get((itf.network, itf.address.ip))
+                if other is not None and other != e.where:
+                    probs.append(Problem(
+                        e.where, f"interfaces[{i}].address",
+                        f"address already used in network {itf.network!r} by {other}",
+                        str(itf.address)))
+            if probs:
+                spec = None
+            else:
+                for itf in spec.interfaces:
+                    if itf.address is not None:
+                        claimed[(itf.network, itf.address.ip)] = e.where
+        if spec is None:
+            problems.extend(probs)
+            continue
+        containers[spec.name] = spec
+
+    # Services: config, active, members.
+    configs: dict[str, ServiceConfig] = {}
+    binds: dict[tuple[str, int], str] = {}
+    for e in by_kind.get("service_config", []):
+        raw, probs = _decode(e)
+        cfg = None
+        if not probs:
+            cfg, probs = parse_service_config(e.where, raw)
+        if cfg is not None:
+            other = _bind_clash(cfg, binds)
+            if other is not None:
+                probs = [Problem(e.where, "bind", f"already used by {other}", cfg.bind)]
+                cfg = None
+        if cfg is None:
+            problems.extend(probs)
+            continue
+        configs[e.ref.name] = cfg
+        binds[(cfg.bind_host, cfg.bind_port)] = e.where
+
+    actives: dict[str, tuple[str | None, str]] = {}
+    for e in by_kind.get("service_active", []):
+        if isinstance(e.value, bytes | bytearray):
+            act, probs = parse_active(e.where, bytes(e.value))
+        elif isinstance(e.value, str):
+            act, probs = parse_active(e.where, e.value.encode())
+        else:
+            act, probs = None, [Problem(e.where, "", "must be a string naming a pool",
+                                        _show(e.value))]
+        problems.extend(probs)
+        actives[e.ref.name] = (act, e.where)
+
+    pools: dict[str, dict[str, dict[str, Member]]] = {}
+    for e in by_kind.get("member", []):
+        raw, probs = _decode(e)
+        mem = None
+        if not probs:
+            mem, probs = parse_member(e.where, e.ref.member, raw, e.session)
+        if mem is None:
+            problems.extend(probs)
+            # An invalid member still makes its pool exist (so `active` can name it).
+            pools.setdefault(e.ref.name, {}).setdefault(e.ref.pool, {})
+            continue
+        pools.setdefault(e.ref.name, {}).setdefault(e.ref.pool, {})[mem.name] = mem
+
+    services: dict[str, Service] = {}
+    for name in sorted(set(configs) | set(actives) | set(pools)):
+        cfg = configs.get(name)
+        act, act_where = actives.get(name, (None, ""))
+        svc_pools = pools.get(name, {})
+        if cfg is None:
+            if not any(p.key.endswith(f"services/{name}/config") for p in problems):
+                where = _sibling_where(act_where or _first_member_where(ents, name), "config")
+                problems.append(Problem(where, "", "missing: the service has pools or an "
+                                        "active pool but no config"))
+            continue
+        if act is not None and act not in svc_pools:
+            problems.append(Problem(act_where, "", "names a pool that has no members",
+                                    _show(act)))
+            act = None
+        services[name] = Service(name, cfg, act, {p: dict(m) for p, m in svc_pools.items()})
+
+    return DesiredState(networks, containers, services, tuple(sorted(set(problems))))
+
+
+def _network_clash(net: Network, existing: Iterable[Network]) -> tuple[str, str] | None:
+    for other in existing:
+        if other.bridge == net.bridge and other.driver != net.driver:
+            return ("bridge", f"bridge {net.bridge!r} is already used by network "
+                    f"{other.name!r} with driver {other.driver}")
+        if net.subnet.version == other.subnet.version and net.subnet.overlaps(other.subnet) \
+                and not net.isolated_from(other):
+            return ("subnet", f"overlaps network {other.name!r} ({other.subnet}) on the same "
+                    f"bridge {net.bridge!r} without distinct vlans")
+        if net.gateway is not None and net.gateway == other.gateway \
+                and net.bridge == other.bridge and net.vlan == other.vlan:
+            return ("gateway", f"already the gateway of network {other.name!r}")
+    return None
+
+
+def _bind_clash(cfg: ServiceConfig, binds: Mapping[tuple[str, int], str]) -> str | None:
+    for (host, port), where in binds.items():
+        if port == cfg.bind_port and (host == cfg.bind_host or "*" in (host, cfg.bind_host)):
+            return where
+    return None
+
+
+def _sibling_where(where: str, leaf: str) -> str:
+    # ".../services/web/active" or ".../services/web/pools/p/m" → ".../services/web/<leaf>"
+    marker = "/services/" if "/services/" in where else "services/"
+    head, _, tail = where.rpartition(marker)
+    svc = tail.split("/", 1)[0]
+    return f"{head}{marker}{svc}/{leaf}"
+
+
+def _first_member_where(ents: list[RawEntry], service: str) -> str:
+    for e in ents:
+        if e.ref.kind == "member" and e.ref.name == service:
+            return e.where
+    return f"services/{service}/pools"
+
+
+# ------------------------------------------------------------------ from KV
+
+
+@dataclass(frozen=True)
+class KVEntry:
+    """What the model needs of one KV pair (adapter-neutral)."""
+
+    key: str
+    value: bytes
+    create_index: int = 0
+    session: str | None = None
+
+
+def parse_kv(prefix: str, items: Iterable[KVEntry]) -> DesiredState:
+    """Parse every key under `prefix` (already normalised, ending in '/')."""
+    entries: list[RawEntry] = []
+    extra: list[Problem] = []
+    for it in items:
+        if not it.key.startswith(prefix):
+            continue
+        rel = it.key[len(prefix):]
+        if not rel:
+            continue
+        ref = classify_key(rel)
+        if ref is None:
+            continue
+        if isinstance(ref, str):
+            extra.append(Problem(it.key, "", ref))
+            continue
+        entries.append(RawEntry(it.key, ref, it.value, it.create_index, it.session))
+    st = build_state(entries)
+    if extra:
+        st = DesiredState(st.networks, st.containers, st.services,
+                          tuple(sorted(set(st.problems) | set(extra))))
+    return st
+
+
+# ------------------------------------------------------------- from state files
+
+
+def load_state_file(path: str, text: str | None = None) -> tuple[list[RawEntry], list[Problem]]:
+    """Read a YAML/JSON state file into raw entries (with file locations), or problems.
+
+    The file holds `networks`, `containers` and `services` (each service with `config`,
+    `active`, `pools`), the same objects as the KV values.
+    """
+    import yaml  # local: only the CLI reads files
+
+    if text is None:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            return [], [Problem(path, "", f"cannot read file: {e.strerror}")]
+        except UnicodeDecodeError:
+            return [], [Problem(path, "", "file is not UTF-8")]
+    try:
+        doc = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
+    except (yaml.YAMLError, ValueError) as e:
+        return [], [Problem(path, "", f"cannot parse: {_one_line(str(e))}")]
+    if doc is None:
+        doc = {}
+    if not isinstance(doc, dict):
+        return [], [Problem(path, "", f"the top level must be a mapping, not {_typename(doc)}")]
+    problems: list[Problem] = []
+    entries: list[RawEntry] = []
+    order = 0
+    for top in doc:
+        if top not in ("networks", "containers", "services"):
+            problems.append(Problem(path, str(top),
+                                    "unknown section (allowed: containers, networks, services)"))
+    for section, kind in (("networks", "network"), ("containers", "container")):
+        sec = doc.get(section) or {}
+        if not isinstance(sec, dict):
+            problems.append(Problem(path, section, f"must be a mapping of name to object, "
+                                    f"not {_typename(sec)}"))
+            continue
+        for name, val in sec.items():
+            where = f"{path}: {section}.{name}"
+            if not isinstance(name, str) or not NAME_RE.match(name):
+                problems.append(Problem(where, "", "invalid name: names are 1-63 characters "
+                                        "of [A-Za-z0-9_.-]"))
+                continue
+            order += 1
+            entries.append(RawEntry(where, KeyRef(kind, name), _plain(val), order))  # type: ignore[arg-type]
+    svcs = doc.get("services") or {}
+    if not isinstance(svcs, dict):
+        problems.append(Problem(path, "services", f"must be a mapping, not {_typename(svcs)}"))
+        svcs = {}
+    for sname, sval in svcs.items():
+        swhere = f"{path}: services.{sname}"
+        if not isinstance(sname, str) or not NAME_RE.match(sname):
+            problems.append(Problem(swhere, "", "invalid name: names are 1-63 characters of "
+                                    "[A-Za-z0-9_.-]"))
+            continue
+        if not isinstance(sval, dict):
+            problems.append(Problem(swhere, "", f"must be a mapping with config, active, pools, "
+                                    f"not {_typename(sval)}"))
+            continue
+        for k in sval:
+            if k not in ("config", "active", "pools"):
+                problems.append(Problem(swhere, str(k),
+                                        "unknown field (allowed: active, config, pools)"))
+        order += 1
+        if "config" in sval:
+            entries.append(RawEntry(f"{swhere}.config", KeyRef("service_config", sname),
+                                    _plain(sval["config"]), order))
+        else:
+            problems.append(Problem(swhere, "config", "required"))
+        if sval.get("active") is not None:
+            entries.append(RawEntry(f"{swhere}.active", KeyRef("service_active", sname),
+                                    _plain(sval["active"]), order))
+        pools = sval.get("pools") or {}
+        if not isinstance(pools, dict):
+            problems.append(Problem(swhere, "pools", f"must be a mapping of pool name to "
+                                    f"members, not {_typename(pools)}"))
+            continue
+        for pname, members in pools.items():
+            pwhere = f"{swhere}.pools.{pname}"
+            if not isinstance(pname, str) or not NAME_RE.match(pname):
+                problems.append(Problem(pwhere, "", "invalid pool name: 1-63 characters of "
+                                        "[A-Za-z0-9_.-]"))
+                continue
+            if members is None:
+                members = {}
+            if not isinstance(members, dict):
+                problems.append(Problem(pwhere, "", f"must be a mapping of member name to "
+                                        f"object, not {_typename(members)}"))
+                continue
+            for mname, mval in members.items():
+                mwhere = f"{pwhere}.{mname}"
+                if not isinstance(mname, str) or not NAME_RE.match(mname):
+                    problems.append(Problem(mwhere, "", "invalid member name: 1-63 characters "
+                                            "of [A-Za-z0-9_.-]"))
+                    continue
+                order += 1
+                entries.append(RawEntry(mwhere, KeyRef("member", sname, pname, mname),
+                                        _plain(mval), order))
+    return entries, problems
+
+
+def _plain(v: Any) -> Any:
+    """YAML may produce dates, sets, non-str keys: make it JSON-shaped so rules apply
+    exactly as they do to KV values (and it can be written to KV)."""
+    return json.loads(json.dumps(v, default=str))
+
+
+def _one_line(s: str) -> str:
+    return " ".join(s.split())
+
+
+def entry_kv_value(e: RawEntry) -> bytes:
+    """The bytes a file entry is written as: canonical JSON; `active` as a plain string."""
+    if e.ref.kind == "service_active":
+        return str(e.value).encode()
+    return json.dumps(e.value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def validate_entries(entries: list[RawEntry], extra: Iterable[Problem] = ()) -> DesiredState:
+    st = build_state(entries)
+    extra = list(extra)
+    if extra:
+        st = DesiredState(st.networks, st.containers, st.services,
+                          tuple(sorted(set(st.problems) | set(extra))))
+    return st
+

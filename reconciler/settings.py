@@ -1,0 +1,73 @@
+"""Settings: grouped, frozen dataclasses with a default and a docstring per field.
+
+Built from the command line and `RECONCILER_*` environment variables by the CLI; the Consul
+connection itself follows Consul's own variables (see `adapters.consul_kv.ConsulSettings`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from reconciler.errors import ConfigurationError
+from reconciler.model import DEFAULT_PREFIX, NAME_RE, normalize_prefix
+
+
+def env_prefix(environ: Mapping[str, str] = os.environ) -> str:
+    """The KV prefix from RECONCILER_PREFIX, normalised to end in '/'."""
+    return normalize_prefix(environ.get("RECONCILER_PREFIX", DEFAULT_PREFIX))
+
+
+def default_node(environ: Mapping[str, str] = os.environ) -> str:
+    """The node name: RECONCILER_NODE, else the host name (first label)."""
+    node = environ.get("RECONCILER_NODE") or socket.gethostname().split(".")[0]
+    if not NAME_RE.match(node):
+        raise ConfigurationError(
+            f"node name {node!r} is not 1-63 characters of [A-Za-z0-9_.-]; pass --node")
+    return node
+
+
+@dataclass(frozen=True)
+class NetworkSettings:
+    """How container networking is applied on this host."""
+
+    ovs_db: str = "unix:/var/run/openvswitch/db.sock"
+    """OVSDB connection string."""
+    ovs_datapath: str = "auto"
+    """`auto` (kernel datapath when its module works, else `netdev`), `system` or `netdev`."""
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """How HAProxy is run and reloaded."""
+
+    state_dir: str = "/var/lib/reconciler"
+    """Where the daemon keeps haproxy.cfg, the map and server-state files, sockets."""
+    templates_dir: str | None = None
+    """User templates; None uses the project's templates/."""
+    haproxy_bin: str = "haproxy"
+    """The HAProxy binary."""
+    master_socket: str | None = None
+    """Drive an HAProxy run by someone else (systemd) through this master socket."""
+    config_path: str | None = None
+    """With master_socket: the config file that HAProxy loads."""
+    quiet_min: float = 0.05
+    """Quiescence window: wait this long after a change for more changes."""
+    quiet_max: float = 0.5
+    """...but never longer than this after the first change."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the daemon and the CLI need, grouped."""
+
+    prefix: str = DEFAULT_PREFIX
+    """KV prefix, ending in '/'."""
+    node: str = field(default_factory=lambda: default_node())
+    """This host's node name in status, allocations and published members."""
+    resync: float = 30.0
+    """Seconds between full resyncs."""
+    network: NetworkSettings = field(default_factory=NetworkSettings)
+    proxy: ProxySettings = field(default_factory=ProxySettings)
