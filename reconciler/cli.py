@@ -21,7 +21,13 @@ from reconciler.errors import (
     Problem,
     ReconcilerError,
 )
-from reconciler.settings import env_prefix
+from reconciler.settings import (
+    NetworkSettings,
+    ProxySettings,
+    Settings,
+    default_node,
+    env_prefix,
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -75,15 +81,86 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--node", default=None, help="plan for this node (default: host name)")
     pl.set_defaults(func=cmd_plan)
 
+    r = sub.add_parser("run", help="the daemon",
+                       description="Watch Consul and Docker and keep this node's container "
+                       "interfaces and HAProxy equal to the desired state.")
+    _node_arg(r)
+    r.add_argument("--once", action="store_true",
+                   help="reconcile everything once and exit (1 if any key failed)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print what would change and exit, changing nothing (implies --once)")
+    r.add_argument("--resync", type=_positive_float, default=_env_float("RECONCILER_RESYNC", 30),
+                   metavar="SECONDS", help="full resync period (default 30)")
+    _daemon_args(r)
+    r.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="every node: last applied index, errors per key",
+                        description="Print every node's status as a table.")
+    st.add_argument("--json", action="store_true", help="print the raw status documents")
+    st.set_defaults(func=cmd_status)
+
     for name, helptext in (
-        ("run", "the daemon"),
-        ("status", "every node: last applied index, errors per key"),
         ("render", "print the HAProxy config the daemon would write"),
         ("cutover", "switch a service's live pool"),
     ):
         s = sub.add_parser(name, help=helptext, description=helptext)
         s.set_defaults(func=_not_yet, command_name=name)
     return p
+
+
+def _positive_float(v: str) -> float:
+    try:
+        f = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+    if f <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return f
+
+
+def _env_float(name: str, default: float) -> float:
+    try:
+        return float(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+def _node_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--node", default=None,
+                   help="this node's name (default: $RECONCILER_NODE or the host name)")
+
+
+def _daemon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ovs-datapath", choices=["auto", "system", "netdev"],
+                   default=os.environ.get("RECONCILER_OVS_DATAPATH", "auto"),
+                   help="OVS bridge datapath type (auto: kernel if its module works, "
+                   "else netdev)")
+    p.add_argument("--state-dir", default=os.environ.get("RECONCILER_STATE_DIR",
+                                                         "/var/lib/reconciler"),
+                   help="where HAProxy's config, map and sockets live")
+    p.add_argument("--templates", default=os.environ.get("RECONCILER_TEMPLATES"),
+                   help="directory of user HAProxy templates")
+    p.add_argument("--haproxy-master-socket", default=None,
+                   help="drive an HAProxy run by someone else through this master socket")
+    p.add_argument("--haproxy-config", default=None,
+                   help="with --haproxy-master-socket: the config file it loads")
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    node = args.node or default_node()
+    if not model.NAME_RE.match(node):
+        raise ConfigurationError(f"--node {node!r}: 1-63 characters of [A-Za-z0-9_.-]")
+    if bool(getattr(args, "haproxy_master_socket", None)) != bool(
+            getattr(args, "haproxy_config", None)):
+        raise ConfigurationError("--haproxy-master-socket and --haproxy-config go together")
+    return Settings(
+        prefix=args.prefix, node=node, resync=getattr(args, "resync", 30.0),
+        network=NetworkSettings(ovs_datapath=getattr(args, "ovs_datapath", "auto")),
+        proxy=ProxySettings(state_dir=getattr(args, "state_dir", "/var/lib/reconciler"),
+                            templates_dir=getattr(args, "templates", None),
+                            master_socket=getattr(args, "haproxy_master_socket", None),
+                            config_path=getattr(args, "haproxy_config", None)),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -208,6 +285,53 @@ def cmd_plan(args: argparse.Namespace) -> int:
             detail = str(p)[len(key):].lstrip(": ")
             print(f"    {detail}")
     return EXIT_USAGE if st.problems else EXIT_OK
+
+
+# ------------------------------------------------------------------ run / status
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from reconciler import app
+
+    settings = settings_from(args)
+    parts = app.build(settings, dry_run=args.dry_run)
+    if args.once or args.dry_run:
+        try:
+            rc = parts.daemon.run_once()
+        finally:
+            parts.close()
+        if args.dry_run:
+            for line in parts.netctl.planned:
+                print(line)
+            if not parts.netctl.planned:
+                print("network: no changes")
+        return rc
+    log.info("reconciler %s starting on node %s (prefix %s)", _version(), settings.node,
+             settings.prefix)
+    return app.run_forever(parts)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("reconciler")
+    except PackageNotFoundError:
+        return "dev"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
+    from reconciler.status import format_table, read_statuses
+
+    statuses = read_statuses(ConsulKV(ConsulSettings.from_env()), args.prefix)
+    if args.json:
+        print(json.dumps(statuses, indent=2, sort_keys=True))
+    else:
+        print(format_table(statuses))
+    return EXIT_OK
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,850 @@
+"""Netlink adapter: veth pairs into container network namespaces, Linux bridges, host links.
+
+Owns everything reconciler does through rtnetlink, and is the only module importing pyroute2.
+It takes and returns plain values (``str``, ``ipaddress`` objects and the frozen dataclasses
+below), never the desired-state model, and raises only `reconciler.errors.NetlinkError`.
+
+Design notes
+- No ``ip``/``nsenter`` processes, and no pyroute2 ``netns=`` either: pyroute2 0.9 forks a
+  helper process for every namespaced socket (~10 ms). Instead the calling *thread* briefly
+  ``setns(2)``-es into the container namespace (setns of CLONE_NEWNET is per thread), opens a
+  netlink socket (and, when needed, an AF_PACKET socket or a sysctl file) there, and returns
+  at once; sockets keep working in the namespace they were created in. Cost: ~1 ms.
+- A namespace is opened once as an fd (`ContainerNetns`), then checked against the expected
+  process start time / container id, so a reused PID can never send us into the wrong
+  container.
+- The veth pair is created in one RTM_NEWLINK with the peer placed directly in the container
+  namespace under its final name (IFLA_NET_NS_FD in the peer info), so a crash can never
+  leave a half-moved peer with a temporary name on the host.
+- Host veth names are ``rv`` + 13 hex digits of sha256(container id / ifname): deterministic,
+  15 characters, recognisable for the orphan sweep (`list_owned_host_veths`).
+- Linux bridges we create carry ``ifalias = "reconciler:<network>"``; only those are deleted.
+- The sync pyroute2 API runs its own asyncio loop: call this adapter from a worker thread
+  (e.g. ``asyncio.to_thread``), never from a thread with a running event loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import enum
+import errno
+import hashlib
+import ipaddress
+import os
+import re
+import select
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError as _PyrNetlinkError
+from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_NEWLINK, RTMGRP_LINK
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
+
+from reconciler.errors import NetlinkError
+
+__all__ = [
+    "HOST_VETH_PREFIX",
+    "OWNER_ALIAS_PREFIX",
+    "Change",
+    "ContainerNetns",
+    "InterfaceSpec",
+    "IpAddress",
+    "IpInterface",
+    "IpNetwork",
+    "LinkEvent",
+    "LinkWatcher",
+    "NetlinkAdapter",
+    "ObservedInterface",
+    "Route",
+    "host_veth_name",
+    "process_start_time",
+]
+
+IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IpInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+HOST_VETH_PREFIX = "rv"
+"""Every host-side veth reconciler creates is named ``rv`` + 13 lowercase hex digits."""
+_HOST_VETH_RE = re.compile(r"^rv[0-9a-f]{13}$")
+OWNER_ALIAS_PREFIX = "reconciler:"
+"""Linux bridges created by reconciler have ``ifalias`` = this prefix + the network name."""
+
+_CLONE_NEWNET = 0x40000000
+_IFF_UP = 0x1
+_IFA_F_NODAD = 0x02
+_RT_TABLE_MAIN = 254
+_ETH_P_ARP = 0x0806
+_ENODEV = errno.ENODEV
+_MAX_IFNAME = 15
+_LINK_LOCAL_V6 = ipaddress.IPv6Network("fe80::/10")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class Change(enum.StrEnum):
+    """What `NetlinkAdapter.ensure_interface` (and the bridge helpers) changed."""
+
+    CREATED = "created"
+    RECREATED = "recreated"  # a stale host veth (peer not in this netns) was replaced
+    MAC = "mac"
+    MTU = "mtu"
+    HOST_MTU = "host_mtu"
+    ADDRESSES = "addresses"
+    SYSCTL = "sysctl"  # arp_notify / disable_ipv6 inside the netns
+    UP = "up"
+    HOST_UP = "host_up"
+    GARP = "garp"  # a gratuitous ARP was sent after (re)addressing
+    ROUTES = "routes"
+    ALIAS = "alias"
+    MASTER = "master"
+
+
+def host_veth_name(container_id: str, ifname: str) -> str:
+    """The host-side veth name for interface `ifname` of a container: ``rv`` + 13 hex."""
+    digest = hashlib.sha256(f"{container_id}/{ifname}".encode()).hexdigest()
+    return HOST_VETH_PREFIX + digest[:13]
+
+
+def is_owned_host_veth_name(name: str) -> bool:
+    """Whether `name` has the shape of a host veth reconciler created."""
+    return bool(_HOST_VETH_RE.match(name))
+
+
+@dataclass(frozen=True)
+class Route:
+    """A route inside a container: `dst` via gateway `via`."""
+
+    dst: IpNetwork
+    via: IpAddress
+
+
+@dataclass(frozen=True)
+class InterfaceSpec:
+    """One interface wanted inside a container netns (plain values, no model objects)."""
+
+    container_id: str
+    ifname: str
+    addresses: tuple[IpInterface, ...] = ()
+    mac: str | None = None
+    mtu: int | None = None
+    gateway: IpAddress | None = None
+    routes: tuple[Route, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.ifname) <= _MAX_IFNAME or "/" in self.ifname:
+            raise NetlinkError(f"invalid interface name {self.ifname!r}")
+
+    @property
+    def host_veth(self) -> str:
+        return host_veth_name(self.container_id, self.ifname)
+
+    def wanted_routes(self) -> frozenset[Route]:
+        """Extra routes plus the default route via `gateway`."""
+        wanted = set(self.routes)
+        if self.gateway is not None:
+            default = ipaddress.ip_network("0.0.0.0/0" if self.gateway.version == 4 else "::/0")
+            wanted.add(Route(default, self.gateway))
+        return frozenset(wanted)
+
+
+@dataclass(frozen=True)
+class ObservedInterface:
+    """The actual state of one container interface and its host veth."""
+
+    ifname: str
+    host_veth: str
+    exists: bool
+    host_present: bool
+    paired: bool = False  # the container interface is the peer of our host veth
+    mac: str | None = None
+    mtu: int | None = None
+    up: bool = False
+    addresses: frozenset[IpInterface] = frozenset()  # IPv6 link-local excluded
+    routes: frozenset[Route] = frozenset()  # main-table routes with a gateway via this iface
+    arp_notify: bool | None = None
+    host_mtu: int | None = None
+    host_up: bool = False
+    host_master: str | None = None
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """A host link notification. kind: "new", "del", or "overflow" (events were lost)."""
+
+    kind: str
+    ifname: str = ""
+    index: int = 0
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def _translate(what: str) -> Iterator[None]:
+    """Turn pyroute2 / OS errors into NetlinkError naming the operation."""
+    try:
+        yield
+    except NetlinkError:
+        raise
+    except _PyrNetlinkError as exc:
+        raise NetlinkError(f"{what}: {os.strerror(exc.code)} (errno {exc.code})") from exc
+    except (OSError, ValueError, KeyError, TimeoutError) as exc:
+        raise NetlinkError(f"{what}: {exc}") from exc
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def _inside(ns_fd: int) -> Iterator[None]:
+    """Run the body with the *calling thread* in netns `ns_fd`; always switch back."""
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _setns(ns_fd)
+        try:
+            yield
+        finally:
+            # If this failed the thread would stay in the container's netns: make it loud.
+            _setns(home)
+    finally:
+        os.close(home)
+
+
+def process_start_time(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(b")") + 2 :].split()
+    return int(rest[19])
+
+
+def _attr(msg: Any, name: str) -> Any:
+    return msg.get_attr(name)
+
+
+def _get_link(ipr: Any, name: str) -> Any | None:
+    try:
+        links = ipr.link("get", ifname=name)
+    except _PyrNetlinkError as exc:
+        if exc.code == _ENODEV:
+            return None
+        raise
+    return links[0] if links else None
+
+
+def _kind(link: Any) -> str | None:
+    info = _attr(link, "IFLA_LINKINFO")
+    if info is None:
+        return None
+    kind = info.get_attr("IFLA_INFO_KIND")
+    return str(kind) if kind is not None else None
+
+
+def _addresses(ipr: Any, index: int) -> frozenset[IpInterface]:
+    out: set[IpInterface] = set()
+    for msg in ipr.addr("dump", index=index):
+        if msg["index"] != index:
+            continue
+        addr = _attr(msg, "IFA_ADDRESS")
+        if addr is None:
+            continue
+        iface = ipaddress.ip_interface(f"{addr}/{msg['prefixlen']}")
+        if iface.version == 6 and iface.ip in _LINK_LOCAL_V6:
+            continue  # kernel-managed; never flushed
+        out.add(iface)
+    return frozenset(out)
+
+
+def _gateway_routes(ipr: Any, index: int) -> frozenset[Route]:
+    """Main-table routes with a gateway that leave through interface `index`."""
+    out: set[Route] = set()
+    for msg in ipr.route("dump"):  # AF_UNSPEC: IPv4 and IPv6 in one dump
+        table = _attr(msg, "RTA_TABLE") or msg["table"]
+        if table != _RT_TABLE_MAIN or _attr(msg, "RTA_OIF") != index:
+            continue
+        via = _attr(msg, "RTA_GATEWAY")
+        if via is None:
+            continue
+        zero = "0.0.0.0" if msg["family"] == socket.AF_INET else "::"  # noqa: S104
+        dst = _attr(msg, "RTA_DST") or zero
+        out.add(
+            Route(
+                ipaddress.ip_network(f"{dst}/{msg['dst_len']}"),
+                ipaddress.ip_address(via),
+            )
+        )
+    return frozenset(out)
+
+
+def _garp_frame(mac: str, ip: ipaddress.IPv4Address) -> bytes:
+    hw = bytes.fromhex(mac.replace(":", ""))
+    eth = b"\xff" * 6 + hw + struct.pack("!H", _ETH_P_ARP)
+    # ARP request, sender = target = our IP (RFC 5227 "ARP announcement").
+    arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + hw + ip.packed + b"\x00" * 6 + ip.packed
+    return eth + arp
+
+
+# --------------------------------------------------------------------------- namespaces
+
+
+class ContainerNetns:
+    """A container's network namespace, held open as an fd and verified against PID reuse.
+
+    Use `open`; close with `close()` or a ``with`` block. Holds one netlink socket created
+    inside the namespace (lazily) for all rtnetlink work there.
+    """
+
+    def __init__(self, fd: int, pid: int, start_time: int) -> None:
+        self.fd = fd
+        self.pid = pid
+        self.start_time = start_time
+        self.inode = os.fstat(fd).st_ino
+        self._ipr: Any | None = None
+        self._packet: socket.socket | None = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def open(
+        cls,
+        pid: int,
+        *,
+        expected_start_time: int | None = None,
+        container_id: str | None = None,
+    ) -> ContainerNetns:
+        """Open /proc/<pid>/ns/net, then check the process is still the one meant.
+
+        The checks run *after* the fd is open, so the namespace held is the one of the
+        process that matched: `expected_start_time` (see `process_start_time`) and/or
+        `container_id` (must occur in /proc/<pid>/cgroup, as with docker's cgroup paths).
+        """
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise NetlinkError(f"cannot open netns of pid {pid}: {exc.strerror}") from exc
+        try:
+            start = process_start_time(pid)
+            if expected_start_time is not None and start != expected_start_time:
+                raise NetlinkError(
+                    f"pid {pid} was reused: start time {start} != expected {expected_start_time}"
+                )
+            if container_id is not None:
+                with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+                    cgroup = f.read()
+                if container_id not in cgroup:
+                    raise NetlinkError(f"pid {pid} does not belong to container {container_id}")
+        except OSError as exc:
+            os.close(fd)
+            raise NetlinkError(f"pid {pid} vanished while opening its netns: {exc}") from exc
+        except NetlinkError:
+            os.close(fd)
+            raise
+        return cls(fd, pid, start)
+
+    def iproute(self) -> Any:
+        """The IPRoute bound to a netlink socket inside this namespace."""
+        with self._lock:
+            if self._ipr is None:
+                with _translate(f"netlink socket in netns of pid {self.pid}"):
+                    with _inside(self.fd):
+                        sock = socket.socket(
+                            socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE
+                        )
+                    self._ipr = IPRoute(fileno=sock.detach())
+            return self._ipr
+
+    def read_sysctl(self, path: str) -> str | None:
+        """Read /proc/sys/<path> as seen inside this namespace; None if absent."""
+        with _translate(f"read sysctl {path}"), _inside(self.fd):
+            try:
+                with open(f"/proc/sys/{path}", encoding="ascii") as f:
+                    return f.read().strip()
+            except FileNotFoundError:
+                return None
+
+    def write_sysctl(self, path: str, value: str) -> None:
+        with (
+            _translate(f"write sysctl {path}"),
+            _inside(self.fd),
+            open(f"/proc/sys/{path}", "w", encoding="ascii") as f,
+        ):
+            f.write(value)
+
+    def send_garp(self, ifname: str, mac: str, ips: list[ipaddress.IPv4Address]) -> None:
+        """Send one gratuitous ARP per address out of `ifname` inside the namespace."""
+        with self._lock, _translate(f"gratuitous ARP on {ifname}"):
+            if self._packet is None:
+                with _inside(self.fd):
+                    # Protocol 0: send-only, no receive hook. Kept for the life of the handle:
+                    # closing a packet socket waits for an RCU grace period (~12 ms).
+                    self._packet = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            for ip in ips:
+                self._packet.sendto(_garp_frame(mac, ip), (ifname, _ETH_P_ARP))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ipr is not None:
+                with contextlib.suppress(Exception):
+                    self._ipr.close()
+                self._ipr = None
+            if self._packet is not None:
+                # close() blocks in synchronize_net(): do it off the caller's thread.
+                threading.Thread(target=self._packet.close, daemon=True).start()
+                self._packet = None
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    def __enter__(self) -> ContainerNetns:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+@dataclass
+class NetlinkAdapter:
+    """Host-side rtnetlink (one persistent socket) plus work inside `ContainerNetns`."""
+
+    _ipr: Any = field(default=None, init=False, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, init=False, repr=False)
+
+    def _host(self) -> Any:
+        if self._ipr is None:
+            with _translate("open host netlink socket"):
+                self._ipr = IPRoute()
+        return self._ipr
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ipr is not None:
+                with contextlib.suppress(Exception):
+                    self._ipr.close()
+                self._ipr = None
+
+    def __enter__(self) -> NetlinkAdapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- container side
+
+    def observe(self, ns: ContainerNetns, container_id: str, ifname: str) -> ObservedInterface:
+        """Read the actual state of `ifname` in `ns` and of its host veth."""
+        host_name = host_veth_name(container_id, ifname)
+        with self._lock, _translate(f"observe {ifname} ({host_name})"):
+            hipr = self._host()
+            nipr = ns.iproute()
+            host = _get_link(hipr, host_name)
+            peer = _get_link(nipr, ifname)
+            host_fields: dict[str, Any] = {}
+            if host is not None:
+                master_idx = _attr(host, "IFLA_MASTER")
+                master = None
+                if master_idx:
+                    m = hipr.link("get", index=master_idx)
+                    master = _attr(m[0], "IFLA_IFNAME") if m else None
+                host_fields = {
+                    "host_mtu": _attr(host, "IFLA_MTU"),
+                    "host_up": bool(host["flags"] & _IFF_UP),
+                    "host_master": master,
+                }
+            if peer is None:
+                return ObservedInterface(
+                    ifname=ifname,
+                    host_veth=host_name,
+                    exists=False,
+                    host_present=host is not None,
+                    **host_fields,
+                )
+            arp = ns.read_sysctl(f"net/ipv4/conf/{ifname}/arp_notify")
+            return ObservedInterface(
+                ifname=ifname,
+                host_veth=host_name,
+                exists=True,
+                host_present=host is not None,
+                paired=host is not None and _is_pair(host, peer),
+                mac=str(_attr(peer, "IFLA_ADDRESS")),
+                mtu=_attr(peer, "IFLA_MTU"),
+                up=bool(peer["flags"] & _IFF_UP),
+                addresses=_addresses(nipr, peer["index"]),
+                routes=_gateway_routes(nipr, peer["index"]),
+                arp_notify=None if arp is None else arp == "1",
+                **host_fields,
+            )
+
+    def ensure_interface(self, ns: ContainerNetns, spec: InterfaceSpec) -> tuple[Change, ...]:
+        """Make `spec.ifname` in `ns` exactly as specified; return what had to change.
+
+        Creates the veth pair if missing, repairs drift (MAC, MTU on both ends, addresses —
+        others on the interface are flushed, IPv6 link-local kept —, link state, routes via
+        the interface, arp_notify) and sends a gratuitous ARP after (re)addressing.
+        An existing interface of that name that is not our veth peer is an error.
+        """
+        host_name = spec.host_veth
+        changes: list[Change] = []
+        with self._lock, _translate(f"ensure {spec.ifname} ({host_name}) in pid {ns.pid}"):
+            hipr = self._host()
+            nipr = ns.iproute()
+            host: Any = _get_link(hipr, host_name)
+            peer: Any = _get_link(nipr, spec.ifname)
+            paired = host is not None and peer is not None and _is_pair(host, peer)
+            if peer is not None and not paired:
+                raise NetlinkError(
+                    f"{spec.ifname} exists in netns of pid {ns.pid} and is not reconciler's "
+                    f"veth {host_name}"
+                )
+            if not paired:
+                if host is not None:
+                    hipr.link("del", index=host["index"])
+                    changes.append(Change.RECREATED)
+                else:
+                    changes.append(Change.CREATED)
+                peer_spec: dict[str, Any] = {"ifname": spec.ifname, "net_ns_fd": ns.fd}
+                host_kw: dict[str, Any] = {}
+                if spec.mac is not None:
+                    peer_spec["address"] = spec.mac.lower()
+                if spec.mtu is not None:
+                    peer_spec["mtu"] = spec.mtu
+                    host_kw["mtu"] = spec.mtu
+                hipr.link("add", ifname=host_name, kind="veth", peer=peer_spec, **host_kw)
+                host = _get_link(hipr, host_name)
+                peer = _get_link(nipr, spec.ifname)
+                if host is None or peer is None:
+                    raise NetlinkError(f"veth {host_name}/{spec.ifname} vanished after creation")
+            index = peer["index"]
+            created = bool(changes)
+
+            # sysctls first: arp_notify makes the kernel announce on every link-up too.
+            if self._ensure_sysctls(ns, spec):
+                changes.append(Change.SYSCTL)
+
+            peer_up = bool(peer["flags"] & _IFF_UP)
+            mac = str(_attr(peer, "IFLA_ADDRESS")).lower()
+            if spec.mac is not None and mac != spec.mac.lower():
+                if peer_up:  # not every driver allows a live MAC change
+                    nipr.link("set", index=index, state="down")
+                    peer_up = False
+                nipr.link("set", index=index, address=spec.mac.lower())
+                mac = spec.mac.lower()
+                changes.append(Change.MAC)
+            if spec.mtu is not None and _attr(peer, "IFLA_MTU") != spec.mtu:
+                nipr.link("set", index=index, mtu=spec.mtu)
+                changes.append(Change.MTU)
+            if spec.mtu is not None and _attr(host, "IFLA_MTU") != spec.mtu:
+                hipr.link("set", index=host["index"], mtu=spec.mtu)
+                changes.append(Change.HOST_MTU)
+
+            readdressed = self._ensure_addresses(nipr, index, spec.addresses)
+            if readdressed:
+                changes.append(Change.ADDRESSES)
+
+            if not host["flags"] & _IFF_UP:
+                hipr.link("set", index=host["index"], state="up")
+                changes.append(Change.HOST_UP)
+            if not peer_up:
+                nipr.link("set", index=index, state="up")
+                changes.append(Change.UP)
+
+            v4 = [a.ip for a in spec.addresses if isinstance(a, ipaddress.IPv4Interface)]
+            if v4 and (created or readdressed or Change.MAC in changes):
+                ns.send_garp(spec.ifname, mac, v4)
+                changes.append(Change.GARP)
+
+            if self._ensure_routes(nipr, index, spec.wanted_routes()):
+                changes.append(Change.ROUTES)
+        return tuple(changes)
+
+    @staticmethod
+    def _ensure_sysctls(ns: ContainerNetns, spec: InterfaceSpec) -> bool:
+        changed = False
+        path = f"net/ipv4/conf/{spec.ifname}/arp_notify"
+        if ns.read_sysctl(path) != "1":
+            ns.write_sysctl(path, "1")
+            changed = True
+        if any(a.version == 6 for a in spec.addresses):
+            # docker disables IPv6 in some namespaces; an IPv6 address needs it on.
+            path = f"net/ipv6/conf/{spec.ifname}/disable_ipv6"
+            if ns.read_sysctl(path) == "1":
+                ns.write_sysctl(path, "0")
+                changed = True
+        return changed
+
+    @staticmethod
+    def _ensure_addresses(ipr: Any, index: int, wanted: tuple[IpInterface, ...]) -> bool:
+        have = _addresses(ipr, index)
+        want = frozenset(wanted)
+        # Delete before adding: with promote_secondaries off, deleting a subnet's primary
+        # address also deletes its secondaries, which a new address added first would be.
+        for extra in have - want:
+            ipr.addr("del", index=index, address=str(extra.ip), prefixlen=extra.network.prefixlen)
+        for missing in want - have:
+            kw: dict[str, Any] = {}
+            if missing.version == 6:
+                kw["flags"] = _IFA_F_NODAD  # usable at once; we own the address plan
+            else:
+                kw["broadcast"] = True
+            ipr.addr(
+                "add",
+                index=index,
+                address=str(missing.ip),
+                prefixlen=missing.network.prefixlen,
+                **kw,
+            )
+        return have != want
+
+    @staticmethod
+    def _ensure_routes(ipr: Any, index: int, wanted: frozenset[Route]) -> bool:
+        have = _gateway_routes(ipr, index)
+        for extra in have - wanted:
+            with contextlib.suppress(_PyrNetlinkError):  # may already be gone with an addr
+                ipr.route(
+                    "del",
+                    dst=str(extra.dst),
+                    gateway=str(extra.via),
+                    oif=index,
+                    family=_family(extra.via),
+                )
+        for missing in wanted - have:
+            # replace: a default route through another interface is taken over.
+            ipr.route(
+                "replace",
+                dst=str(missing.dst),
+                gateway=str(missing.via),
+                oif=index,
+                family=_family(missing.via),
+            )
+        return have != wanted
+
+    # ---------------------------------------------------------------- host veths
+
+    def detach(self, container_id: str, ifname: str) -> bool:
+        """Remove the host veth of (container, ifname), which removes its peer too."""
+        return self.delete_host_veth(host_veth_name(container_id, ifname))
+
+    def delete_host_veth(self, name: str) -> bool:
+        """Delete host link `name`; False if it was already gone."""
+        if not is_owned_host_veth_name(name):
+            raise NetlinkError(f"refusing to delete {name!r}: not a reconciler veth name")
+        return self._delete_link(name)
+
+    def _delete_link(self, name: str) -> bool:
+        with self._lock, _translate(f"delete link {name}"):
+            try:
+                self._host().link("del", ifname=name)
+            except _PyrNetlinkError as exc:
+                if exc.code == _ENODEV:
+                    return False
+                raise
+            return True
+
+    def list_owned_host_veths(self) -> list[str]:
+        """Names of host veths that reconciler created (by name shape and kind)."""
+        with self._lock, _translate("list host links"):
+            out = []
+            for link in self._host().get_links():
+                name = _attr(link, "IFLA_IFNAME")
+                if name and is_owned_host_veth_name(name) and _kind(link) == "veth":
+                    out.append(str(name))
+            return sorted(out)
+
+    def link_exists(self, name: str) -> bool:
+        with self._lock, _translate(f"get link {name}"):
+            return _get_link(self._host(), name) is not None
+
+    # ---------------------------------------------------------------- Linux bridges
+
+    def ensure_linux_bridge(
+        self, name: str, network: str, mtu: int | None = None
+    ) -> tuple[Change, ...]:
+        """Create bridge `name` (owned by `network`) if missing; set MTU; bring it up.
+
+        A pre-existing bridge that is not ours is used as it is and never re-labelled.
+        """
+        changes: list[Change] = []
+        with self._lock, _translate(f"ensure bridge {name}"):
+            ipr = self._host()
+            link: Any = _get_link(ipr, name)
+            if link is None:
+                ipr.link("add", ifname=name, kind="bridge")
+                link = _get_link(ipr, name)
+                if link is None:
+                    raise NetlinkError(f"bridge {name} vanished after creation")
+                # Pin the MAC: otherwise the bridge takes the lowest port MAC and changes it
+                # as ports come and go, breaking neighbours' ARP entries for the gateway.
+                ipr.link(
+                    "set",
+                    index=link["index"],
+                    address=_attr(link, "IFLA_ADDRESS"),
+                    ifalias=OWNER_ALIAS_PREFIX + network,
+                )
+                changes.append(Change.CREATED)
+            elif _kind(link) != "bridge":
+                raise NetlinkError(f"{name} exists and is not a bridge ({_kind(link)})")
+            if mtu is not None and _attr(link, "IFLA_MTU") != mtu:
+                ipr.link("set", index=link["index"], mtu=mtu)
+                changes.append(Change.MTU)
+            if not link["flags"] & _IFF_UP:
+                ipr.link("set", index=link["index"], state="up")
+                changes.append(Change.UP)
+        return tuple(changes)
+
+    def bridge_owner(self, name: str) -> str | None:
+        """The network that owns Linux bridge `name`, or None if absent / not ours."""
+        with self._lock, _translate(f"get link {name}"):
+            link = _get_link(self._host(), name)
+        if link is None:
+            return None
+        alias = _attr(link, "IFLA_IFALIAS") or ""
+        return alias[len(OWNER_ALIAS_PREFIX) :] if alias.startswith(OWNER_ALIAS_PREFIX) else None
+
+    def list_owned_bridges(self) -> dict[str, str]:
+        """{bridge name: network} for every Linux bridge reconciler created."""
+        with self._lock, _translate("list bridges"):
+            out = {}
+            for link in self._host().get_links():
+                alias = _attr(link, "IFLA_IFALIAS") or ""
+                if _kind(link) == "bridge" and alias.startswith(OWNER_ALIAS_PREFIX):
+                    out[str(_attr(link, "IFLA_IFNAME"))] = alias[len(OWNER_ALIAS_PREFIX) :]
+            return out
+
+    def delete_linux_bridge(self, name: str) -> bool:
+        """Delete bridge `name` if reconciler created it; False if absent or not ours."""
+        if self.bridge_owner(name) is None:
+            return False
+        return self._delete_link(name)
+
+    def enslave(self, ifname: str, bridge: str) -> bool:
+        """Make Linux bridge `bridge` the master of `ifname`; True if it changed."""
+        with self._lock, _translate(f"enslave {ifname} to {bridge}"):
+            ipr = self._host()
+            link = _get_link(ipr, ifname)
+            br = _get_link(ipr, bridge)
+            if link is None or br is None:
+                raise NetlinkError(f"enslave {ifname} to {bridge}: no such link")
+            if _attr(link, "IFLA_MASTER") == br["index"]:
+                return False
+            ipr.link("set", index=link["index"], master=br["index"])
+            return True
+
+    def ensure_host_address(self, ifname: str, cidr: IpInterface) -> tuple[Change, ...]:
+        """Give host link `ifname` address `cidr` (others kept) and bring it up."""
+        changes: list[Change] = []
+        with self._lock, _translate(f"address {cidr} on {ifname}"):
+            ipr = self._host()
+            link = _get_link(ipr, ifname)
+            if link is None:
+                raise NetlinkError(f"no link {ifname} for address {cidr}")
+            if cidr not in _addresses(ipr, link["index"]):
+                kw: dict[str, Any] = {"flags": _IFA_F_NODAD} if cidr.version == 6 else {}
+                ipr.addr(
+                    "add",
+                    index=link["index"],
+                    address=str(cidr.ip),
+                    prefixlen=cidr.network.prefixlen,
+                    **kw,
+                )
+                changes.append(Change.ADDRESSES)
+            if not link["flags"] & _IFF_UP:
+                ipr.link("set", index=link["index"], state="up")
+                changes.append(Change.UP)
+        return tuple(changes)
+
+    def remove_host_address(self, ifname: str, cidr: IpInterface) -> bool:
+        with self._lock, _translate(f"remove {cidr} from {ifname}"):
+            ipr = self._host()
+            link = _get_link(ipr, ifname)
+            if link is None or cidr not in _addresses(ipr, link["index"]):
+                return False
+            ipr.addr(
+                "del", index=link["index"], address=str(cidr.ip), prefixlen=cidr.network.prefixlen
+            )
+            return True
+
+
+def _family(addr: IpAddress) -> int:
+    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
+
+
+def _is_pair(host: Any, peer: Any) -> bool:
+    """Whether host veth `host` and container link `peer` are the two ends of one veth."""
+    return (
+        _kind(peer) == "veth"
+        and _attr(peer, "IFLA_LINK") == host["index"]
+        and _attr(host, "IFLA_LINK") == peer["index"]
+    )
+
+
+# --------------------------------------------------------------------------- notifications
+
+
+class LinkWatcher:
+    """Host RTM_NEWLINK/RTM_DELLINK notifications from a netlink multicast socket.
+
+    ``fileno()`` lets an event loop wait for readability (``loop.add_reader``); `read`
+    returns the pending events. On socket overflow a single ``LinkEvent("overflow")``
+    tells the caller to resynchronise everything.
+    """
+
+    def __init__(self) -> None:
+        with _translate("open link watcher"):
+            self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+            self._sock.bind((0, RTMGRP_LINK))
+        self._marshal = MarshalRtnl()
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def read(self, timeout: float | None = 0.0) -> list[LinkEvent]:
+        """Events available within `timeout` seconds (None: wait until some arrive)."""
+        ready, _, _ = select.select([self._sock], [], [], timeout)
+        if not ready:
+            return []
+        events: list[LinkEvent] = []
+        while True:
+            try:
+                data = self._sock.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return events
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:
+                    events.append(LinkEvent("overflow"))
+                    continue
+                raise NetlinkError(f"link watcher: {exc}") from exc
+            for msg in self._marshal.parse(data):
+                kind = {RTM_NEWLINK: "new", RTM_DELLINK: "del"}.get(msg["header"]["type"])
+                if kind is not None:
+                    name = msg.get_attr("IFLA_IFNAME") or ""
+                    events.append(LinkEvent(kind, str(name), int(msg["index"])))
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> LinkWatcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def watch_links(callback: Callable[[LinkEvent], None], stop: threading.Event) -> None:
+    """Call `callback` for every host link event until `stop` is set (checked every 0.5 s)."""
+    with LinkWatcher() as watcher:
+        while not stop.is_set():
+            for event in watcher.read(timeout=0.5):
+                callback(event)

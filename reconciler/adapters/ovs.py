@@ -1,0 +1,532 @@
+"""OVS adapter: bridges, VLAN-tagged access ports and internal ports through OVSDB.
+
+Owns everything reconciler does to Open vSwitch and is the only module importing ovsdbapp.
+One persistent OVSDB IDL connection (a local replica of the tables we use, kept current by
+ovsdbapp's connection thread); writes are OVSDB transactions, never ``ovs-vsctl``
+processes. Takes and returns plain values; raises only `reconciler.errors.OvsError`.
+
+- Ownership: bridges and ports we create carry ``external_ids:reconciler-owner=reconciler``
+  (Port *and* Interface, written in the same transaction that creates the port). Only owned
+  rows are ever deleted, and `list_owned_ports` is what the orphan sweep reads.
+- Batching: inside ``with ovs.transaction():`` every ensure/delete call joins one OVSDB
+  transaction committed at the end of the block (ovsdbapp merges nested transactions per
+  thread); the ensure calls then return what they *will* change, judged from the replica.
+  A commit waits until ovs-vswitchd has applied it (``next_cfg``/``cur_cfg``), so ports have
+  their ofport / internal ports their netdev when it returns.
+- Notifications: `subscribe` registers a callback for Port/Interface row changes. Callbacks
+  run on the connection thread: they must only enqueue work, never call this adapter.
+- Datapath: ``auto`` picks ``system`` when the openvswitch kernel module is loaded, else
+  ``netdev`` (the userspace datapath; internal ports then appear as tap devices).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ovsdbapp.backend.ovs_idl import command as ovs_command
+from ovsdbapp.backend.ovs_idl import connection as ovs_connection
+from ovsdbapp.backend.ovs_idl import idlutils
+from ovsdbapp.schema.open_vswitch import impl_idl
+
+from reconciler.errors import OvsError
+
+__all__ = [
+    "DEFAULT_DB",
+    "NODE_KEY",
+    "OWNER",
+    "OWNER_KEY",
+    "OvsAdapter",
+    "OwnedPort",
+    "PortEvent",
+    "detect_datapath",
+]
+
+DEFAULT_DB = "unix:/var/run/openvswitch/db.sock"
+OWNER_KEY = "reconciler-owner"
+OWNER = "reconciler"
+NODE_KEY = "reconciler-node"
+_MANAGED_PREFIX = "reconciler-"
+"""external_ids keys with this prefix are ours: set exactly; other keys are left alone."""
+
+# Only the columns we use are replicated: Interface statistics would otherwise stream in.
+_COLUMNS: dict[str, list[str] | None] = {
+    "Open_vSwitch": None,  # all: bridges, next_cfg, cur_cfg, datapath_types
+    "Bridge": ["name", "ports", "datapath_type", "external_ids"],
+    "Port": ["name", "interfaces", "tag", "external_ids"],
+    "Interface": ["name", "type", "external_ids", "ofport", "error", "mtu_request"],
+}
+
+
+def detect_datapath() -> str:
+    """``system`` if the openvswitch kernel module is loaded, else ``netdev``."""
+    return "system" if os.path.isdir("/sys/module/openvswitch") else "netdev"
+
+
+@dataclass(frozen=True)
+class OwnedPort:
+    """A port reconciler created, as it is in OVSDB now."""
+
+    name: str
+    bridge: str
+    tag: int | None
+    external_ids: Mapping[str, str] = field(hash=False)
+    type: str = ""  # Interface type: "" (system/veth) or "internal"
+    ofport: int | None = None  # None or -1: vswitchd could not open the netdev
+    error: str | None = None  # Interface.error, e.g. "could not open network device"
+
+
+@dataclass(frozen=True)
+class PortEvent:
+    """A change to a Port or Interface row. kind: "create", "update" or "delete"."""
+
+    kind: str
+    table: str
+    name: str
+    external_ids: Mapping[str, str] = field(hash=False)
+
+    @property
+    def owned(self) -> bool:
+        return self.external_ids.get(OWNER_KEY) == OWNER
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _opt(value: Any) -> Any | None:
+    """An optional OVSDB column reads as [] or [x]."""
+    if isinstance(value, list):
+        return value[0] if value else None
+    return value
+
+
+def _merge_ids(current: Mapping[str, str], wanted: Mapping[str, str]) -> dict[str, str]:
+    """Foreign keys kept, our keys (``reconciler-*``) exactly `wanted`."""
+    merged = {k: v for k, v in current.items() if not k.startswith(_MANAGED_PREFIX)}
+    merged.update(wanted)
+    return merged
+
+
+class _Idl(ovs_connection.OvsdbIdl):  # type: ignore[misc]
+    """The IDL replica, dispatching Port/Interface row changes to subscribers."""
+
+    listeners: list[Callable[[PortEvent], None]]
+
+    def notify(self, event: str, row: Any, updates: Any = None) -> None:
+        table = row._table.name
+        if table not in ("Port", "Interface") or not self.listeners:
+            return
+        try:
+            name = str(row.name)
+            ids = dict(row.external_ids)
+        except AttributeError:  # a delete of a row whose columns were never seen
+            return
+        ev = PortEvent(event, table, name, ids)
+        for callback in list(self.listeners):
+            callback(ev)
+
+
+def _find(api: Any, table: str, name: str) -> Any | None:
+    return idlutils.row_by_value(api.idl, table, "name", name, None)
+
+
+def _bridge_of(api: Any, port: Any) -> Any | None:
+    for br in api.tables["Bridge"].rows.values():
+        if any(p.uuid == port.uuid for p in br.ports):
+            return br
+    return None
+
+
+class _EnsureBridge(ovs_command.BaseCommand):  # type: ignore[misc]
+    def __init__(self, api: Any, name: str, datapath_type: str, ids: dict[str, str]) -> None:
+        super().__init__(api)
+        self.name, self.datapath_type, self.ids = name, datapath_type, ids
+
+    def run_idl(self, txn: Any) -> None:
+        self.result = _ensure_bridge(self.api, txn, self.name, self.datapath_type, self.ids)
+
+
+def _ensure_bridge(
+    api: Any, txn: Any | None, name: str, datapath_type: str, ids: dict[str, str]
+) -> bool:
+    br = _find(api, "Bridge", name)
+    if br is None:
+        if txn is not None:
+            iface = txn.insert(api.tables["Interface"])
+            iface.name = name
+            iface.type = "internal"
+            port = txn.insert(api.tables["Port"])
+            port.name = name
+            port.interfaces = [iface]
+            br = txn.insert(api.tables["Bridge"])
+            br.name = name
+            br.datapath_type = datapath_type
+            br.external_ids = ids
+            br.ports = [port]
+            api._ovs.addvalue("bridges", br)
+        return True
+    if dict(br.external_ids).get(OWNER_KEY) != OWNER:
+        return False  # someone else's bridge: use it as it is
+    changed = False
+    if br.datapath_type != datapath_type:
+        changed = True
+        if txn is not None:
+            br.datapath_type = datapath_type
+    merged = _merge_ids(dict(br.external_ids), ids)
+    if merged != dict(br.external_ids):
+        changed = True
+        if txn is not None:
+            br.external_ids = merged
+    return changed
+
+
+class _DeleteBridge(ovs_command.BaseCommand):  # type: ignore[misc]
+    def __init__(self, api: Any, name: str) -> None:
+        super().__init__(api)
+        self.name = name
+
+    def run_idl(self, txn: Any) -> None:
+        br = _find(self.api, "Bridge", self.name)
+        if br is None or dict(br.external_ids).get(OWNER_KEY) != OWNER:
+            self.result = False
+            return
+        for port in br.ports:
+            for iface in port.interfaces:
+                iface.delete()
+            port.delete()
+        self.api._ovs.delvalue("bridges", br)
+        br.delete()
+        self.result = True
+
+
+@dataclass(frozen=True)
+class _PortWanted:
+    bridge: str
+    name: str
+    iface_type: str
+    tag: int | None
+    ids: dict[str, str] = field(hash=False)
+    mtu: int | None = None
+
+
+class _EnsurePort(ovs_command.BaseCommand):  # type: ignore[misc]
+    def __init__(self, api: Any, wanted: _PortWanted) -> None:
+        super().__init__(api)
+        self.wanted = wanted
+
+    def run_idl(self, txn: Any) -> None:
+        self.result = _ensure_port(self.api, txn, self.wanted)
+
+
+def _ensure_port(api: Any, txn: Any | None, w: _PortWanted) -> bool:
+    """Compare (and with a `txn`, fix) one port. Returns whether anything differs."""
+    br = _find(api, "Bridge", w.bridge)
+    if br is None:
+        raise OvsError(f"bridge {w.bridge} does not exist (port {w.name})")
+    tag = [w.tag] if w.tag is not None else []
+    port = _find(api, "Port", w.name)
+    if port is None:
+        if txn is not None:
+            # Port and Interface rows complete with tag and ownership in one transaction,
+            # so no observer ever sees an untagged or unowned port of ours.
+            iface = txn.insert(api.tables["Interface"])
+            iface.name = w.name
+            iface.type = w.iface_type
+            iface.external_ids = w.ids
+            if w.mtu is not None:
+                iface.mtu_request = [w.mtu]
+            port = txn.insert(api.tables["Port"])
+            port.name = w.name
+            port.interfaces = [iface]
+            port.tag = tag
+            port.external_ids = w.ids
+            br.addvalue("ports", port)
+        return True
+    changed = False
+    owner = _bridge_of(api, port)
+    if owner is None or owner.uuid != br.uuid:
+        changed = True
+        if txn is not None:
+            if owner is not None:
+                owner.delvalue("ports", port)
+            br.addvalue("ports", port)
+    if list(port.tag) != tag:
+        changed = True
+        if txn is not None:
+            port.tag = tag
+    merged = _merge_ids(dict(port.external_ids), w.ids)
+    if merged != dict(port.external_ids):
+        changed = True
+        if txn is not None:
+            port.external_ids = merged
+    for iface in port.interfaces:
+        if iface.type != w.iface_type:
+            changed = True
+            if txn is not None:
+                iface.type = w.iface_type
+        merged = _merge_ids(dict(iface.external_ids), w.ids)
+        if merged != dict(iface.external_ids):
+            changed = True
+            if txn is not None:
+                iface.external_ids = merged
+        if w.mtu is not None and _opt(iface.mtu_request) != w.mtu:
+            changed = True
+            if txn is not None:
+                iface.mtu_request = [w.mtu]
+    return changed
+
+
+class _DeletePort(ovs_command.BaseCommand):  # type: ignore[misc]
+    def __init__(self, api: Any, name: str) -> None:
+        super().__init__(api)
+        self.name = name
+
+    def run_idl(self, txn: Any) -> None:
+        port = _find(self.api, "Port", self.name)
+        if port is None or dict(port.external_ids).get(OWNER_KEY) != OWNER:
+            self.result = False
+            return
+        br = _bridge_of(self.api, port)
+        if br is not None:
+            br.delvalue("ports", port)
+        for iface in port.interfaces:
+            iface.delete()
+        port.delete()
+        self.result = True
+
+
+@contextlib.contextmanager
+def _translate(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OvsError:
+        raise
+    except Exception as exc:  # ovsdbapp raises RuntimeError, its own and ovs.* errors
+        raise OvsError(f"{what}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- adapter
+
+
+class OvsAdapter:
+    """A persistent OVSDB connection with reconciler's bridge and port operations."""
+
+    def __init__(self, db: str = DEFAULT_DB, datapath: str = "auto", timeout: float = 10.0) -> None:
+        if datapath not in ("auto", "system", "netdev"):
+            raise OvsError(f"datapath must be auto, system or netdev (got {datapath!r})")
+        self.db = db
+        self.datapath = detect_datapath() if datapath == "auto" else datapath
+        with _translate(f"connect to OVSDB at {db}"):
+            helper = idlutils.get_schema_helper(db, "Open_vSwitch")
+            for table, columns in _COLUMNS.items():
+                if columns is None:
+                    helper.register_table(table)
+                else:
+                    helper.register_columns(table, columns)
+            self._idl = _Idl(db, helper)
+            self._idl.listeners = []
+            self._conn = ovs_connection.Connection(self._idl, timeout=int(timeout))
+            # ovsdbapp keeps the connection as a *class* attribute of the API class:
+            # a fresh subclass per adapter keeps adapters (and test instances) apart.
+            api_cls = type("_ReconcilerOvsApi", (impl_idl.OvsdbIdl,), {})
+            self._api: Any = api_cls(self._conn)
+        self._local = threading.local()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.stop(timeout=5)
+
+    def __enter__(self) -> OvsAdapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- plumbing
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Batch every ensure/delete call in the block into one OVSDB transaction."""
+        depth = getattr(self._local, "depth", 0)
+        self._local.depth = depth + 1
+        try:
+            with (
+                _translate("OVSDB transaction"),
+                self._api.transaction(check_error=True, log_errors=False) as txn,
+            ):
+                self._local.txn = txn
+                yield
+        finally:
+            self._local.depth = depth
+            if depth == 0:
+                self._local.txn = None
+
+    def _in_batch(self) -> bool:
+        return getattr(self._local, "depth", 0) > 0
+
+    def _run(self, cmd: Any, what: str) -> Any:
+        with _translate(what):
+            return cmd.execute(check_error=True, log_errors=False)
+
+    def _preview(self, fn: Callable[[], bool]) -> bool:
+        """What a batched command will change, judged from the replica before the commit.
+
+        A row created earlier in the same batch (e.g. the bridge) is not in the replica
+        yet: the command itself checks again inside the transaction.
+        """
+        with self._conn.lock:
+            try:
+                return fn()
+            except OvsError:
+                return True
+
+    @contextlib.contextmanager
+    def _read(self, what: str) -> Iterator[Any]:
+        with _translate(what), self._conn.lock:
+            yield self._api
+
+    def subscribe(self, callback: Callable[[PortEvent], None]) -> Callable[[], None]:
+        """Call `callback` on every Port/Interface row change; returns an unsubscribe."""
+        self._idl.listeners.append(callback)
+
+        def unsubscribe() -> None:
+            with contextlib.suppress(ValueError):
+                self._idl.listeners.remove(callback)
+
+        return unsubscribe
+
+    # ---------------------------------------------------------------- bridges
+
+    def ensure_bridge(
+        self,
+        name: str,
+        datapath_type: str | None = None,
+        external_ids: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Create bridge `name` (owned) if missing; fix datapath/ids if ours. Changed?"""
+        ids = {**(external_ids or {}), OWNER_KEY: OWNER}
+        dp = datapath_type or self.datapath
+        cmd = _EnsureBridge(self._api, name, dp, ids)
+        if self._in_batch():
+            with _translate(f"ensure bridge {name}"):
+                self._local.txn.add(cmd)
+                return self._preview(lambda: _ensure_bridge(self._api, None, name, dp, ids))
+        return bool(self._run(cmd, f"ensure bridge {name}"))
+
+    def delete_bridge(self, name: str) -> bool:
+        """Delete bridge `name` with its ports, only if reconciler owns it."""
+        cmd = _DeleteBridge(self._api, name)
+        if self._in_batch():
+            self._local.txn.add(cmd)
+            return self.bridge_owned(name)
+        return bool(self._run(cmd, f"delete bridge {name}"))
+
+    def bridge_exists(self, name: str) -> bool:
+        with self._read(f"read bridge {name}") as api:
+            return _find(api, "Bridge", name) is not None
+
+    def bridge_owned(self, name: str) -> bool:
+        with self._read(f"read bridge {name}") as api:
+            br = _find(api, "Bridge", name)
+            return br is not None and dict(br.external_ids).get(OWNER_KEY) == OWNER
+
+    def bridge_datapath(self, name: str) -> str | None:
+        with self._read(f"read bridge {name}") as api:
+            br = _find(api, "Bridge", name)
+            return None if br is None else str(br.datapath_type)
+
+    def list_owned_bridges(self) -> list[str]:
+        with self._read("list bridges") as api:
+            return sorted(
+                str(br.name)
+                for br in api.tables["Bridge"].rows.values()
+                if dict(br.external_ids).get(OWNER_KEY) == OWNER
+            )
+
+    # ---------------------------------------------------------------- ports
+
+    def ensure_port(
+        self,
+        bridge: str,
+        port_name: str,
+        vlan: int | None,
+        external_ids: Mapping[str, str],
+    ) -> bool:
+        """Attach existing netdev `port_name` to `bridge` as an access port of `vlan`."""
+        return self._ensure_port(_PortWanted(bridge, port_name, "", vlan, self._ids(external_ids)))
+
+    def ensure_internal_port(
+        self,
+        bridge: str,
+        name: str,
+        vlan: int | None,
+        external_ids: Mapping[str, str],
+        mtu: int | None = None,
+    ) -> bool:
+        """An internal port (a host netdev on the bridge), e.g. for a network's gateway."""
+        return self._ensure_port(
+            _PortWanted(bridge, name, "internal", vlan, self._ids(external_ids), mtu)
+        )
+
+    @staticmethod
+    def _ids(external_ids: Mapping[str, str]) -> dict[str, str]:
+        return {**external_ids, OWNER_KEY: OWNER}
+
+    def _ensure_port(self, wanted: _PortWanted) -> bool:
+        if wanted.tag is not None and not 0 <= wanted.tag <= 4095:
+            raise OvsError(f"port {wanted.name}: vlan {wanted.tag} out of range")
+        cmd = _EnsurePort(self._api, wanted)
+        what = f"ensure port {wanted.name} on {wanted.bridge}"
+        if self._in_batch():
+            with _translate(what):
+                self._local.txn.add(cmd)
+                return self._preview(lambda: _ensure_port(self._api, None, wanted))
+        return bool(self._run(cmd, what))
+
+    def delete_port(self, name: str) -> bool:
+        """Delete port `name` if reconciler owns it; False if absent or not ours."""
+        cmd = _DeletePort(self._api, name)
+        if self._in_batch():
+            self._local.txn.add(cmd)
+            return self.get_port(name) is not None
+        return bool(self._run(cmd, f"delete port {name}"))
+
+    def get_port(self, name: str) -> OwnedPort | None:
+        """Port `name` if it exists and reconciler owns it."""
+        with self._read(f"read port {name}") as api:
+            port = _find(api, "Port", name)
+            if port is None or dict(port.external_ids).get(OWNER_KEY) != OWNER:
+                return None
+            br = _bridge_of(api, port)
+            return _owned_port(port, "" if br is None else str(br.name))
+
+    def list_owned_ports(self, owner: str = OWNER, node: str | None = None) -> list[OwnedPort]:
+        """Ports whose external_ids say `owner` (and `node`, when given), on any bridge."""
+        out: list[OwnedPort] = []
+        with self._read("list ports") as api:
+            for br in api.tables["Bridge"].rows.values():
+                for port in br.ports:
+                    ids = dict(port.external_ids)
+                    if ids.get(OWNER_KEY) != owner:
+                        continue
+                    if node is not None and ids.get(NODE_KEY) != node:
+                        continue
+                    out.append(_owned_port(port, str(br.name)))
+        return sorted(out, key=lambda p: p.name)
+
+
+def _owned_port(port: Any, bridge: str) -> OwnedPort:
+    iface = port.interfaces[0] if port.interfaces else None
+    return OwnedPort(
+        name=str(port.name),
+        bridge=bridge,
+        tag=_opt(port.tag),
+        external_ids=dict(port.external_ids),
+        type="" if iface is None else str(iface.type),
+        ofport=None if iface is None else _opt(iface.ofport),
+        error=None if iface is None else _opt(iface.error),
+    )

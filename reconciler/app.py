@@ -1,0 +1,86 @@
+"""Assembly: builds the adapters and the daemon from settings (the one place that does).
+
+Also runs the daemon in the foreground with signal handling, for `reconciler run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from reconciler.adapters import netlink
+from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
+from reconciler.adapters.docker_engine import DockerEngine
+from reconciler.adapters.ovs import OvsAdapter
+from reconciler.daemon import Daemon, DaemonOptions, ProxyPart
+from reconciler.ipam import Ipam
+from reconciler.netctl import NetworkController
+from reconciler.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    kv: ConsulKV
+    docker: DockerEngine
+    nl: netlink.NetlinkAdapter
+    ovs: OvsAdapter
+    netctl: NetworkController
+    daemon: Daemon
+
+    def close(self) -> None:
+        for c in (self.ovs, self.nl, self.docker, self.kv):
+            try:
+                c.close()
+            except Exception:  # noqa: S112 - closing best-effort at exit
+                continue
+
+
+def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
+          workers: int = 4) -> Parts:
+    kv = ConsulKV(ConsulSettings.from_env())
+    docker = DockerEngine()
+    nl = netlink.NetlinkAdapter()
+    ovs = OvsAdapter(settings.network.ovs_db, settings.network.ovs_datapath)
+    ipam = Ipam(kv, settings.prefix, settings.node)
+    netctl = NetworkController(node=settings.node, prefix=settings.prefix, nl=nl, ovs=ovs,
+                               ipam=ipam, inspect=docker.inspect, dry_run=dry_run)
+    proxy = _build_proxy(settings, kv, dry_run) if with_proxy else None
+    daemon = Daemon(DaemonOptions(settings.node, settings.prefix, settings.resync,
+                                  workers=workers, dry_run=dry_run),
+                    kv=kv, docker=docker, netctl=netctl, proxy=proxy)
+    return Parts(kv, docker, nl, ovs, netctl, daemon)
+
+
+def _build_proxy(settings: Settings, kv: Any, dry_run: bool) -> ProxyPart | None:
+    try:
+        from reconciler.proxy.controller import build_proxy_controller
+    except ImportError:
+        return None
+    return build_proxy_controller(settings, kv, dry_run=dry_run)
+
+
+def run_forever(parts: Parts) -> int:
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: Any) -> None:
+        log.info("signal %d: shutting down", signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    d = parts.daemon
+    extra = [
+        lambda s: netlink.watch_links(d.on_link_event, s),
+    ]
+    unsubscribe = parts.ovs.subscribe(d.on_port_event)
+    try:
+        d.run(stop, extra)
+    finally:
+        unsubscribe()
+        parts.close()
+    return 0

@@ -1,0 +1,334 @@
+"""The daemon (`reconciler run`): watchers feed keys to one work queue; controllers apply.
+
+Owns the wiring and nothing else:
+- one Consul blocking query on the whole prefix (runtime.kvwatch) -> new DesiredState ->
+  every local container key, `proxy` and `sweep` are enqueued (reconciles are level-based
+  and cheap when nothing differs);
+- Docker events (subscribed before the list, adapters.docker_engine.EventWatcher) ->
+  `container:<id>`;
+- netlink link deletions and OVS port deletions of ours -> the container concerned (drift
+  repair within about a second, not only at the next resync);
+- the work queue (runtime.workqueue): de-duplicated keys, one key never twice at once,
+  per-key exponential backoff, terminal errors reported not retried, periodic resync;
+- node status under a Consul session (status.StatusPublisher).
+
+Keys: `container:<id>`, `sweep`, `proxy`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from reconciler.adapters.docker_engine import (
+    ContainerEvent,
+    ContainerInfo,
+    DockerEngine,
+    EventWatcher,
+)
+from reconciler.errors import ConsulError, DockerError, ReconcilerError
+from reconciler.model import DesiredState
+from reconciler.netctl import NetworkController, spec_key_for
+from reconciler.runtime.kvwatch import KVWatcher, Snapshot
+from reconciler.runtime.workqueue import Controller, Result
+from reconciler.status import NodeStatus, StatusPublisher
+
+log = logging.getLogger(__name__)
+
+SWEEP = "sweep"
+PROXY = "proxy"
+
+
+class ProxyPart(Protocol):
+    """What the daemon needs of the HAProxy side (reconciler.proxy.controller)."""
+
+    def set_state(self, state: DesiredState) -> None: ...
+    def set_containers(self, containers: Iterable[ContainerInfo],
+                       addresses: dict[str, dict[str, str]]) -> None: ...
+    def reconcile(self) -> dict[str, Any]: ...
+    def errors(self) -> dict[str, list[str]]: ...
+
+
+@dataclass
+class DaemonOptions:
+    node: str
+    prefix: str
+    resync: float = 30.0
+    workers: int = 4
+    status_interval: float = 5.0
+    dry_run: bool = False
+
+
+@dataclass
+class _Known:
+    containers: dict[str, ContainerInfo] = field(default_factory=dict)
+    errors: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # source -> key -> msgs
+
+
+class Daemon:
+    def __init__(self, opts: DaemonOptions, *, kv: Any, docker: DockerEngine,
+                 netctl: NetworkController, proxy: ProxyPart | None = None) -> None:
+        self.opts = opts
+        self.kv = kv
+        self.docker = docker
+        self.netctl = netctl
+        self.proxy = proxy
+        self.known = _Known()
+        self._lock = threading.Lock()
+        self.snapshot: Snapshot | None = None
+        self.watcher = KVWatcher(kv, opts.prefix, self._on_snapshot)
+        self.status = NodeStatus(opts.node)
+        self.publisher = StatusPublisher(kv, opts.prefix, opts.node)
+        self._status_dirty = threading.Event()
+        self.controller: Controller[str] = Controller(
+            self._reconcile, name="reconciler", workers=opts.workers,
+            list_keys=self._all_keys, resync=opts.resync,
+            on_error=self._on_error, on_success=self._on_success)
+        self.ready = threading.Event()
+
+    # ------------------------------------------------------------------ inputs
+
+    def _on_snapshot(self, snap: Snapshot) -> None:
+        self.snapshot = snap
+        self.netctl.set_state(snap.state)
+        if self.proxy is not None:
+            self.proxy.set_state(snap.state)
+        self.status.index = snap.index
+        for p in snap.state.problems:
+            log.warning("invalid: %s", p)
+        self._status_dirty.set()
+        for key in self._all_keys():
+            self.controller.queue.add(key)
+
+    def _on_docker_list(self, containers: list[ContainerInfo]) -> None:
+        with self._lock:
+            self.known.containers = {c.id: c for c in containers if c.running}
+        for c in containers:
+            self.controller.queue.add(f"container:{c.id}")
+        self.controller.queue.add(SWEEP)
+
+    def _on_docker_event(self, ev: ContainerEvent) -> None:
+        self.controller.queue.add(f"container:{ev.id}")
+        if ev.action in ("destroy", "die"):
+            self.controller.queue.add(PROXY)
+
+    def _on_link_deleted(self, cid: str | None) -> None:
+        if cid:
+            self.controller.queue.add(f"container:{cid}")
+        else:
+            for key in self._container_keys():
+                self.controller.queue.add(key)
+
+    def veth_owner(self, name: str) -> str | None:
+        """The container whose host veth is `name`, among the attached ones."""
+        from reconciler.adapters.netlink import host_veth_name
+
+        for cid, res in list(self.netctl.attached.items()):
+            for ifname in res.addresses:
+                if host_veth_name(cid, ifname) == name:
+                    return cid
+        return None
+
+    def on_link_event(self, ev: Any) -> None:
+        """netlink: a deleted host veth of ours (or lost events) -> repair now."""
+        if ev.kind == "overflow":
+            self._on_link_deleted(None)
+        elif ev.kind == "del" and ev.ifname.startswith("rv"):
+            cid = self.veth_owner(ev.ifname)
+            if cid:
+                self._on_link_deleted(cid)
+
+    def on_port_event(self, ev: Any) -> None:
+        """OVSDB: a port of ours was deleted (by someone else, or by us) -> look again.
+        (Changed tags/ids are repaired by the resync; reacting to our own updates would
+        only echo.)"""
+        if ev.kind == "delete" and ev.owned and ev.table == "Port":
+            cid = ev.external_ids.get("reconciler-container")
+            if cid:
+                self.controller.queue.add(f"container:{cid}")
+
+    # ------------------------------------------------------------------ reconcile
+
+    def _container_keys(self) -> list[str]:
+        with self._lock:
+            return [f"container:{cid}" for cid in self.known.containers]
+
+    def _all_keys(self) -> list[str]:
+        if self.snapshot is None:
+            return []  # nothing is known to be desired yet: touch nothing
+        keys = [*self._container_keys(), SWEEP]
+        if self.proxy is not None:
+            keys.append(PROXY)
+        return keys
+
+    def _reconcile(self, key: str) -> Result | None:
+        if self.snapshot is None:
+            return Result(requeue_after=1.0)
+        if key.startswith("container:"):
+            cid = key.split(":", 1)[1]
+            info = self.docker.inspect(cid)
+            with self._lock:
+                if info is not None and info.running:
+                    self.known.containers[cid] = info
+                else:
+                    self.known.containers.pop(cid, None)
+            self._clear_errors(key)
+            res = self.netctl.reconcile_container(cid)
+            if res.changes:
+                log.info("container %s: %s", info.name if info else cid[:12],
+                         ", ".join(res.changes))
+                self.controller.queue.add(PROXY)
+        elif key == SWEEP:
+            with self._lock:
+                running = list(self.known.containers.values())
+            done = self.netctl.sweep(running)
+            if done:
+                log.info("sweep removed: %s", ", ".join(done))
+        elif key == PROXY and self.proxy is not None:
+            with self._lock:
+                running = list(self.known.containers.values())
+            addrs = {cid: dict(r.addresses) for cid, r in self.netctl.attached.items()}
+            self.proxy.set_containers(running, addrs)
+            self.status.proxy = self.proxy.reconcile()
+        self._status_dirty.set()
+        return None
+
+    def _error_key(self, key: str) -> str:
+        if key.startswith("container:") and self.snapshot is not None:
+            info = self.known.containers.get(key.split(":", 1)[1])
+            if info is not None:
+                k = spec_key_for(self.opts.prefix, info.name, info.labels, self.snapshot.state)
+                if k:
+                    return k
+        return key
+
+    def _on_error(self, key: str, exc: BaseException, terminal: bool) -> None:
+        where = self._error_key(key)
+        msg = str(exc) if isinstance(exc, ReconcilerError) else f"{type(exc).__name__}: {exc}"
+        log.warning("%s (%s): %s%s", where, key, msg, "" if terminal else " (will retry)")
+        with self._lock:
+            self.known.errors.setdefault(key, {})[where] = [msg]
+        self._status_dirty.set()
+
+    def _on_success(self, key: str) -> None:
+        self._clear_errors(key)
+
+    def _clear_errors(self, key: str) -> None:
+        with self._lock:
+            if self.known.errors.pop(key, None) is not None:
+                self._status_dirty.set()
+
+    # ------------------------------------------------------------------ status
+
+    def build_status(self) -> NodeStatus:
+        st = self.status
+        st.updated = time.time()
+        errors: dict[str, list[str]] = {}
+        if self.snapshot is not None:
+            for p in self.snapshot.state.problems:
+                errors.setdefault(p.key, []).append(str(p)[len(p.key):].lstrip(": "))
+        with self._lock:
+            for per in self.known.errors.values():
+                for where, msgs in per.items():
+                    errors.setdefault(where, []).extend(msgs)
+            st.counts = {
+                "containers": sum(1 for r in self.netctl.attached.values() if r.addresses),
+                "interfaces": sum(len(r.addresses) for r in self.netctl.attached.values()),
+                "running": len(self.known.containers),
+                "errors": sum(len(v) for v in errors.values()),
+            }
+        if self.proxy is not None:
+            for k, v in self.proxy.errors().items():
+                errors.setdefault(k, []).extend(v)
+        st.errors = errors
+        return st
+
+    def _status_loop(self, stop: threading.Event) -> None:
+        last_beat = 0.0
+        while not stop.is_set():
+            self._status_dirty.wait(self.opts.status_interval)
+            if stop.is_set():
+                break
+            self._status_dirty.clear()
+            try:
+                now = time.monotonic()
+                if now - last_beat >= self.opts.status_interval:
+                    self.publisher.heartbeat()
+                    last_beat = now
+                if self.snapshot is not None:
+                    self.publisher.publish(self.build_status())
+            except ReconcilerError as e:
+                log.warning("status: %s", e)
+            stop.wait(0.2)  # at most five status writes a second
+
+    # ------------------------------------------------------------------ run
+
+    def initial_read(self, stop: threading.Event) -> bool:
+        """Block until the first snapshot is read (retrying while Consul is down)."""
+        delay = 0.5
+        while not stop.is_set():
+            try:
+                snap = self.watcher.poll(consistent=True)
+                if snap is not None:
+                    self._on_snapshot(snap)
+                return True
+            except ConsulError as e:
+                log.warning("waiting for Consul: %s", e)
+                stop.wait(delay)
+                delay = min(delay * 2, 15.0)
+        return False
+
+    def run(self, stop: threading.Event, extra: Iterable[Callable[[threading.Event], None]] = ()
+            ) -> None:
+        if not self.initial_read(stop):
+            return
+        watcher = EventWatcher(self.docker, self._on_docker_event, self._on_docker_list)
+        threads = [
+            threading.Thread(target=self.watcher.run, args=(stop,), name="kv-watch",
+                             daemon=True),
+            threading.Thread(target=watcher.run, args=(stop,), name="docker-watch",
+                             daemon=True),
+            threading.Thread(target=self._status_loop, args=(stop,), name="status",
+                             daemon=True),
+        ] + [threading.Thread(target=f, args=(stop,), daemon=True) for f in extra]
+        for t in threads:
+            t.start()
+        self.ready.set()
+        try:
+            self.controller.run(stop)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=5)
+
+    def run_once(self) -> int:
+        """Reconcile everything once; 0 when every key applied, 1 otherwise."""
+        stop = threading.Event()
+        stop.set()  # never wait for Consul: fail instead
+        snap = self.watcher.poll(consistent=True)
+        if snap is not None:
+            self._on_snapshot(snap)
+        try:
+            running = [c for c in self.docker.list_containers() if c.running]
+        except DockerError as e:
+            log.error("%s", e)
+            return 1
+        self._on_docker_list(running)
+        failed = 0
+        keys = [f"container:{c.id}" for c in running] + [SWEEP]
+        if self.proxy is not None:
+            keys.append(PROXY)
+        for key in keys:
+            try:
+                self._reconcile(key)
+                self._on_success(key)
+            except Exception as e:  # reported per key, like the daemon does
+                failed += 1
+                self._on_error(key, e, True)
+        if not self.opts.dry_run:
+            self.publisher.publish(self.build_status(), force=True)
+        return 1 if failed else 0

@@ -1,0 +1,289 @@
+"""The network controller: makes one container's interfaces equal to its spec.
+
+Owns the mapping from desired state (networks, container specs) plus a running container
+to netlink/OVS calls, the gateway ports of networks, and the orphan sweep. Level-based:
+`reconcile_container(id)` reads the container, the spec and the actual interfaces every
+time, so a missed event is repaired by the next one or by the periodic resync.
+
+Ownership: every OVS port the daemon creates carries external_ids (owner, node, container,
+container interface, network) written in the transaction that creates it; host veths are
+named `rv<hash>` (netlink.host_veth_name); Linux bridges carry ifalias `reconciler:<net>`;
+gateway ports are `rg<hash>`. Nothing without those marks is ever touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.adapters import netlink
+from reconciler.adapters.docker_engine import ContainerInfo
+from reconciler.errors import AdapterError, NetlinkError, ReconcilerError
+from reconciler.ipam import Ipam
+from reconciler.model import ContainerSpec, DesiredState, InterfaceSpec, IPAddress, Network
+
+log = logging.getLogger(__name__)
+
+NAME_LABEL = "reconciler.name"
+GATEWAY_PREFIX = "rg"
+
+
+def gateway_port_name(network: str) -> str:
+    return GATEWAY_PREFIX + hashlib.sha256(f"gw/{network}".encode()).hexdigest()[:13]
+
+
+def spec_for(state: DesiredState, name: str, labels: Mapping[str, str]) -> ContainerSpec | None:
+    """The entry for a container: by its name, else by its `reconciler.name` label."""
+    spec = state.containers.get(name)
+    if spec is None and labels.get(NAME_LABEL):
+        spec = state.containers.get(labels[NAME_LABEL])
+    return spec
+
+
+def spec_key_for(prefix: str, name: str, labels: Mapping[str, str], state: DesiredState,
+                 ) -> str | None:
+    """The KV key whose entry (valid or not) applies to a container."""
+    for n in (name, labels.get(NAME_LABEL, "")):
+        key = f"{prefix}containers/{n}"
+        if n and (n in state.containers or key in state.invalid_keys):
+            return key
+    return None
+
+
+@dataclass
+class AttachResult:
+    """What one reconcile of a container did."""
+
+    changes: list[str] = field(default_factory=list)
+    addresses: dict[str, str] = field(default_factory=dict)  # ifname -> address/prefix
+    errors: list[str] = field(default_factory=list)
+
+
+class ContainerError(ReconcilerError):
+    """Some interfaces of a container could not be made right (temporary: retried)."""
+
+
+class NetworkController:
+    """Applies networking for containers on this node."""
+
+    def __init__(self, *, node: str, prefix: str, nl: netlink.NetlinkAdapter, ovs: Any,
+                 ipam: Ipam, inspect: Callable[[str], ContainerInfo | None],
+                 dry_run: bool = False) -> None:
+        self.node = node
+        self.prefix = prefix
+        self.nl = nl
+        self.ovs = ovs
+        self.ipam = ipam
+        self.inspect = inspect
+        self.dry_run = dry_run
+        self.state = DesiredState()
+        self._lock = threading.Lock()
+        self._networks_done: dict[str, Network] = {}
+        self.attached: dict[str, AttachResult] = {}  # container id -> last result
+        self.planned: list[str] = []  # dry-run: what would change
+
+    # ------------------------------------------------------------------ state
+
+    def set_state(self, state: DesiredState) -> None:
+        with self._lock:
+            if state.networks != self.state.networks:
+                self._networks_done = {}
+            self.state = state
+
+    # ------------------------------------------------------------------ networks
+
+    def ensure_network(self, net: Network) -> list[str]:
+        """Bridge (and gateway address on the host) for a network; cached until it changes."""
+        if self._networks_done.get(net.name) == net:
+            return []
+        changes: list[str] = []
+        if self.dry_run:
+            self.planned.append(f"ensure network {net.name} (bridge {net.bridge})")
+            return changes
+        gw_cidr = None
+        if net.gateway is not None:
+            gw_cidr = ipaddress.ip_interface(f"{net.gateway}/{net.subnet.prefixlen}")
+        if net.driver == "ovs":
+            if self.ovs.ensure_bridge(net.bridge):
+                changes.append(f"bridge {net.bridge} created")
+            if gw_cidr is not None:
+                port = gateway_port_name(net.name)
+                if self.ovs.ensure_internal_port(net.bridge, port, net.vlan, self._ids(
+                        network=net.name, role="gateway"), mtu=net.mtu):
+                    changes.append(f"gateway port {port}")
+                self._wait_link(port)
+                changes += [f"gateway {c}" for c in self.nl.ensure_host_address(port, gw_cidr)]
+        else:
+            changes += [f"bridge {c}" for c in self.nl.ensure_linux_bridge(
+                net.bridge, net.name, net.mtu)]
+            if gw_cidr is not None:
+                changes += [f"gateway {c}" for c in self.nl.ensure_host_address(
+                    net.bridge, gw_cidr)]
+        self._networks_done[net.name] = net
+        return changes
+
+    def _wait_link(self, name: str, timeout: float = 5.0) -> None:
+        # vswitchd creates an internal port's netdev asynchronously after the commit.
+        ev = threading.Event()
+        for _ in range(int(timeout / 0.02)):
+            if self.nl.link_exists(name):
+                return
+            ev.wait(0.02)
+        raise NetlinkError(f"internal port {name} did not appear as a host link")
+
+    def _ids(self, **extra: str) -> dict[str, str]:
+        ids = {"reconciler-node": self.node}
+        ids.update({f"reconciler-{k}": v for k, v in extra.items()})
+        return ids
+
+    # ------------------------------------------------------------------ containers
+
+    def wanted(self, info: ContainerInfo) -> list[InterfaceSpec]:
+        spec = spec_for(self.state, info.name, info.labels)
+        return list(spec.interfaces) if spec is not None else []
+
+    def reconcile_container(self, cid: str) -> AttachResult:
+        """Level-based: make container `cid`'s interfaces equal to its spec (or none)."""
+        info = self.inspect(cid)
+        if info is None or not info.running or not info.pid:
+            res = AttachResult()
+            self._detach_all(cid, res)
+            if info is None:  # removed: its addresses go back to the pool
+                if not self.dry_run:
+                    n = self.ipam.release_container(cid)
+                    if n:
+                        res.changes.append(f"released {n} address(es)")
+                self.attached.pop(cid, None)
+            else:
+                self.attached[cid] = res
+            return res
+        state = self.state
+        wanted = self.wanted(info)
+        res = AttachResult()
+        if wanted:
+            self._attach(info, wanted, state, res)
+        self._detach_unwanted(cid, {w.name for w in wanted}, res)
+        self.attached[cid] = res
+        if res.errors:
+            raise ContainerError("; ".join(res.errors))
+        return res
+
+    def _attach(self, info: ContainerInfo, wanted: list[InterfaceSpec], state: DesiredState,
+                res: AttachResult) -> None:
+        try:
+            ns = netlink.ContainerNetns.open(info.pid, container_id=info.id)
+        except NetlinkError as e:
+            res.errors.append(f"{info.name}: {e}")
+            return
+        try:
+            reserved = [i.address.ip for s in state.containers.values() for i in s.interfaces
+                        if i.address is not None]
+            for itf in wanted:
+                net = state.networks[itf.network]
+                try:
+                    self._attach_one(ns, info, itf, net, reserved, res)
+                except (AdapterError, ReconcilerError) as e:
+                    res.errors.append(f"{info.name} {itf.name}: {e}")
+        finally:
+            ns.close()
+
+    def _attach_one(self, ns: netlink.ContainerNetns, info: ContainerInfo, itf: InterfaceSpec,
+                    net: Network, reserved: Iterable[IPAddress], res: AttachResult) -> None:
+        res.changes += self.ensure_network(net)
+        if itf.address is not None:
+            addr = itf.address
+        elif self.dry_run:
+            self.planned.append(f"{info.name} {itf.name}: allocate from {net.name}")
+            return
+        else:
+            ip = self.ipam.allocate(net, info.id, itf.name, reserved)
+            addr = ipaddress.ip_interface(f"{ip}/{net.subnet.prefixlen}")
+        spec = netlink.InterfaceSpec(
+            container_id=info.id, ifname=itf.name, addresses=(addr,), mac=itf.mac,
+            mtu=itf.mtu or net.mtu, gateway=itf.gateway,
+            routes=tuple(netlink.Route(r.dst, r.via) for r in itf.routes))
+        res.addresses[itf.name] = str(addr)
+        if self.dry_run:
+            obs = self.nl.observe(ns, info.id, itf.name)
+            if not obs.exists or addr not in obs.addresses:
+                self.planned.append(f"{info.name} {itf.name}: attach {addr} on {net.name}")
+            return
+        changed = self.nl.ensure_interface(ns, spec)
+        res.changes += [f"{itf.name} {c}" for c in changed]
+        if net.driver == "ovs":
+            if self.ovs.ensure_port(net.bridge, spec.host_veth, net.vlan, self._ids(
+                    container=info.id, interface=itf.name, network=net.name)):
+                res.changes.append(f"{itf.name} port")
+        elif self.nl.enslave(spec.host_veth, net.bridge):
+            res.changes.append(f"{itf.name} bridge")
+
+    def _owned_ports_of(self, cid: str) -> list[Any]:
+        return [p for p in self.ovs.list_owned_ports(node=self.node)
+                if p.external_ids.get("reconciler-container") == cid]
+
+    def _detach_unwanted(self, cid: str, keep: set[str], res: AttachResult) -> None:
+        for p in self._owned_ports_of(cid):
+            ifname = p.external_ids.get("reconciler-interface", "")
+            if ifname not in keep:
+                self._detach(cid, ifname, p.name, res)
+
+    def _detach_all(self, cid: str, res: AttachResult) -> None:
+        for p in self._owned_ports_of(cid):
+            self._detach(cid, p.external_ids.get("reconciler-interface", ""), p.name, res)
+        # Linux-bridge attachments have no OVS row: the known interfaces of the last spec.
+        last = self.attached.get(cid)
+        for ifname in list(last.addresses) if last else []:
+            if self.nl.link_exists(netlink.host_veth_name(cid, ifname)):
+                self._detach(cid, ifname, None, res)
+
+    def _detach(self, cid: str, ifname: str, port: str | None, res: AttachResult) -> None:
+        if self.dry_run:
+            self.planned.append(f"{cid[:12]} {ifname}: detach")
+            return
+        if port is not None:
+            self.ovs.delete_port(port)
+        if ifname and self.nl.detach(cid, ifname):
+            res.changes.append(f"{ifname} detached")
+
+    # ------------------------------------------------------------------ sweep
+
+    def sweep(self, running: Iterable[ContainerInfo]) -> list[str]:
+        """Remove what the daemon owns on this node but no longer has a reason to exist."""
+        state = self.state
+        wanted_veths: set[str] = set()
+        wanted_ports: set[str] = set()
+        running = list(running)
+        for info in running:
+            for itf in self.wanted(info):
+                v = netlink.host_veth_name(info.id, itf.name)
+                wanted_veths.add(v)
+                wanted_ports.add(v)
+        gw_ports = {gateway_port_name(n.name) for n in state.networks.values()
+                    if n.gateway is not None and n.driver == "ovs"}
+        done: list[str] = []
+        for p in self.ovs.list_owned_ports(node=self.node):
+            if p.name in wanted_ports or p.name in gw_ports:
+                continue
+            done.append(f"port {p.name}")
+            if not self.dry_run:
+                self.ovs.delete_port(p.name)
+        for v in self.nl.list_owned_host_veths():
+            if v not in wanted_veths:
+                done.append(f"veth {v}")
+                if not self.dry_run:
+                    self.nl.delete_host_veth(v)
+        if not self.dry_run:
+            running_ids = {i.id for i in running}
+            for a in self.ipam.allocations():
+                if a.node == self.node and a.container not in running_ids \
+                        and self.inspect(a.container) is None:
+                    self.ipam.release(a)
+                    done.append(f"allocation {a.network}/{a.address}")
+        if done:
+            self._networks_done = {}
+        return done

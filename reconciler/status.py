@@ -1,0 +1,154 @@
+"""Node status: what each daemon reports under `<prefix>nodes/<node>/status`.
+
+Owns the status document (JSON), its publication tied to the node's Consul session (so it
+disappears when the node does: behavior=delete, TTL renewed by the daemon), and its
+rendering as a table for `reconciler status`.
+
+Document fields: node, index (last applied Consul index), updated (unix time), counts
+(containers, interfaces, ...), errors ({key: [reason, ...]}), proxy ({config_hash,
+last_reload, active: {service: pool}}), version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.errors import ConsulError
+
+log = logging.getLogger(__name__)
+
+STATUS_VERSION = 1
+
+
+def status_key(prefix: str, node: str) -> str:
+    return f"{prefix}nodes/{node}/status"
+
+
+@dataclass
+class NodeStatus:
+    node: str
+    index: int = 0
+    updated: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, list[str]] = field(default_factory=dict)
+    proxy: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        doc = {"node": self.node, "index": self.index, "updated": round(self.updated, 3),
+               "counts": self.counts, "errors": self.errors, "proxy": self.proxy,
+               "version": STATUS_VERSION}
+        return json.dumps(doc, sort_keys=True).encode()
+
+
+def parse_status(raw: bytes) -> dict[str, Any] | None:
+    try:
+        doc = json.loads(raw)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+class StatusPublisher:
+    """Keeps this node's status key alive under a session; writes only on change."""
+
+    def __init__(self, kv: Any, prefix: str, node: str, ttl: str = "20s") -> None:
+        self.kv = kv
+        self.key = status_key(prefix, node)
+        self.node = node
+        self.ttl = ttl
+        self.session: str | None = None
+        self._last: bytes | None = None
+        self._lock = threading.Lock()
+
+    def ensure_session(self) -> str:
+        if self.session is not None and self.kv.session_renew(self.session):
+            return self.session
+        self.session = self.kv.session_create(f"reconciler-{self.node}", ttl=self.ttl,
+                                              behavior="delete")
+        self._last = None  # the key went with the old session
+        return self.session
+
+    def publish(self, status: NodeStatus, force: bool = False) -> bool:
+        with self._lock:
+            body = status.to_json()
+            same = self._last is not None and _strip_time(body) == _strip_time(self._last)
+            if same and not force:
+                return False
+            try:
+                sid = self.session or self.ensure_session()
+                if not self.kv.put(self.key, body, acquire=sid):
+                    sid = self.ensure_session()
+                    self.kv.put(self.key, body, acquire=sid)
+                self._last = body
+                return True
+            except ConsulError as e:
+                log.warning("cannot publish node status: %s", e)
+                return False
+
+    def heartbeat(self) -> None:
+        """Renew the session; re-publish if it had expired."""
+        with self._lock:
+            try:
+                if self.session is not None and self.kv.session_renew(self.session):
+                    return
+                self.session = None
+                self._last = None
+            except ConsulError as e:
+                log.warning("cannot renew the node session: %s", e)
+
+    def close(self) -> None:
+        if self.session is not None:
+            with contextlib.suppress(ConsulError):
+                self.kv.session_destroy(self.session)
+            self.session = None
+
+
+def _strip_time(body: bytes) -> bytes:
+    doc = json.loads(body)
+    doc.pop("updated", None)
+    return json.dumps(doc, sort_keys=True).encode()
+
+
+def read_statuses(kv: Any, prefix: str) -> dict[str, dict[str, Any]]:
+    snap = kv.read_prefix(f"{prefix}nodes/")
+    out: dict[str, dict[str, Any]] = {}
+    for key, item in snap.items.items():
+        if key.endswith("/status"):
+            doc = parse_status(item.value)
+            node = key[len(f"{prefix}nodes/"):-len("/status")]
+            out[node] = doc if doc is not None else {"node": node, "errors": {
+                key: ["status is not valid JSON"]}}
+    return out
+
+
+def format_table(statuses: Mapping[str, Mapping[str, Any]], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    rows = [("NODE", "INDEX", "AGE", "CONTAINERS", "INTERFACES", "ERRORS", "ACTIVE", "RELOAD")]
+    for node in sorted(statuses):
+        s = statuses[node]
+        counts = s.get("counts") or {}
+        proxy = s.get("proxy") or {}
+        active = ",".join(f"{k}={v}" for k, v in sorted((proxy.get("active") or {}).items()))
+        age = now - float(s.get("updated") or now)
+        rows.append((node, str(s.get("index", "")), f"{age:.0f}s",
+                     str(counts.get("containers", 0)), str(counts.get("interfaces", 0)),
+                     str(sum(len(v) for v in (s.get("errors") or {}).values())),
+                     active or "-", str(proxy.get("last_reload") or "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in rows]
+    for node in sorted(statuses):
+        errs = statuses[node].get("errors") or {}
+        for key in sorted(errs):
+            for reason in errs[key]:
+                lines.append(f"  {node}: {key}: {reason}")
+    if len(rows) == 1:
+        lines.append("(no node has reported status)")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""The Consul watch loop's index discipline, with a scripted fake reader (timing seam)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from reconciler.errors import ConsulUnavailable
+from reconciler.runtime.kvwatch import KVWatcher
+
+P = "reconciler/"
+NET = b'{"subnet":"10.77.1.0/24","bridge":"br-a"}'
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    value: bytes
+    create_index: int = 1
+    session: str | None = None
+    modify_index: int = 1
+
+
+@dataclass(frozen=True)
+class Snap:
+    index: int
+    items: Any
+
+
+def snap(index: int, **kv: bytes) -> Snap:
+    return Snap(index, MappingProxyType({P + k: Item(P + k, v) for k, v in kv.items()}))
+
+
+@dataclass
+class ScriptedReader:
+    answers: list[Any]
+    calls: list[dict[str, Any]] = field(default_factory=list)
+
+    def read_prefix(self, prefix: str, *, index: int | None = None, wait: str | None = None,
+                    consistent: bool = False) -> object:
+        self.calls.append({"index": index, "wait": wait, "consistent": consistent})
+        a = self.answers.pop(0)
+        if isinstance(a, Exception):
+            raise a
+        return a
+
+
+def test_unchanged_content_is_dropped_and_index_advances() -> None:
+    r = ScriptedReader([snap(10, **{"networks/a": NET}), snap(11, **{"networks/a": NET}),
+                        snap(12, **{"networks/a": NET, "networks/b": b"{"})])
+    seen: list[Any] = []
+    w = KVWatcher(r, P, seen.append)
+    assert w.poll() is not None
+    assert w.poll() is None  # index moved, content did not
+    s = w.poll()
+    assert s is not None and s.index == 12
+    assert [c["index"] for c in r.calls] == [None, 10, 11]
+    assert all(c["wait"] == "30s" for c in r.calls[1:])
+    assert "reconciler/networks/b" in s.state.invalid_keys
+
+
+def test_index_going_backwards_resets_to_zero() -> None:
+    r = ScriptedReader([snap(50, **{"networks/a": NET}), snap(7, **{"networks/a": NET}),
+                        snap(8, **{"networks/a": NET})])
+    w = KVWatcher(r, P, lambda s: None)
+    w.poll()
+    w.poll()
+    assert w.index == 0
+    w.poll()
+    assert r.calls[2]["index"] is None  # restarted without a blocking index
+    assert w.index == 8
+
+
+def test_sudden_empty_is_confirmed_consistently() -> None:
+    # The stale read says empty; the consistent read still sees the key: no teardown.
+    r = ScriptedReader([snap(5, **{"networks/a": NET}), snap(6), snap(6, **{"networks/a": NET})])
+    w = KVWatcher(r, P, lambda s: None)
+    w.poll()
+    assert w.poll() is None
+    assert r.calls[-1]["consistent"] is True
+    assert w.last is not None and "a" in w.last.state.networks
+    # A confirmed empty prefix is believed.
+    r.answers += [snap(9), snap(9)]
+    s = w.poll()
+    assert s is not None and s.state.networks == {}
+
+
+def test_unreachable_consul_keeps_last_state_and_retries() -> None:
+    stop = threading.Event()
+    errors: list[Exception] = []
+    changes: list[Any] = []
+    r = ScriptedReader([snap(3, **{"networks/a": NET}), ConsulUnavailable("down"),
+                        ConsulUnavailable("down")])
+
+    def on_error(e: Exception) -> None:
+        errors.append(e)
+        if len(errors) == 2:
+            stop.set()
+
+    w = KVWatcher(r, P, changes.append, on_error=on_error, min_interval=0.001, max_backoff=0.01)
+    w.run(stop)
+    assert len(changes) == 1 and len(errors) == 2
+    assert w.last is not None and "a" in w.last.state.networks
+    assert not w.healthy.is_set()
