@@ -99,12 +99,34 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="print the raw status documents")
     st.set_defaults(func=cmd_status)
 
-    for name, helptext in (
-        ("render", "print the HAProxy config the daemon would write"),
-        ("cutover", "switch a service's live pool"),
-    ):
-        s = sub.add_parser(name, help=helptext, description=helptext)
-        s.set_defaults(func=_not_yet, command_name=name)
+    c = sub.add_parser("cutover", help="switch a service's live pool",
+                       description="Switch SERVICE's live pool to POOL: refuse unless the pool "
+                       "exists and is healthy, switch `active` with check-and-set, record an "
+                       "audit entry, and wait until every live node has applied it. A node "
+                       "still lagging at the timeout is reported (exit 1); the switch stays.")
+    c.add_argument("service", metavar="SERVICE")
+    grp = c.add_mutually_exclusive_group(required=True)
+    grp.add_argument("--to", metavar="POOL", help="the pool to make live")
+    grp.add_argument("--rollback", action="store_true",
+                     help="return to the pool before the last cutover (from the audit)")
+    c.add_argument("--timeout", type=_positive_float, default=30.0, metavar="S",
+                   help="seconds to wait for every node to apply it (default 30)")
+    c.add_argument("--min-healthy", type=int, default=None, metavar="N",
+                   help="members of the pool that must pass the health check "
+                   "(default: all of them, and at least one)")
+    c.add_argument("--dry-run", action="store_true", help="check and print, change nothing")
+    c.set_defaults(func=cmd_cutover)
+
+    rd = sub.add_parser("render", help="print the HAProxy config the daemon would write",
+                        description="Render the HAProxy config from the desired state in "
+                        "Consul exactly as the daemon would write it (or one service's part).")
+    rd.add_argument("service", nargs="?", metavar="SERVICE")
+    rd.add_argument("--templates", default=os.environ.get("RECONCILER_TEMPLATES"),
+                    help="directory of user HAProxy templates")
+    rd.add_argument("--state-dir", default=os.environ.get("RECONCILER_STATE_DIR",
+                                                          "/var/lib/reconciler"),
+                    help="the daemon's state directory (paths inside the config)")
+    rd.set_defaults(func=cmd_render)
     return p
 
 
@@ -172,7 +194,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else env_prefix()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a broken pipe shows here, not at the interpreter's exit
+        return code
     except ConfigurationError as e:
         print(f"reconciler: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -181,6 +205,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`reconciler plan | head -1`): no traceback,
+        # and point stdout at /dev/null so the interpreter's final flush stays quiet too.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_FAILED
 
 
 def _not_yet(args: argparse.Namespace) -> int:
@@ -331,6 +362,39 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(statuses, indent=2, sort_keys=True))
     else:
         print(format_table(statuses))
+    return EXIT_OK
+
+
+def cmd_cutover(args: argparse.Namespace) -> int:
+    from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
+    from reconciler.cutover import Cutover, CutoverRefused
+
+    if not model.NAME_RE.match(args.service) or (args.to and not model.NAME_RE.match(args.to)):
+        print("reconciler cutover: SERVICE and POOL are 1-63 characters of [A-Za-z0-9_.-]",
+              file=sys.stderr)
+        return EXIT_USAGE
+    kv = ConsulKV(ConsulSettings.from_env())
+    try:
+        return Cutover(kv, args.prefix).run(
+            args.service, args.to, timeout=args.timeout, min_healthy=args.min_healthy,
+            rollback=args.rollback, dry_run=args.dry_run)
+    except CutoverRefused as e:
+        print(f"reconciler cutover: refused: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except CasConflict as e:
+        print(f"reconciler cutover: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    try:
+        from reconciler.proxy.controller import render_for_cli
+    except ImportError:
+        return _not_yet(argparse.Namespace(command_name="render"))
+    _, st = read_state(args.prefix)
+    text, problems = render_for_cli(st, args.service, args.templates, args.state_dir)
+    _print_problems(problems)
+    sys.stdout.write(text)
     return EXIT_OK
 
 

@@ -3,11 +3,28 @@
 Owns the daemon area `<prefix>ipam/<network>/<address>`: one key per allocated address,
 created with check-and-set index 0 (create-only), so two hosts racing for one address
 can never both get it — Consul accepts exactly one create. The value records who holds
-it: `{"node": ..., "container": ..., "interface": ..., "allocated_at": ...}`.
+it: `{"node": ..., "container": ..., "interface": ..., "allocated_at": ...}` (unix time).
 
 An allocation is stable for the container's life: a restarted container (same id) finds
-its key again and keeps its address. It is released when the container is removed, and
-reclaimed from nodes that have been gone longer than a grace period.
+its key again and keeps its address. It is released when the container is removed
+(`release_container`), and reclaimed from nodes that have been gone longer than a grace
+period (`reclaim_dead_nodes`).
+
+Rules worth knowing:
+- Every key under `ipam/<network>/` whose last segment parses as an address counts as
+  taken, even when its value is unreadable: an address is never handed out twice because
+  someone wrote a value we do not understand.
+- Addresses outside the current pool, the network's gateway and `reserved` (static
+  addresses) are never handed out. An allocation that no longer fits (the pool shrank,
+  a static address now claims it) is released and a new address is allocated.
+- The holder is (container, interface); a container id is unique across hosts. When the
+  daemon's node name changes, `allocate` rewrites the holder's node name (check-and-set)
+  and keeps the address.
+- A node is alive while `<prefix>nodes/<node>/status` exists (the key is tied to the
+  node's Consul session, see `reconciler.status`). `reclaim_dead_nodes` remembers, in
+  memory and per `Ipam` instance, when it first saw a node holding allocations without a
+  status key, and releases those allocations once the node has been absent longer than
+  the grace period. A daemon restart restarts the clock: reclaim is late, never early.
 """
 
 from __future__ import annotations
@@ -15,13 +32,19 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from reconciler.errors import ReconcilerError
+from reconciler.errors import CasConflict, ReconcilerError
 from reconciler.model import AddressPool, IPAddress, Network
+
+log = logging.getLogger(__name__)
+
+DEFAULT_RECLAIM_GRACE = 600.0
+"""Seconds a node must have been gone before `reclaim_dead_nodes` frees its addresses."""
 
 
 class PoolExhausted(ReconcilerError):
@@ -31,18 +54,34 @@ class PoolExhausted(ReconcilerError):
 
 @dataclass(frozen=True)
 class Allocation:
+    """One `ipam/<network>/<address>` key: who holds the address."""
+
     network: str
     address: IPAddress
     node: str
     container: str
     interface: str
     modify_index: int = 0
+    key: str = ""
+    """The exact KV key (empty: derived from network and address)."""
+
+
+class _KVItemLike(Protocol):
+    @property
+    def value(self) -> bytes: ...
+    @property
+    def modify_index(self) -> int: ...
+
+
+class _SnapshotLike(Protocol):
+    @property
+    def items(self) -> Mapping[str, _KVItemLike]: ...
 
 
 class KVStore(Protocol):
-    """What IPAM needs of the Consul adapter (structural, so tests may pass a real one)."""
+    """What IPAM needs of the Consul adapter (structural, so tests may pass a fake)."""
 
-    def read_prefix(self, prefix: str, *, consistent: bool = False) -> object: ...
+    def read_prefix(self, prefix: str, *, consistent: bool = False) -> _SnapshotLike: ...
     def put(self, key: str, value: bytes, *, cas: int | None = None) -> bool: ...
     def delete(self, key: str, *, cas: int | None = None, recurse: bool = False) -> bool: ...
 
@@ -51,34 +90,56 @@ def ipam_prefix(prefix: str, network: str) -> str:
     return f"{prefix}ipam/{network}/"
 
 
-def parse_allocations(prefix: str, items: Mapping[str, object]) -> list[Allocation]:
-    """Allocations among KV items (`KVItem`-like: .key, .value, .modify_index)."""
-    out: list[Allocation] = []
+def allocation_key(prefix: str, network: str, address: IPAddress) -> str:
+    return f"{ipam_prefix(prefix, network)}{address}"
+
+
+def _address_of_key(prefix: str, key: str) -> tuple[str, IPAddress] | None:
+    """(network, address) of an `ipam/<network>/<address>` key, or None."""
     base = f"{prefix}ipam/"
+    if not key.startswith(base):
+        return None
+    parts = key[len(base):].split("/")
+    if len(parts) != 2 or not parts[0]:
+        return None
+    try:
+        return parts[0], ipaddress.ip_address(parts[1])
+    except ValueError:
+        return None
+
+
+def parse_allocations(prefix: str, items: Mapping[str, object]) -> list[Allocation]:
+    """Allocations among KV items (`KVItem`-like: .value, .modify_index). Keys that are
+    not `ipam/<network>/<address>` or whose value is not an allocation document are
+    skipped (never raises)."""
+    out: list[Allocation] = []
     for key, item in items.items():
-        if not key.startswith(base):
-            continue
-        parts = key[len(base):].split("/")
-        if len(parts) != 2:
+        where = _address_of_key(prefix, key)
+        if where is None:
             continue
         try:
-            addr = ipaddress.ip_address(parts[1])
-            data = json.loads(getattr(item, "value", b"") or b"{}")
-            out.append(Allocation(parts[0], addr, str(data["node"]), str(data["container"]),
-                                  str(data["interface"]), int(getattr(item, "modify_index", 0))))
-        except (ValueError, KeyError, TypeError):
+            raw = getattr(item, "value", b"") or b""
+            data = json.loads(raw)
+            fields = [data["node"], data["container"], data["interface"]]
+            index = int(getattr(item, "modify_index", 0))
+        except (ValueError, KeyError, TypeError, RecursionError):
             continue  # not ours to interpret; never reused as free either (key exists)
+        if not all(isinstance(f, str) and f for f in fields):
+            continue
+        out.append(Allocation(where[0], where[1], fields[0], fields[1], fields[2], index, key))
+    out.sort(key=lambda a: (a.network, a.address.version, int(a.address)))
     return out
 
 
 def candidates(pool: AddressPool, taken: Iterable[IPAddress], seed: str) -> Iterable[IPAddress]:
-    """Free addresses of `pool`, starting at an offset derived from `seed`, so that hosts
-    allocating at the same moment mostly try different addresses first."""
-    used = {int(a) for a in taken}
+    """Free addresses of `pool`, each once, starting at an offset derived from `seed` and
+    wrapping around, so that hosts allocating at the same moment mostly try different
+    addresses first. Deterministic for a given (pool, taken, seed)."""
+    used = {int(a) for a in taken if a.version == pool.start.version}
     size = pool.size
     start = int(pool.start)
     offset = int(hashlib.sha256(seed.encode()).hexdigest()[:12], 16) % size
-    factory = ipaddress.ip_address
+    factory = type(pool.start)  # ip_address(int) would make an IPv4Address of a small v6 int
     for i in range(size):
         n = start + (offset + i) % size
         if n not in used:
@@ -92,48 +153,147 @@ class Ipam:
         self.kv = kv
         self.prefix = prefix
         self.node = node
+        self._absent_since: dict[str, float] = {}  # node -> first seen without status
 
-    def _items(self, network: str) -> Mapping[str, object]:
-        snap = self.kv.read_prefix(ipam_prefix(self.prefix, network), consistent=True)
-        items: Mapping[str, object] = getattr(snap, "items")  # noqa: B009 - structural
-        return items
+    def _items(self, base: str) -> Mapping[str, _KVItemLike]:
+        return self.kv.read_prefix(base, consistent=True).items
 
     def allocations(self, network: str | None = None) -> list[Allocation]:
+        """Every allocation (of every node), or only those of `network`."""
         base = ipam_prefix(self.prefix, network) if network else f"{self.prefix}ipam/"
-        snap = self.kv.read_prefix(base, consistent=True)
-        return parse_allocations(self.prefix, getattr(snap, "items"))  # noqa: B009
+        return parse_allocations(self.prefix, self._items(base))
 
     def allocate(self, net: Network, container: str, interface: str,
                  reserved: Iterable[IPAddress] = ()) -> IPAddress:
         """The address held by (container, interface) on `net`, allocating one if needed.
 
-        `reserved`: addresses not to hand out (static addresses in use, the gateway)."""
+        `reserved`: addresses not to hand out (static addresses in use). The gateway is
+        never handed out. Raises `PoolExhausted` when every pool address is taken (or the
+        network has no pool); `ConsulError` when Consul fails."""
         if net.pool is None:
             raise PoolExhausted(f"network {net.name!r} has no pool")
-        existing = parse_allocations(self.prefix, self._items(net.name))
-        for a in existing:
-            if a.container == container and a.interface == interface and a.address in net.pool:
-                return a.address
-        taken = [a.address for a in existing] + list(reserved)
+        pool = net.pool
+        blocked = {a for a in reserved if a.version == pool.start.version}
         if net.gateway is not None:
-            taken.append(net.gateway)
+            blocked.add(net.gateway)
+        items = self._items(ipam_prefix(self.prefix, net.name))
+        for a in parse_allocations(self.prefix, items):
+            if a.network != net.name or a.container != container or a.interface != interface:
+                continue
+            if a.address in pool and a.address not in blocked:
+                if a.node != self.node:
+                    self._adopt(a)
+                return a.address
+            # The pool shrank or a static address took it over: give it back, then
+            # allocate a fitting one below.
+            log.info("releasing %s/%s of %s %s: no longer in the pool or now reserved",
+                     net.name, a.address, container[:12], interface)
+            self.release(a)
+        taken = {w[1] for k in items if (w := _address_of_key(self.prefix, k))} | blocked
         value = json.dumps({"node": self.node, "container": container, "interface": interface,
                             "allocated_at": int(time.time())}, sort_keys=True).encode()
-        for addr in candidates(net.pool, taken, f"{self.node}/{container}/{interface}"):
-            if self.kv.put(f"{ipam_prefix(self.prefix, net.name)}{addr}", value, cas=0):
+        for addr in candidates(pool, taken, f"{self.node}/{container}/{interface}"):
+            if self.kv.put(allocation_key(self.prefix, net.name, addr), value, cas=0):
                 return addr
             # Lost the race for this address to another host: try the next one.
-        raise PoolExhausted(f"pool {net.pool.start}-{net.pool.end} of network {net.name!r} "
-                            "is full")
+        raise PoolExhausted(f"pool {pool.start}-{pool.end} of network {net.name!r} is full")
+
+    def claim(self, net: Network, address: IPAddress, container: str, interface: str
+              ) -> Allocation | None:
+        """Claim a static address cluster-wide, under the same keys as `allocate`.
+
+        Returns None when (container, interface) holds it (already, or now), else the
+        other holder's allocation: the contract's "a static address matched by several
+        running containers is a conflict: one keeps it, the others report an error".
+        Allocations this interface held at other addresses (the spec changed) are
+        released first."""
+        key = allocation_key(self.prefix, net.name, address)
+        for _ in range(3):
+            holder = None
+            for a in parse_allocations(self.prefix,
+                                       self._items(ipam_prefix(self.prefix, net.name))):
+                if a.address == address:
+                    holder = a
+                elif a.container == container and a.interface == interface:
+                    self.release(a)
+            if holder is not None:
+                if holder.container != container or holder.interface != interface:
+                    return holder
+                if holder.node != self.node:
+                    self._adopt(holder)
+                return None
+            value = json.dumps({"node": self.node, "container": container,
+                                "interface": interface, "static": True,
+                                "allocated_at": int(time.time())}, sort_keys=True).encode()
+            if self.kv.put(key, value, cas=0):
+                return None
+            # Someone claimed it between our read and our create: read who.
+        raise CasConflict(f"{key} keeps changing; will retry")
+
+    def _adopt(self, a: Allocation) -> None:
+        """Record this node as the holder of an allocation another node name made for the
+        same container (the daemon's node name changed): otherwise `reclaim_dead_nodes`
+        would free an address still in use once the old name's grace period ends."""
+        value = json.dumps({"node": self.node, "container": a.container,
+                            "interface": a.interface, "allocated_at": int(time.time())},
+                           sort_keys=True).encode()
+        key = a.key or allocation_key(self.prefix, a.network, a.address)
+        if not self.kv.put(key, value, cas=a.modify_index):
+            raise CasConflict(f"allocation {key} changed while node {self.node!r} adopted it")
 
     def release(self, allocation: Allocation) -> bool:
-        key = f"{ipam_prefix(self.prefix, allocation.network)}{allocation.address}"
+        """Delete the allocation's key, only if it was not rewritten since it was read.
+        True when the key is gone."""
+        key = allocation.key or allocation_key(self.prefix, allocation.network,
+                                               allocation.address)
         return self.kv.delete(key, cas=allocation.modify_index or None)
 
     def release_container(self, container: str) -> int:
-        """Release every allocation of a removed container (on this node)."""
+        """Release every allocation of a removed container (on this node); how many."""
         n = 0
         for a in self.allocations():
             if a.container == container and a.node == self.node and self.release(a):
                 n += 1
         return n
+
+    def alive_nodes(self) -> set[str]:
+        """Nodes whose `<prefix>nodes/<node>/status` key exists."""
+        base = f"{self.prefix}nodes/"
+        alive: set[str] = set()
+        for key in self._items(base):
+            parts = key[len(base):].split("/")
+            if len(parts) == 2 and parts[1] == "status" and parts[0]:
+                alive.add(parts[0])
+        return alive
+
+    def reclaim_dead_nodes(self, grace: float = DEFAULT_RECLAIM_GRACE,
+                           now: float | None = None) -> list[Allocation]:
+        """Release the allocations of nodes gone (no status key) for longer than `grace`
+        seconds, as measured by this instance; return what was released.
+
+        `now` is a monotonic clock reading (default `time.monotonic()`). The first call
+        that sees a node's allocations without its status key starts that node's clock;
+        a node that comes back (or whose allocations disappear) is forgotten. This
+        node's own allocations are never reclaimed. Deletes are check-and-set, so an
+        allocation rewritten meanwhile is left alone."""
+        if now is None:
+            now = time.monotonic()
+        # Allocations first, then status keys: a node that appears in between is seen
+        # alive; one that dies in between is caught by the next call.
+        allocs = self.allocations()
+        alive = self.alive_nodes()
+        holders = {a.node for a in allocs} - alive - {self.node}
+        for node in list(self._absent_since):
+            if node not in holders:
+                del self._absent_since[node]
+        released: list[Allocation] = []
+        for node in sorted(holders):
+            since = self._absent_since.setdefault(node, now)
+            if now - since <= grace:
+                continue
+            for a in allocs:
+                if a.node == node and self.release(a):
+                    released.append(a)
+            log.info("reclaimed %d address(es) of node %s, gone for %.0fs",
+                     sum(1 for a in released if a.node == node), node, now - since)
+        return released

@@ -726,7 +726,9 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
     # Services: config, active, members.
     configs: dict[str, ServiceConfig] = {}
     binds: dict[tuple[str, int], str] = {}
+    config_seen: set[str] = set()  # has a config key, valid or not
     for e in by_kind.get("service_config", []):
+        config_seen.add(e.ref.name)
         raw, probs = _decode(e)
         cfg = None
         if not probs:
@@ -773,8 +775,9 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
         act, act_where = actives.get(name, (None, ""))
         svc_pools = pools.get(name, {})
         if cfg is None:
-            if not any(p.key.endswith(f"services/{name}/config") for p in problems):
-                where = _sibling_where(act_where or _first_member_where(ents, name), "config")
+            where = _sibling_where(act_where or _first_member_where(ents, name), "config")
+            # (a state file reports a missing config itself, at its own location)
+            if name not in config_seen and ": services." not in where:
                 problems.append(Problem(where, "", "missing: the service has pools or an "
                                         "active pool but no config"))
             continue

@@ -24,7 +24,7 @@ from typing import Any
 from reconciler.adapters import netlink
 from reconciler.adapters.docker_engine import ContainerInfo
 from reconciler.errors import AdapterError, NetlinkError, ReconcilerError
-from reconciler.ipam import Ipam
+from reconciler.ipam import Allocation, Ipam
 from reconciler.model import ContainerSpec, DesiredState, InterfaceSpec, IPAddress, Network
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,10 @@ class AttachResult:
     errors: list[str] = field(default_factory=list)
 
 
+class AddressConflict(ReconcilerError):
+    """A static address is held by another container (on this or another node)."""
+
+
 class ContainerError(ReconcilerError):
     """Some interfaces of a container could not be made right (temporary: retried)."""
 
@@ -73,7 +77,7 @@ class NetworkController:
 
     def __init__(self, *, node: str, prefix: str, nl: netlink.NetlinkAdapter, ovs: Any,
                  ipam: Ipam, inspect: Callable[[str], ContainerInfo | None],
-                 dry_run: bool = False) -> None:
+                 dry_run: bool = False, reclaim_grace: float = 600.0) -> None:
         self.node = node
         self.prefix = prefix
         self.nl = nl
@@ -81,6 +85,8 @@ class NetworkController:
         self.ipam = ipam
         self.inspect = inspect
         self.dry_run = dry_run
+        self.reclaim_grace = reclaim_grace
+        self._addr_cache: dict[tuple[str, str, str], IPAddress] = {}
         self.state = DesiredState()
         self._lock = threading.Lock()
         self._networks_done: dict[str, Network] = {}
@@ -153,6 +159,7 @@ class NetworkController:
         if info is None or not info.running or not info.pid:
             res = AttachResult()
             self._detach_all(cid, res)
+            self._forget(cid)
             if info is None:  # removed: its addresses go back to the pool
                 if not self.dry_run:
                     n = self.ipam.release_container(cid)
@@ -197,16 +204,25 @@ class NetworkController:
         res.changes += self.ensure_network(net)
         if itf.address is not None:
             addr = itf.address
+            holder = None if self.dry_run else self._claim(net, addr.ip, info.id, itf.name)
+            if holder is not None:
+                # The loser must not keep (or get) the address.
+                self._detach(info.id, itf.name, netlink.host_veth_name(info.id, itf.name)
+                             if net.driver == "ovs" else None, res)
+                raise AddressConflict(
+                    f"static address {addr.ip} on network {net.name!r} is held by container "
+                    f"{holder.container[:12]} ({holder.interface}) on node {holder.node}")
         elif self.dry_run:
             self.planned.append(f"{info.name} {itf.name}: allocate from {net.name}")
             return
         else:
-            ip = self.ipam.allocate(net, info.id, itf.name, reserved)
+            ip = self._allocate(net, info.id, itf.name, reserved)
             addr = ipaddress.ip_interface(f"{ip}/{net.subnet.prefixlen}")
         spec = netlink.InterfaceSpec(
             container_id=info.id, ifname=itf.name, addresses=(addr,), mac=itf.mac,
             mtu=itf.mtu or net.mtu, gateway=itf.gateway,
-            routes=tuple(netlink.Route(r.dst, r.via) for r in itf.routes))
+            routes=tuple(netlink.Route(r.dst, r.via) for r in itf.routes),
+            owner=netlink.host_veth_alias(self.node, info.id, itf.name))
         res.addresses[itf.name] = str(addr)
         if self.dry_run:
             obs = self.nl.observe(ns, info.id, itf.name)
@@ -216,11 +232,47 @@ class NetworkController:
         changed = self.nl.ensure_interface(ns, spec)
         res.changes += [f"{itf.name} {c}" for c in changed]
         if net.driver == "ovs":
-            if self.ovs.ensure_port(net.bridge, spec.host_veth, net.vlan, self._ids(
-                    container=info.id, interface=itf.name, network=net.name)):
+            # The ifindex lets ensure_port notice a veth recreated under the same name:
+            # the userspace datapath keeps reading the dead device until the port is
+            # re-added (seen with datapath_type=netdev).
+            ifindex = self.nl.link_index(spec.host_veth)
+            attached = self.ovs.ensure_port(net.bridge, spec.host_veth, net.vlan, self._ids(
+                container=info.id, interface=itf.name, network=net.name), ifindex=ifindex)
+            if attached:
                 res.changes.append(f"{itf.name} port")
-        elif self.nl.enslave(spec.host_veth, net.bridge):
-            res.changes.append(f"{itf.name} bridge")
+        else:
+            attached = self.nl.enslave(spec.host_veth, net.bridge)
+            if attached:
+                res.changes.append(f"{itf.name} bridge")
+        if attached and changed:
+            # Neighbours (the host's gateway too) learn the MAC only once the port is on
+            # the switch: announce again after (re)attaching.
+            self.nl.announce(ns, itf.name)
+
+    # IPAM answers are cached per (container, network, interface) so that a resync of
+    # unchanged containers costs no Consul read; every sweep (each resync) drops the
+    # cache, so an allocation removed behind our back is noticed within one period.
+    def _claim(self, net: Network, ip: IPAddress, cid: str, ifname: str) -> Allocation | None:
+        ck = (cid, net.name, ifname)
+        if self._addr_cache.get(ck) == ip:
+            return None
+        holder = self.ipam.claim(net, ip, cid, ifname)
+        if holder is None:
+            self._addr_cache[ck] = ip
+        return holder
+
+    def _allocate(self, net: Network, cid: str, ifname: str,
+                  reserved: Iterable[IPAddress]) -> IPAddress:
+        ck = (cid, net.name, ifname)
+        ip = self._addr_cache.get(ck)
+        if ip is None or net.pool is None or ip not in net.pool:
+            ip = self.ipam.allocate(net, cid, ifname, reserved)
+            self._addr_cache[ck] = ip
+        return ip
+
+    def _forget(self, cid: str) -> None:
+        for ck in [k for k in self._addr_cache if k[0] == cid]:
+            del self._addr_cache[ck]
 
     def _owned_ports_of(self, cid: str) -> list[Any]:
         return [p for p in self.ovs.list_owned_ports(node=self.node)
@@ -272,18 +324,21 @@ class NetworkController:
             done.append(f"port {p.name}")
             if not self.dry_run:
                 self.ovs.delete_port(p.name)
-        for v in self.nl.list_owned_host_veths():
+        for v in self.nl.list_owned_host_veths(node=self.node):
             if v not in wanted_veths:
                 done.append(f"veth {v}")
                 if not self.dry_run:
                     self.nl.delete_host_veth(v)
         if not self.dry_run:
+            for a in self.ipam.reclaim_dead_nodes(self.reclaim_grace):
+                done.append(f"reclaimed {a.network}/{a.address} of node {a.node}")
             running_ids = {i.id for i in running}
             for a in self.ipam.allocations():
                 if a.node == self.node and a.container not in running_ids \
                         and self.inspect(a.container) is None:
                     self.ipam.release(a)
                     done.append(f"allocation {a.network}/{a.address}")
+        self._addr_cache.clear()
         if done:
             self._networks_done = {}
         return done

@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(docker.io openvswitch-switch haproxy busybox-static iptables wrk docker-compose
-      curl iproute2 hey python3-venv procps)
+      curl iproute2 hey python3-venv procps make util-linux)
 
 need=()
 for p in "${PKGS[@]}" consul; do
@@ -18,21 +18,34 @@ done
 add_bullseye_source() {
   local src=/etc/apt/sources.list.d/reconciler-bullseye.sources
   local pin=/etc/apt/preferences.d/reconciler-bullseye
-  [ -f "$src" ] && [ -f "$pin" ] && return 0
-  local base
-  base=$(ls /etc/apt/sources.list.d/*.sources 2>/dev/null | grep -v reconciler- | head -n1 || true)
-  if [ -n "$base" ]; then
-    # Copy the machine's own deb822 entry (its mirror and keyring) and change the suite.
-    awk 'BEGIN{RS="";ORS="\n\n"} NR==1' "$base" \
-      | sed -E 's/^Suites:.*/Suites: bullseye/' >"$src.tmp"
-  elif [ -f /etc/apt/sources.list ]; then
-    grep -E '^deb ' /etc/apt/sources.list | head -n1 \
-      | awk '{print "deb " $2 " bullseye main"}' >"${src%.sources}.list"
-    src=${src%.sources}.list
+  if [ -f "$pin" ] && { [ -f "$src" ] || [ -f "${src%.sources}.list" ]; }; then return 0; fi
+  local codename f stanza=""
+  codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
+  # Copy the machine's own deb822 entry for its main suite (its mirror and keyring),
+  # not -security/-updates or a third-party repository, and change the suite.
+  for f in /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    case $f in */reconciler-*) continue ;; esac
+    stanza=$(awk -v c="$codename" 'BEGIN{RS="";ORS="\n"}
+      /(^|\n)Suites:/ && $0 ~ ("Suites:([^\n]* )?" c "( |\n|$)") && /Components:[^\n]*main/ \
+      && !/(^|\n)Enabled: *no/ {print; exit}' "$f")
+    [ -n "$stanza" ] && break
+  done
+  if [ -n "$stanza" ]; then
+    printf '%s\n' "$stanza" \
+      | sed -E -e 's/^Suites:.*/Suites: bullseye/' -e 's/^Components:.*/Components: main/' \
+      >"$src.tmp"
+    mv "$src.tmp" "$src"
   else
-    echo "deps: no apt source entry to copy for bullseye" >&2; exit 1
+    local line
+    line=$(grep -hsE "^deb (\[[^]]*\] )?[a-z]+://[^ ]+ $codename( |$)" \
+      /etc/apt/sources.list /etc/apt/sources.list.d/*.list | head -n1 || true)
+    [ -n "$line" ] || { echo "deps: no apt source entry to copy for bullseye" >&2; exit 1; }
+    src=${src%.sources}.list
+    echo "$line" | awk -v c="$codename" \
+      '{for (i = 1; i <= NF; i++) if ($i == c) {$i = "bullseye"; NF = i; break}; print $0 " main"}' \
+      >"$src"
   fi
-  [ -f "$src.tmp" ] && mv "$src.tmp" "$src"
   cat >"$pin" <<'PIN'
 # Added by reconciler's make deps: bullseye only for consul, never preferred.
 Package: *

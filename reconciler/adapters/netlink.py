@@ -62,6 +62,7 @@ __all__ = [
     "NetlinkAdapter",
     "ObservedInterface",
     "Route",
+    "host_veth_alias",
     "host_veth_name",
     "process_start_time",
 ]
@@ -112,6 +113,14 @@ def host_veth_name(container_id: str, ifname: str) -> str:
     return HOST_VETH_PREFIX + digest[:13]
 
 
+def host_veth_alias(node: str, container_id: str, ifname: str) -> str:
+    """The ifalias recorded on a host veth: which node's daemon owns it, for what.
+
+    The name alone (``rv<hash>``) cannot tell two daemons on one host apart (tests,
+    or a node renamed): the orphan sweep only removes veths whose alias names its node."""
+    return f"{OWNER_ALIAS_PREFIX}{node}/{container_id}/{ifname}"
+
+
 def is_owned_host_veth_name(name: str) -> bool:
     """Whether `name` has the shape of a host veth reconciler created."""
     return bool(_HOST_VETH_RE.match(name))
@@ -136,6 +145,7 @@ class InterfaceSpec:
     mtu: int | None = None
     gateway: IpAddress | None = None
     routes: tuple[Route, ...] = ()
+    owner: str | None = None  # recorded as the host veth's ifalias (see host_veth_alias)
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ifname) <= _MAX_IFNAME or "/" in self.ifname:
@@ -169,6 +179,7 @@ class ObservedInterface:
     addresses: frozenset[IpInterface] = frozenset()  # IPv6 link-local excluded
     routes: frozenset[Route] = frozenset()  # main-table routes with a gateway via this iface
     arp_notify: bool | None = None
+    host_ifindex: int | None = None
     host_mtu: int | None = None
     host_up: bool = False
     host_master: str | None = None
@@ -459,6 +470,7 @@ class NetlinkAdapter:
                     m = hipr.link("get", index=master_idx)
                     master = _attr(m[0], "IFLA_IFNAME") if m else None
                 host_fields = {
+                    "host_ifindex": int(host["index"]),
                     "host_mtu": _attr(host, "IFLA_MTU"),
                     "host_up": bool(host["flags"] & _IFF_UP),
                     "host_master": master,
@@ -567,7 +579,31 @@ class NetlinkAdapter:
 
             if self._ensure_routes(nipr, index, spec.wanted_routes()):
                 changes.append(Change.ROUTES)
+            if spec.owner is not None and _attr(host, "IFLA_IFALIAS") != spec.owner:
+                hipr.link("set", index=host["index"], ifalias=spec.owner)
+                changes.append(Change.ALIAS)
         return tuple(changes)
+
+    def announce(self, ns: ContainerNetns, ifname: str) -> int:
+        """Send a gratuitous ARP for every IPv4 address of `ifname`; returns how many.
+
+        For after the host end was (re)attached to a switch, e.g. when OVS re-opened a
+        recreated veth after `ensure_interface` already announced: neighbours (the host's
+        gateway address included) otherwise keep the old MAC until their entry times out.
+        """
+        with self._lock, _translate(f"announce {ifname} in pid {ns.pid}"):
+            nipr = ns.iproute()
+            link = _get_link(nipr, ifname)
+            if link is None:
+                raise NetlinkError(f"announce: no {ifname} in netns of pid {ns.pid}")
+            v4 = [
+                a.ip
+                for a in _addresses(nipr, link["index"])
+                if isinstance(a, ipaddress.IPv4Interface)
+            ]
+            if v4:
+                ns.send_garp(ifname, str(_attr(link, "IFLA_ADDRESS")), v4)
+            return len(v4)
 
     @staticmethod
     def _ensure_sysctls(ns: ContainerNetns, spec: InterfaceSpec) -> bool:
@@ -652,19 +688,30 @@ class NetlinkAdapter:
                 raise
             return True
 
-    def list_owned_host_veths(self) -> list[str]:
-        """Names of host veths that reconciler created (by name shape and kind)."""
+    def list_owned_host_veths(self, node: str | None = None) -> list[str]:
+        """Names of host veths that reconciler created (by name shape and kind); with
+        `node`, only those whose ifalias says that node's daemon owns them."""
+        want = None if node is None else f"{OWNER_ALIAS_PREFIX}{node}/"
         with self._lock, _translate("list host links"):
             out = []
             for link in self._host().get_links():
                 name = _attr(link, "IFLA_IFNAME")
-                if name and is_owned_host_veth_name(name) and _kind(link) == "veth":
-                    out.append(str(name))
+                if not (name and is_owned_host_veth_name(name) and _kind(link) == "veth"):
+                    continue
+                if want is not None and not str(_attr(link, "IFLA_IFALIAS") or "").startswith(
+                        want):
+                    continue
+                out.append(str(name))
             return sorted(out)
 
     def link_exists(self, name: str) -> bool:
+        return self.link_index(name) is not None
+
+    def link_index(self, name: str) -> int | None:
+        """The ifindex of host link `name` (e.g. for `OvsAdapter.ensure_port`), or None."""
         with self._lock, _translate(f"get link {name}"):
-            return _get_link(self._host(), name) is not None
+            link = _get_link(self._host(), name)
+            return None if link is None else int(link["index"])
 
     # ---------------------------------------------------------------- Linux bridges
 

@@ -37,6 +37,7 @@ from reconciler.errors import OvsError
 
 __all__ = [
     "DEFAULT_DB",
+    "IFINDEX_KEY",
     "NODE_KEY",
     "OWNER",
     "OWNER_KEY",
@@ -50,6 +51,7 @@ DEFAULT_DB = "unix:/var/run/openvswitch/db.sock"
 OWNER_KEY = "reconciler-owner"
 OWNER = "reconciler"
 NODE_KEY = "reconciler-node"
+IFINDEX_KEY = "reconciler-ifindex"
 _MANAGED_PREFIX = "reconciler-"
 """external_ids keys with this prefix are ours: set exactly; other keys are left alone."""
 
@@ -58,7 +60,16 @@ _COLUMNS: dict[str, list[str] | None] = {
     "Open_vSwitch": None,  # all: bridges, next_cfg, cur_cfg, datapath_types
     "Bridge": ["name", "ports", "datapath_type", "external_ids"],
     "Port": ["name", "interfaces", "tag", "external_ids"],
-    "Interface": ["name", "type", "external_ids", "ofport", "error", "mtu_request"],
+    "Interface": [
+        "name",
+        "type",
+        "external_ids",
+        "ofport",
+        "error",
+        "mtu_request",
+        "link_state",
+        "ifindex",
+    ],
 }
 
 
@@ -78,6 +89,8 @@ class OwnedPort:
     type: str = ""  # Interface type: "" (system/veth) or "internal"
     ofport: int | None = None  # None or -1: vswitchd could not open the netdev
     error: str | None = None  # Interface.error, e.g. "could not open network device"
+    link_state: str | None = None  # "up"/"down" as vswitchd sees the netdev
+    ifindex: int | None = None  # the netdev vswitchd has open (changes if it is recreated)
 
 
 @dataclass(frozen=True)
@@ -455,9 +468,36 @@ class OvsAdapter:
         port_name: str,
         vlan: int | None,
         external_ids: Mapping[str, str],
+        ifindex: int | None = None,
     ) -> bool:
-        """Attach existing netdev `port_name` to `bridge` as an access port of `vlan`."""
-        return self._ensure_port(_PortWanted(bridge, port_name, "", vlan, self._ids(external_ids)))
+        """Attach existing netdev `port_name` to `bridge` as an access port of `vlan`.
+
+        `ifindex` is the netdev's current host ifindex. It is recorded in external_ids
+        (``reconciler-ifindex``); when it differs from the recorded one the netdev was
+        recreated under the same name, and the port is deleted (in a transaction of its
+        own) and added again, because the userspace datapath keeps reading the dead
+        device otherwise. After a True result, announce the container (gratuitous ARP):
+        neighbours still hold the old MAC.
+        """
+        ids = self._ids(external_ids)
+        if ifindex is not None:
+            ids[IFINDEX_KEY] = str(ifindex)
+            if self._recorded_ifindex(port_name) not in (None, str(ifindex)):
+                with _translate(f"re-create port {port_name}"):
+                    txn: Any
+                    with self._api.transaction(
+                        check_error=True, log_errors=False, nested=False
+                    ) as txn:
+                        txn.add(_DeletePort(self._api, port_name))
+        return self._ensure_port(_PortWanted(bridge, port_name, "", vlan, ids))
+
+    def _recorded_ifindex(self, name: str) -> str | None:
+        with self._read(f"read port {name}") as api:
+            port = _find(api, "Port", name)
+            if port is None:
+                return None
+            value = dict(port.external_ids).get(IFINDEX_KEY)
+            return None if value is None else str(value)
 
     def ensure_internal_port(
         self,
@@ -529,4 +569,6 @@ def _owned_port(port: Any, bridge: str) -> OwnedPort:
         type="" if iface is None else str(iface.type),
         ofport=None if iface is None else _opt(iface.ofport),
         error=None if iface is None else _opt(iface.error),
+        link_state=None if iface is None else _opt(iface.link_state),
+        ifindex=None if iface is None else _opt(iface.ifindex),
     )

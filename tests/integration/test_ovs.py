@@ -1,0 +1,383 @@
+"""Integration tests of reconciler.adapters.ovs (with netlink) against the real OVS.
+
+Bridges are named ``rto<hex>`` per test and deleted in fixtures; targets are processes in
+fresh network namespaces (``unshare --net sleep``); subnets are in 10.77.0.0/16.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from helpers import ovs_vsctl, wait_for
+
+from reconciler.adapters.netlink import (
+    ContainerNetns,
+    InterfaceSpec,
+    NetlinkAdapter,
+    process_start_time,
+)
+from reconciler.adapters.ovs import (
+    IFINDEX_KEY,
+    NODE_KEY,
+    OWNER,
+    OWNER_KEY,
+    OvsAdapter,
+    PortEvent,
+    detect_datapath,
+)
+from reconciler.errors import OvsError
+
+pytestmark = pytest.mark.integration
+
+NetnsFactory = Callable[[], ContainerNetns]
+
+
+def ip_if(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
+    return ipaddress.ip_interface(text)
+
+
+def pings(pid: int | None, addr: str, count: int = 1) -> bool:
+    cmd = ["busybox", "ping", "-c", str(count), "-W", "1", addr]
+    if pid is not None:
+        cmd = ["nsenter", "-t", str(pid), "-n", *cmd]
+    return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
+
+
+def vsctl_get(table: str, record: str, column: str) -> str:
+    return ovs_vsctl("get", table, record, column).stdout.strip().strip('"')
+
+
+@pytest.fixture(scope="module")
+def octet() -> int:
+    return 180 + secrets.randbelow(50)
+
+
+@pytest.fixture(scope="module")
+def ovs() -> Iterator[OvsAdapter]:
+    adapter = OvsAdapter()
+    yield adapter
+    adapter.close()
+
+
+@pytest.fixture
+def nl() -> Iterator[NetlinkAdapter]:
+    with NetlinkAdapter() as adapter:
+        yield adapter
+
+
+@pytest.fixture
+def bridge(ovs: OvsAdapter) -> Iterator[str]:
+    """An owned OVS bridge, unique to the test, removed afterwards."""
+    name = f"rto{secrets.token_hex(4)}"
+    assert ovs.ensure_bridge(name) is True
+    yield name
+    ovs_vsctl("--if-exists", "del-br", name, check=False)
+
+
+@pytest.fixture
+def links() -> Iterator[list[str]]:
+    names: list[str] = []
+    yield names
+    for name in names:
+        subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def veth(links: list[str]) -> Callable[[], str]:
+    """Make a host veth pair (up) and return the name of one end."""
+
+    def make() -> str:
+        name = f"rtv{secrets.token_hex(4)}"
+        subprocess.run(
+            ["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True
+        )
+        subprocess.run(["ip", "link", "set", name, "up"], check=True)
+        links.append(name)
+        return name
+
+    return make
+
+
+@pytest.fixture
+def netns_factory() -> Iterator[NetnsFactory]:
+    procs: list[subprocess.Popen[bytes]] = []
+    handles: list[ContainerNetns] = []
+    host = os.stat("/proc/self/ns/net").st_ino
+
+    def make() -> ContainerNetns:
+        proc = subprocess.Popen(["unshare", "--net", "sleep", "600"])
+        procs.append(proc)
+        wait_for(
+            lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != host,
+            timeout=10,
+            ignore=(FileNotFoundError,),
+        )
+        ns = ContainerNetns.open(proc.pid, expected_start_time=process_start_time(proc.pid))
+        handles.append(ns)
+        return ns
+
+    yield make
+    for ns in handles:
+        ns.close()
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_datapath_detection_matches_a_real_probe(ovs: OvsAdapter, ovs_datapath: str) -> None:
+    assert detect_datapath() == ovs_datapath
+    assert ovs.datapath == ovs_datapath
+    with pytest.raises(OvsError):
+        OvsAdapter(datapath="bogus")
+
+
+def test_bridge_ownership(ovs: OvsAdapter, bridge: str) -> None:
+    assert ovs.ensure_bridge(bridge) is False
+    assert ovs.bridge_owned(bridge)
+    assert ovs.bridge_datapath(bridge) == ovs.datapath
+    assert bridge in ovs.list_owned_bridges()
+    assert vsctl_get("Bridge", bridge, f"external_ids:{OWNER_KEY}") == OWNER
+
+    foreign = f"rtf{secrets.token_hex(4)}"
+    ovs_vsctl("add-br", foreign, "--", "set", "bridge", foreign, f"datapath_type={ovs.datapath}")
+    try:
+        wait_for(lambda: ovs.bridge_exists(foreign), timeout=5)
+        assert ovs.ensure_bridge(foreign) is False  # used as it is, never claimed
+        assert not ovs.bridge_owned(foreign)
+        assert ovs.delete_bridge(foreign) is False
+        assert ovs_vsctl("br-exists", foreign, check=False).returncode == 0
+        assert foreign not in ovs.list_owned_bridges()
+    finally:
+        ovs_vsctl("--if-exists", "del-br", foreign, check=False)
+
+    assert ovs.delete_bridge(bridge) is True
+    assert ovs.delete_bridge(bridge) is False
+    assert ovs_vsctl("br-exists", bridge, check=False).returncode != 0
+
+
+def test_port_lifecycle_and_drift(ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
+    port = veth()
+    ids = {NODE_KEY: "node-a", "reconciler-network": "vnet1"}
+    events: list[PortEvent] = []
+    unsubscribe = ovs.subscribe(events.append)
+    try:
+        assert ovs.ensure_port(bridge, port, 101, ids) is True
+        # tag and ownership were there from the very first row version
+        first = wait_for(
+            lambda: next(
+                (e for e in events if e.kind == "create" and e.table == "Port" and e.name == port),
+                None,
+            ),
+            timeout=5,
+        )
+        assert first.owned and first.external_ids[NODE_KEY] == "node-a"
+    finally:
+        unsubscribe()
+    assert vsctl_get("Port", port, "tag") == "101"
+    assert vsctl_get("Interface", port, f"external_ids:{OWNER_KEY}") == OWNER
+    assert vsctl_get("Port", port, "external_ids:reconciler-network") == "vnet1"
+    got = ovs.get_port(port)
+    assert got is not None and got.bridge == bridge and got.tag == 101
+    assert got.ofport is not None and got.ofport > 0  # the datapath really took the port
+
+    assert ovs.ensure_port(bridge, port, 101, ids) is False
+    assert ovs.ensure_port(bridge, port, 102, ids) is True
+    assert vsctl_get("Port", port, "tag") == "102"
+
+    # drift by hand: wrong tag, our key changed, a foreign key added (kept)
+    ovs_vsctl(
+        "set", "Port", port, "tag=999", "external_ids:reconciler-network=x", "external_ids:foo=bar"
+    )
+    wait_for(lambda: (p := ovs.get_port(port)) is not None and p.tag == 999, timeout=5)
+    assert ovs.ensure_port(bridge, port, 102, ids) is True
+    assert vsctl_get("Port", port, "tag") == "102"
+    assert vsctl_get("Port", port, "external_ids:reconciler-network") == "vnet1"
+    assert vsctl_get("Port", port, "external_ids:foo") == "bar"
+
+    assert [p.name for p in ovs.list_owned_ports(node="node-a") if p.bridge == bridge] == [port]
+    assert not [p for p in ovs.list_owned_ports(node="node-b") if p.bridge == bridge]
+
+    assert ovs.delete_port(port) is True
+    assert ovs.delete_port(port) is False
+    assert ovs_vsctl("port-to-br", port, check=False).returncode != 0
+
+
+def test_foreign_port_is_left_alone(ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
+    port = veth()
+    ovs_vsctl("add-port", bridge, port)
+    wait_for(lambda: ovs_vsctl("port-to-br", port, check=False).returncode == 0, timeout=5)
+    assert ovs.delete_port(port) is False
+    assert port not in [p.name for p in ovs.list_owned_ports()]
+    assert ovs_vsctl("port-to-br", port).stdout.strip() == bridge
+
+
+def test_port_delete_notification(ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
+    port = veth()
+    ovs.ensure_port(bridge, port, 5, {})
+    deleted: list[PortEvent] = []
+    unsubscribe = ovs.subscribe(
+        lambda e: deleted.append(e) if e.kind == "delete" and e.name == port else None
+    )
+    try:
+        ovs_vsctl("del-port", port)
+        t0 = time.monotonic()
+        wait_for(lambda: deleted, timeout=2, message="Port/Interface delete event")
+        assert time.monotonic() - t0 < 2
+        assert all(e.owned for e in deleted)
+        assert {e.table for e in wait_for(lambda: len(deleted) >= 2 and deleted, 2)} == {
+            "Port",
+            "Interface",
+        }
+    finally:
+        unsubscribe()
+    assert ovs.ensure_port(bridge, port, 5, {}) is True  # and the next ensure repairs it
+
+
+def test_batched_ports(ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
+    ports = [veth() for _ in range(20)]
+    with ovs.transaction():
+        results = [ovs.ensure_port(bridge, p, 200 + i, {}) for i, p in enumerate(ports)]
+        assert ovs.get_port(ports[0]) is None  # nothing is committed inside the block
+    assert results == [True] * 20
+    owned = {p.name: p for p in ovs.list_owned_ports() if p.bridge == bridge}
+    assert {n: owned[n].tag for n in ports} == {p: 200 + i for i, p in enumerate(ports)}
+    with ovs.transaction():
+        assert [ovs.ensure_port(bridge, p, 200 + i, {}) for i, p in enumerate(ports)] == [
+            False
+        ] * 20
+    with ovs.transaction():
+        for p in ports:
+            ovs.delete_port(p)
+    assert not [p for p in ovs.list_owned_ports() if p.bridge == bridge]
+
+
+def test_failed_batch_raises_ovs_error(ovs: OvsAdapter, veth: Callable[[], str]) -> None:
+    with pytest.raises(OvsError, match="does not exist"):
+        ovs.ensure_port(f"rtx{secrets.token_hex(4)}", veth(), 1, {})
+
+
+def attach(
+    nl: NetlinkAdapter,
+    ovs: OvsAdapter,
+    ns: ContainerNetns,
+    bridge: str,
+    vlan: int,
+    address: str,
+    links: list[str],
+    gateway: str | None = None,
+) -> InterfaceSpec:
+    spec = InterfaceSpec(
+        f"test-{secrets.token_hex(4)}",
+        "eth1",
+        (ip_if(address),),
+        mtu=1400,
+        gateway=ipaddress.ip_address(gateway) if gateway else None,
+    )
+    links.append(spec.host_veth)
+    nl.ensure_interface(ns, spec)
+    ovs.ensure_port(bridge, spec.host_veth, vlan, {"reconciler-container": spec.container_id})
+    return spec
+
+
+def test_vlan_isolation_on_one_bridge(
+    ovs: OvsAdapter,
+    nl: NetlinkAdapter,
+    bridge: str,
+    netns_factory: NetnsFactory,
+    links: list[str],
+    octet: int,
+) -> None:
+    a, b, c = netns_factory(), netns_factory(), netns_factory()
+    attach(nl, ovs, a, bridge, 10, f"10.77.{octet}.10/24", links)
+    attach(nl, ovs, b, bridge, 20, f"10.77.{octet}.11/24", links)
+    attach(nl, ovs, c, bridge, 10, f"10.77.{octet}.12/24", links)
+    assert wait_for(lambda: pings(a.pid, f"10.77.{octet}.12"), timeout=10)  # same VLAN
+    assert not pings(a.pid, f"10.77.{octet}.11", count=2)  # same subnet, other VLAN
+    assert not pings(b.pid, f"10.77.{octet}.12", count=2)
+
+
+def test_internal_port_gateway_and_recreated_veth(
+    ovs: OvsAdapter,
+    nl: NetlinkAdapter,
+    bridge: str,
+    netns_factory: NetnsFactory,
+    links: list[str],
+    octet: int,
+) -> None:
+    gw_port = f"rtg{secrets.token_hex(4)}"
+    assert ovs.ensure_internal_port(bridge, gw_port, 30, {"reconciler-network": "n"}, mtu=1400)
+    assert ovs.ensure_internal_port(bridge, gw_port, 30, {"reconciler-network": "n"}, mtu=1400) is (
+        False
+    )
+    # with the netdev datapath the internal port is a tap device on the host
+    wait_for(lambda: nl.link_exists(gw_port), timeout=5, message="internal port netdev")
+    gw = ip_if(f"10.77.{octet}.1/24")
+    nl.ensure_host_address(gw_port, gw)
+    ns = netns_factory()
+    spec = attach(nl, ovs, ns, bridge, 30, f"10.77.{octet}.40/24", links, gateway=str(gw.ip))
+    assert wait_for(lambda: pings(None, f"10.77.{octet}.40"), timeout=10)
+    assert pings(ns.pid, str(gw.ip))
+
+    # The host veth vanishes (its peer with it). ensure_interface recreates the pair under
+    # the same name; the new ifindex makes ensure_port re-create the port (the userspace
+    # datapath would keep reading the dead netdev), and an announce refreshes neighbours.
+    ids = {"reconciler-container": spec.container_id}
+    old_ifindex = nl.link_index(spec.host_veth)
+    assert ovs.ensure_port(bridge, spec.host_veth, 30, ids, ifindex=old_ifindex) is True
+    assert ovs.ensure_port(bridge, spec.host_veth, 30, ids, ifindex=old_ifindex) is False
+    subprocess.run(["ip", "link", "del", spec.host_veth], check=True)
+    assert not pings(None, f"10.77.{octet}.40")
+    nl.ensure_interface(ns, spec)
+    new_ifindex = nl.observe(ns, spec.container_id, "eth1").host_ifindex
+    assert new_ifindex is not None and new_ifindex != old_ifindex
+    assert ovs.ensure_port(bridge, spec.host_veth, 30, ids, ifindex=new_ifindex) is True
+    got = ovs.get_port(spec.host_veth)
+    assert got is not None and got.external_ids[IFINDEX_KEY] == str(new_ifindex)
+    assert got.tag == 30
+    assert nl.announce(ns, "eth1") == 1
+    assert wait_for(lambda: pings(None, f"10.77.{octet}.40"), timeout=10)
+
+
+def test_attach_cost_50(
+    ovs: OvsAdapter,
+    nl: NetlinkAdapter,
+    bridge: str,
+    netns_factory: NetnsFactory,
+    links: list[str],
+    octet: int,
+) -> None:
+    """50 attaches: netlink per container, the OVS ports in one batch. Printed, and bounded."""
+    handles = [netns_factory() for _ in range(50)]
+    specs = []
+    for i in range(50):
+        spec = InterfaceSpec(
+            f"test-{secrets.token_hex(4)}",
+            "eth1",
+            (ip_if(f"10.77.{octet}.{100 + i}/24"),),
+            mtu=1400,
+        )
+        specs.append(spec)
+        links.append(spec.host_veth)
+    t0 = time.perf_counter()
+    for ns, spec in zip(handles, specs, strict=True):
+        nl.ensure_interface(ns, spec)
+    t1 = time.perf_counter()
+    with ovs.transaction():
+        for spec in specs:
+            ovs.ensure_port(bridge, spec.host_veth, 40, {"reconciler-container": spec.container_id})
+    t2 = time.perf_counter()
+    per_nl, per_ovs = (t1 - t0) / 50 * 1000, (t2 - t1) / 50 * 1000
+    print(
+        f"\n50 attaches: netlink {per_nl:.1f} ms + ovs {per_ovs:.1f} ms "
+        f"= {per_nl + per_ovs:.1f} ms per attach"
+    )
+    assert per_nl + per_ovs < 100
+    owned = {p.name: p for p in ovs.list_owned_ports() if p.bridge == bridge}
+    assert all(owned[s.host_veth].ofport for s in specs)
+    assert wait_for(lambda: pings(handles[0].pid, f"10.77.{octet}.149"), timeout=10)
