@@ -6,6 +6,7 @@ Also runs the daemon in the foreground with signal handling, for `reconciler run
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -50,8 +51,10 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
     netctl = NetworkController(node=settings.node, prefix=settings.prefix, nl=nl, ovs=ovs,
                                ipam=ipam, inspect=docker.inspect, dry_run=dry_run)
     proxy = _build_proxy(settings, kv, dry_run) if with_proxy else None
+    session_file = os.path.join(settings.proxy.state_dir, f"session-{settings.node}")
     daemon = Daemon(DaemonOptions(settings.node, settings.prefix, settings.resync,
-                                  workers=workers, dry_run=dry_run),
+                                  workers=workers, dry_run=dry_run,
+                                  session_file=session_file),
                     kv=kv, docker=docker, netctl=netctl, proxy=proxy)
     return Parts(kv, docker, nl, ovs, netctl, daemon)
 

@@ -17,6 +17,7 @@ Keys: `container:<id>`, `sweep`, `proxy`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from reconciler.adapters.docker_engine import (
     EventWatcher,
 )
 from reconciler.errors import ConsulError, DockerError, ReconcilerError
+from reconciler.members import MemberPublisher, wanted_members
 from reconciler.model import DesiredState
 from reconciler.netctl import NetworkController, spec_key_for
 from reconciler.runtime.kvwatch import KVWatcher, Snapshot
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 
 SWEEP = "sweep"
 PROXY = "proxy"
+MEMBERS = "members"
 
 
 class ProxyPart(Protocol):
@@ -53,6 +56,21 @@ class ProxyPart(Protocol):
     def errors(self) -> dict[str, list[str]]: ...
 
 
+# Daemon-owned areas of the prefix (see runtime.kvwatch): never desired state.
+_DAEMON_AREAS = ("nodes/", "ipam/", "audit/", "locks/")
+
+
+def _user_digest(prefix: str, snap: Snapshot) -> str:
+    """Digest of the snapshot's user keys only (key, value, session)."""
+    skip = tuple(prefix + a for a in _DAEMON_AREAS)
+    h = hashlib.sha256()
+    for e in snap.items:
+        if not e.key.startswith(skip):
+            h.update(e.key.encode() + b"\0" + e.value + b"\0" + (e.session or "").encode()
+                     + b"\0")
+    return h.hexdigest()
+
+
 @dataclass
 class DaemonOptions:
     node: str
@@ -61,6 +79,7 @@ class DaemonOptions:
     workers: int = 4
     status_interval: float = 5.0
     dry_run: bool = False
+    session_file: str | None = None
 
 
 @dataclass
@@ -82,17 +101,32 @@ class Daemon:
         self.snapshot: Snapshot | None = None
         self.watcher = KVWatcher(kv, opts.prefix, self._on_snapshot)
         self.status = NodeStatus(opts.node)
-        self.publisher = StatusPublisher(kv, opts.prefix, opts.node)
+        self.publisher = StatusPublisher(kv, opts.prefix, opts.node,
+                                         session_file=opts.session_file)
+        self.members = MemberPublisher(kv, opts.prefix, opts.node)
+        self._members_session: str | None = None
         self._status_dirty = threading.Event()
         self.controller: Controller[str] = Controller(
             self._reconcile, name="reconciler", workers=opts.workers,
             list_keys=self._all_keys, resync=opts.resync,
             on_error=self._on_error, on_success=self._on_success)
         self.ready = threading.Event()
+        self._acted_digest = ""  # of the user keys of the last snapshot acted on
 
     # ------------------------------------------------------------------ inputs
 
     def _on_snapshot(self, snap: Snapshot) -> None:
+        # Only user keys are desired state. Our own status write lands under the watched
+        # prefix (nodes/) and wakes the watch: treating that as a change moved
+        # `status.index`, which re-published the status, which woke the watch again — a
+        # loop of ~5 status writes/s and a full reconcile of every key each time (15% of
+        # a core with no container at all; found by bench/attach.py and
+        # tests/integration/test_daemon_network.py). Daemon-owned areas never enqueue.
+        digest = _user_digest(self.opts.prefix, snap)
+        if self.snapshot is not None and digest == self._acted_digest:
+            self.snapshot = snap
+            return
+        self._acted_digest = digest
         self.snapshot = snap
         self.netctl.set_state(snap.state)
         if self.proxy is not None:
@@ -113,8 +147,8 @@ class Daemon:
 
     def _on_docker_event(self, ev: ContainerEvent) -> None:
         self.controller.queue.add(f"container:{ev.id}")
-        if ev.action in ("destroy", "die"):
-            self.controller.queue.add(PROXY)
+        if ev.action in ("destroy", "die", "stop", "kill"):
+            self.controller.queue.add(MEMBERS)
 
     def _on_link_deleted(self, cid: str | None) -> None:
         if cid:
@@ -161,6 +195,8 @@ class Daemon:
         if self.snapshot is None:
             return []  # nothing is known to be desired yet: touch nothing
         keys = [*self._container_keys(), SWEEP]
+        if not self.opts.dry_run:
+            keys.append(MEMBERS)
         if self.proxy is not None:
             keys.append(PROXY)
         return keys
@@ -181,13 +217,16 @@ class Daemon:
             if res.changes:
                 log.info("container %s: %s", info.name if info else cid[:12],
                          ", ".join(res.changes))
-                self.controller.queue.add(PROXY)
+            if res.changes or info is None or not info.running:
+                self.controller.queue.add(MEMBERS)
         elif key == SWEEP:
             with self._lock:
                 running = list(self.known.containers.values())
             done = self.netctl.sweep(running)
             if done:
                 log.info("sweep removed: %s", ", ".join(done))
+        elif key == MEMBERS:
+            self._sync_members()
         elif key == PROXY and self.proxy is not None:
             with self._lock:
                 running = list(self.known.containers.values())
@@ -196,6 +235,43 @@ class Daemon:
             self.status.proxy = self.proxy.reconcile()
         self._status_dirty.set()
         return None
+
+    def member_addresses(self) -> dict[str, dict[str, str]]:
+        """container id -> {network -> address/prefix} of its reconciled interfaces."""
+        out: dict[str, dict[str, str]] = {}
+        with self._lock:
+            running = list(self.known.containers.values())
+        for info in running:
+            res = self.netctl.attached.get(info.id)
+            if res is None or not res.addresses:
+                continue
+            by_net: dict[str, str] = {}
+            for itf in self.netctl.wanted(info):
+                if itf.name in res.addresses:
+                    by_net.setdefault(itf.network, res.addresses[itf.name])
+            out[info.id] = by_net
+        return out
+
+    def _sync_members(self) -> None:
+        if self.opts.dry_run:
+            return
+        with self._lock:
+            running = list(self.known.containers.values())
+        wanted, errs = wanted_members(self.opts.prefix, self.opts.node, running,
+                                      self.member_addresses())
+        session = self.publisher.ensure_session()
+        self._members_session = session
+        changes = self.members.sync(session, wanted)
+        if changes:
+            log.info("members: %s", ", ".join(changes))
+            self.controller.queue.add(PROXY)
+        problems = {f"container {name}": [msg] for name, msg in errs.items()}
+        problems.update({k: [v] for k, v in self.members.errors.items()})
+        with self._lock:
+            if problems:
+                self.known.errors[MEMBERS] = problems
+            else:
+                self.known.errors.pop(MEMBERS, None)
 
     def _error_key(self, key: str) -> str:
         if key.startswith("container:") and self.snapshot is not None:
@@ -259,6 +335,10 @@ class Daemon:
                 if now - last_beat >= self.opts.status_interval:
                     self.publisher.heartbeat()
                     last_beat = now
+                    if self._members_session is not None \
+                            and self.publisher.session != self._members_session:
+                        # The session expired (Consul was away): members went with it.
+                        self.controller.queue.add(MEMBERS)
                 if self.snapshot is not None:
                     self.publisher.publish(self.build_status())
             except ReconcilerError as e:
@@ -320,6 +400,8 @@ class Daemon:
         self._on_docker_list(running)
         failed = 0
         keys = [f"container:{c.id}" for c in running] + [SWEEP]
+        if not self.opts.dry_run:
+            keys.append(MEMBERS)
         if self.proxy is not None:
             keys.append(PROXY)
         for key in keys:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping
@@ -58,22 +59,36 @@ def parse_status(raw: bytes) -> dict[str, Any] | None:
 class StatusPublisher:
     """Keeps this node's status key alive under a session; writes only on change."""
 
-    def __init__(self, kv: Any, prefix: str, node: str, ttl: str = "20s") -> None:
+    def __init__(self, kv: Any, prefix: str, node: str, ttl: str = "20s",
+                 session_file: str | None = None) -> None:
         self.kv = kv
         self.key = status_key(prefix, node)
         self.node = node
         self.ttl = ttl
+        self.session_file = session_file
         self.session: str | None = None
         self._last: bytes | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def ensure_session(self) -> str:
-        if self.session is not None and self.kv.session_renew(self.session):
+        """The node's session: still-valid current one, else the one a previous run of
+        the daemon left in `session_file` (so a restart within the TTL keeps the status
+        and the published members — no flapping), else a new one."""
+        with self._lock:
+            if self.session is not None and self.kv.session_renew(self.session):
+                return self.session
+            if self.session is None and self.session_file:
+                previous = _read_file(self.session_file)
+                if previous and self.kv.session_renew(previous):
+                    self.session = previous
+                    log.info("reusing the node session of the previous run")
+                    return previous
+            self.session = self.kv.session_create(f"reconciler-{self.node}", ttl=self.ttl,
+                                                  behavior="delete")
+            self._last = None  # the key went with the old session
+            if self.session_file:
+                _write_file(self.session_file, self.session)
             return self.session
-        self.session = self.kv.session_create(f"reconciler-{self.node}", ttl=self.ttl,
-                                              behavior="delete")
-        self._last = None  # the key went with the old session
-        return self.session
 
     def publish(self, status: NodeStatus, force: bool = False) -> bool:
         with self._lock:
@@ -93,13 +108,10 @@ class StatusPublisher:
                 return False
 
     def heartbeat(self) -> None:
-        """Renew the session; re-publish if it had expired."""
+        """Renew the session (a new one if it expired: the next publish re-writes)."""
         with self._lock:
             try:
-                if self.session is not None and self.kv.session_renew(self.session):
-                    return
-                self.session = None
-                self._last = None
+                self.ensure_session()
             except ConsulError as e:
                 log.warning("cannot renew the node session: %s", e)
 
@@ -108,6 +120,26 @@ class StatusPublisher:
             with contextlib.suppress(ConsulError):
                 self.kv.session_destroy(self.session)
             self.session = None
+
+
+def _read_file(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if len(text) == 36 and text.count("-") == 4 else None
+
+
+def _write_file(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "w", encoding="ascii") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot record the session id in %s: %s", path, e.strerror)
 
 
 def _strip_time(body: bytes) -> bytes:

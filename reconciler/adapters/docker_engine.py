@@ -322,7 +322,8 @@ class DockerEngine:
     """
 
     def __init__(self, base_url: str | None = None, *, timeout: float = 60.0) -> None:
-        self.base_url = base_url or os.environ.get("DOCKER_HOST") or None
+        # None: docker.from_env(), which also honours DOCKER_TLS_VERIFY / DOCKER_CERT_PATH.
+        self.base_url = base_url or None
         self.timeout = timeout
         self._client: Any = None
         self._lock = threading.Lock()
@@ -343,7 +344,7 @@ class DockerEngine:
             return self._client.api
 
     def _where(self) -> str:
-        return self.base_url or "from environment"
+        return self.base_url or os.environ.get("DOCKER_HOST") or "the default socket"
 
     def close(self) -> None:
         with self._lock:

@@ -164,10 +164,9 @@ def netns_up_with(pid: int, ifname: str, cidr: str | None = None) -> bool:
     return netns_addrs(pid, ifname) == [cidr]
 
 
-def exec_out(container: Any, *cmd: str, privileged: bool = False) -> str:
-    """Run `cmd` in the container (docker exec); its output; fails on a non-zero exit.
-    `privileged`: with NET_ADMIN etc. (to change the container's network from inside)."""
-    code, out = container.exec_run(list(cmd), privileged=privileged)
+def exec_out(container: Any, *cmd: str) -> str:
+    """Run `cmd` in the container (docker exec); its output; fails on a non-zero exit."""
+    code, out = container.exec_run(list(cmd))
     text = out.decode(errors="replace")
     assert code == 0, f"{cmd} in {container.name} exited {code}: {text}"
     return str(text)
@@ -189,6 +188,15 @@ def host_ping(address: str, count: int = 1, wait: int = 2) -> bool:
 
 def host_link_exists(name: str) -> bool:
     return run(["ip", "link", "show", "dev", name], check=False).returncode == 0
+
+
+def host_master(name: str) -> str | None:
+    """The master (bridge) of host link `name`; None if it has none or is absent."""
+    proc = run(["ip", "-j", "link", "show", "dev", name], check=False)
+    if proc.returncode != 0:
+        return None
+    links = json.loads(proc.stdout)
+    return str(links[0]["master"]) if links and links[0].get("master") else None
 
 
 def ovs_ports_of(container_id: str) -> list[str]:

@@ -1,0 +1,143 @@
+"""Members from labels: local containers publish themselves as pool members.
+
+Owns the mapping from a running container's labels (`reconciler.service`,
+`reconciler.pool`, `reconciler.port`, optional `reconciler.network` and
+`reconciler.weight`) to a member key `services/<s>/pools/<p>/<node>_<container>`, and
+their publication held by this node's Consul session: a member disappears when its
+container stops (the daemon deletes it) or when the node dies (the session is
+invalidated, behavior=delete). A daemon restart that reuses its session (see
+`status.StatusPublisher`) re-puts identical values, so members do not flap.
+
+Address: the container's reconciled interface on `reconciler.network` (else its first
+reconciled interface), else its Docker network address.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from reconciler.errors import ConsulError
+from reconciler.model import NAME_RE, WEIGHT_MAX, WEIGHT_MIN
+
+log = logging.getLogger(__name__)
+
+L_SERVICE, L_POOL, L_PORT = "reconciler.service", "reconciler.pool", "reconciler.port"
+L_NETWORK, L_WEIGHT = "reconciler.network", "reconciler.weight"
+
+
+@dataclass(frozen=True)
+class Wanted:
+    key: str
+    value: bytes
+
+
+def member_name(node: str, container: str) -> str:
+    name = f"{node}_{container}"
+    if NAME_RE.match(name):
+        return name
+    clean = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{clean[:54]}-{digest}"
+
+
+def wanted_members(prefix: str, node: str, containers: Iterable[Any],
+                   addresses: Mapping[str, Mapping[str, str]]) -> tuple[dict[str, Wanted],
+                                                                         dict[str, str]]:
+    """(key -> Wanted, container name -> error) for running containers with labels.
+
+    `addresses`: container id -> {network name -> "ip/prefix"} of reconciled interfaces,
+    in interface order."""
+    out: dict[str, Wanted] = {}
+    errors: dict[str, str] = {}
+    for c in containers:
+        labels = c.labels
+        if not labels.get(L_SERVICE):
+            continue
+        svc, pool, port_s = labels.get(L_SERVICE, ""), labels.get(L_POOL, ""), \
+            labels.get(L_PORT, "")
+        bad = [f"{n}={v!r}" for n, v in ((L_SERVICE, svc), (L_POOL, pool))
+               if not NAME_RE.match(v)]
+        try:
+            port = int(port_s)
+            if not 1 <= port <= 65535:
+                raise ValueError
+        except ValueError:
+            bad.append(f"{L_PORT}={port_s!r} (1-65535)")
+            port = 0
+        weight = 100
+        if labels.get(L_WEIGHT):
+            try:
+                weight = int(labels[L_WEIGHT])
+                if not WEIGHT_MIN <= weight <= WEIGHT_MAX:
+                    raise ValueError
+            except ValueError:
+                bad.append(f"{L_WEIGHT}={labels[L_WEIGHT]!r} (0-256)")
+        if bad:
+            errors[c.name] = "invalid labels: " + ", ".join(bad)
+            continue
+        addr = _address(c, addresses.get(c.id, {}), labels.get(L_NETWORK))
+        if addr is None:
+            errors[c.name] = ("no address to publish yet (no reconciled interface"
+                              + (f" on {labels[L_NETWORK]!r}" if labels.get(L_NETWORK) else "")
+                              + " and no Docker network address)")
+            continue
+        key = f"{prefix}services/{svc}/pools/{pool}/{member_name(node, c.name)}"
+        value = json.dumps({"address": addr, "port": port, "weight": weight},
+                           sort_keys=True, separators=(",", ":")).encode()
+        out[key] = Wanted(key, value)
+    return out, errors
+
+
+def _address(c: Any, reconciled: Mapping[str, str], network: str | None) -> str | None:
+    if network:
+        cidr = reconciled.get(network)
+        if cidr:
+            return str(ipaddress.ip_interface(cidr).ip)
+        ipv4, ipv6 = c.networks.get(network, (None, None)) if c.networks else (None, None)
+        return ipv4 or ipv6
+    for cidr in reconciled.values():
+        return str(ipaddress.ip_interface(cidr).ip)
+    for ipv4, ipv6 in (c.networks or {}).values():
+        if ipv4 or ipv6:
+            return str(ipv4 or ipv6)
+    return None
+
+
+class MemberPublisher:
+    """Puts wanted members under the node's session; deletes those no longer wanted."""
+
+    def __init__(self, kv: Any, prefix: str, node: str) -> None:
+        self.kv = kv
+        self.prefix = prefix
+        self.node = node
+        self.errors: dict[str, str] = {}
+
+    def sync(self, session: str, wanted: Mapping[str, Wanted]) -> list[str]:
+        """Make the published set equal `wanted`; return what changed."""
+        snap = self.kv.read_prefix(f"{self.prefix}services/")
+        mine = {k: i for k, i in snap.items.items()
+                if i.session == session and "/pools/" in k}
+        changes: list[str] = []
+        for key, w in wanted.items():
+            cur = snap.items.get(key)
+            if cur is not None and cur.value == w.value and cur.session == session:
+                continue
+            try:
+                if self.kv.put(key, w.value, acquire=session):
+                    changes.append(f"published {key[len(self.prefix):]}")
+                    self.errors.pop(key, None)
+                else:
+                    self.errors[key] = "held by another node's session"
+            except ConsulError as e:
+                self.errors[key] = str(e)
+        for key in mine:
+            if key not in wanted:
+                self.kv.delete(key)
+                changes.append(f"withdrew {key[len(self.prefix):]}")
+        return changes
