@@ -333,9 +333,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             parts.close()
         if args.dry_run:
             for line in parts.netctl.planned:
-                print(line)
+                print(f"network: {line}")
             if not parts.netctl.planned:
                 print("network: no changes")
+            proxy = parts.daemon.proxy
+            for line in getattr(proxy, "planned", []):
+                print(f"proxy: {line}")
         return rc
     log.info("reconciler %s starting on node %s (prefix %s)", _version(), settings.node,
              settings.prefix)

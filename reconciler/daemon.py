@@ -52,6 +52,7 @@ class ProxyPart(Protocol):
     def set_state(self, state: DesiredState) -> None: ...
     def set_containers(self, containers: Iterable[ContainerInfo],
                        addresses: dict[str, dict[str, str]]) -> None: ...
+    def quiet_delay(self) -> float: ...
     def reconcile(self) -> dict[str, Any]: ...
     def errors(self) -> dict[str, list[str]]: ...
 
@@ -112,6 +113,7 @@ class Daemon:
             on_error=self._on_error, on_success=self._on_success)
         self.ready = threading.Event()
         self._acted_digest = ""  # of the user keys of the last snapshot acted on
+        self._listed = threading.Event()  # Docker's container list was received once
 
     # ------------------------------------------------------------------ inputs
 
@@ -141,6 +143,7 @@ class Daemon:
     def _on_docker_list(self, containers: list[ContainerInfo]) -> None:
         with self._lock:
             self.known.containers = {c.id: c for c in containers if c.running}
+        self._listed.set()
         for c in containers:
             self.controller.queue.add(f"container:{c.id}")
         self.controller.queue.add(SWEEP)
@@ -220,6 +223,12 @@ class Daemon:
             if res.changes or info is None or not info.running:
                 self.controller.queue.add(MEMBERS)
         elif key == SWEEP:
+            if not self._listed.is_set():
+                # Before Docker's first list, "running" is empty and the sweep would tear
+                # down every attachment of the node (a restart cut every container off
+                # until re-attached; found by test_orphans_swept_after_crash). The list
+                # enqueues the sweep again when it arrives.
+                return None
             with self._lock:
                 running = list(self.known.containers.values())
             done = self.netctl.sweep(running)
@@ -228,6 +237,9 @@ class Daemon:
         elif key == MEMBERS:
             self._sync_members()
         elif key == PROXY and self.proxy is not None:
+            delay = self.proxy.quiet_delay()
+            if delay > 0:  # coalesce a burst of changes into one reload
+                return Result(requeue_after=delay)
             with self._lock:
                 running = list(self.known.containers.values())
             addrs = {cid: dict(r.addresses) for cid, r in self.netctl.attached.items()}
@@ -406,7 +418,10 @@ class Daemon:
             keys.append(PROXY)
         for key in keys:
             try:
-                self._reconcile(key)
+                if key == PROXY and self.proxy is not None:
+                    self.status.proxy = self.proxy.reconcile()  # no quiescence wait
+                else:
+                    self._reconcile(key)
                 self._on_success(key)
             except Exception as e:  # reported per key, like the daemon does
                 failed += 1

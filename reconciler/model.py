@@ -781,10 +781,9 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
                 problems.append(Problem(where, "", "missing: the service has pools or an "
                                         "active pool but no config"))
             continue
-        if act is not None and act not in svc_pools:
-            problems.append(Problem(act_where, "", "names a pool that has no members",
-                                    _show(act)))
-            act = None
+        # `active` may name a pool with no members yet: members published from container
+        # labels arrive after the key is written. HAProxy then answers 503 for it, and
+        # `reconciler cutover` refuses to switch to such a pool.
         services[name] = Service(name, cfg, act, {p: dict(m) for p, m in svc_pools.items()})
 
     return DesiredState(networks, containers, services, tuple(sorted(set(problems))))

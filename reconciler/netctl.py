@@ -222,7 +222,12 @@ class NetworkController:
             container_id=info.id, ifname=itf.name, addresses=(addr,), mac=itf.mac,
             mtu=itf.mtu or net.mtu, gateway=itf.gateway,
             routes=tuple(netlink.Route(r.dst, r.via) for r in itf.routes),
-            owner=netlink.host_veth_alias(self.node, info.id, itf.name))
+            owner=netlink.host_veth_alias(self.node, info.id, itf.name),
+            # OVS's userspace (netdev) datapath does not complete checksums that the
+            # veth leaves to "hardware": TCP from the container would be dropped (ping
+            # works, TCP does not). So the container computes them itself there.
+            tx_checksum=False if net.driver == "ovs" and self.ovs.datapath == "netdev"
+            else None)
         res.addresses[itf.name] = str(addr)
         if self.dry_run:
             obs = self.nl.observe(ns, info.id, itf.name)
@@ -275,8 +280,20 @@ class NetworkController:
             del self._addr_cache[ck]
 
     def _owned_ports_of(self, cid: str) -> list[Any]:
-        return [p for p in self.ovs.list_owned_ports(node=self.node)
-                if p.external_ids.get("reconciler-container") == cid]
+        # Looked up by name (the interfaces of the last reconcile), not by listing every
+        # owned port: a listing converts every OVSDB row, and one per container made each
+        # resync O(N^2) — 26% of a core idle with 200 containers attached, 70% of a resync
+        # in list_owned_ports (bench/attach.py, docs/performance.md). Ports of interfaces
+        # this process never attached (e.g. removed from the spec while the daemon was
+        # down) are left to the sweep, which lists once per pass.
+        last = self.attached.get(cid)
+        out = []
+        for ifname in sorted(last.addresses) if last else []:
+            p = self.ovs.get_port(netlink.host_veth_name(cid, ifname))
+            if p is not None and p.external_ids.get("reconciler-container") == cid \
+                    and p.external_ids.get("reconciler-node") == self.node:
+                out.append(p)
+        return out
 
     def _detach_unwanted(self, cid: str, keep: set[str], res: AttachResult) -> None:
         for p in self._owned_ports_of(cid):

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 
 R=.venv/bin/reconciler
 export RECONCILER_PREFIX=demo/
-NODE=demo-$(hostname | tr -c 'A-Za-z0-9_.-\n' '-' | cut -c1-40)
+NODE=demo-$(hostname | tr -c 'A-Za-z0-9_.\n-' '-' | cut -c1-40)
 STATE=$(mktemp -d /tmp/reconciler-demo.XXXXXX)
 BIND=127.0.0.1:18080
 IMAGE=reconciler-test/busybox:latest

@@ -29,6 +29,7 @@ import contextlib
 import ctypes
 import enum
 import errno
+import fcntl
 import hashlib
 import ipaddress
 import os
@@ -146,6 +147,7 @@ class InterfaceSpec:
     gateway: IpAddress | None = None
     routes: tuple[Route, ...] = ()
     owner: str | None = None  # recorded as the host veth's ifalias (see host_veth_alias)
+    tx_checksum: bool | None = None  # TX checksum offload inside; None leaves it alone
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.ifname) <= _MAX_IFNAME or "/" in self.ifname:
@@ -229,6 +231,19 @@ def _inside(ns_fd: int) -> Iterator[None]:
             _setns(home)
     finally:
         os.close(home)
+
+
+_SIOCETHTOOL = 0x8946
+_ETHTOOL_GTXCSUM = 0x16
+_ETHTOOL_STXCSUM = 0x17
+
+
+def _ethtool_value(sock: socket.socket, ifname: str, cmd: int, data: int = 0) -> int:
+    """One legacy `struct ethtool_value` ioctl; returns the value's data."""
+    buf = ctypes.create_string_buffer(struct.pack("II", cmd, data), 8)
+    ifr = struct.pack("16sP", ifname.encode(), ctypes.addressof(buf))
+    fcntl.ioctl(sock.fileno(), _SIOCETHTOOL, ifr)
+    return int(struct.unpack("II", buf.raw)[1])
 
 
 def process_start_time(pid: int) -> int:
@@ -390,6 +405,20 @@ class ContainerNetns:
             open(f"/proc/sys/{path}", "w", encoding="ascii") as f,
         ):
             f.write(value)
+
+    def tx_checksum(self, ifname: str, enable: bool | None = None) -> bool:
+        """Read (and with `enable`, set) TX checksum offload of `ifname` in this netns,
+        through the ethtool ioctl (no process). Returns the state before any change."""
+        with _translate(f"ethtool tx checksum on {ifname}"):
+            with _inside(self.fd):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                current = bool(_ethtool_value(sock, ifname, _ETHTOOL_GTXCSUM))
+                if enable is not None and enable != current:
+                    _ethtool_value(sock, ifname, _ETHTOOL_STXCSUM, int(enable))
+                return current
+            finally:
+                sock.close()
 
     def send_garp(self, ifname: str, mac: str, ips: list[ipaddress.IPv4Address]) -> None:
         """Send one gratuitous ARP per address out of `ifname` inside the namespace."""
@@ -611,6 +640,9 @@ class NetlinkAdapter:
         path = f"net/ipv4/conf/{spec.ifname}/arp_notify"
         if ns.read_sysctl(path) != "1":
             ns.write_sysctl(path, "1")
+            changed = True
+        if spec.tx_checksum is not None \
+                and ns.tx_checksum(spec.ifname, spec.tx_checksum) != spec.tx_checksum:
             changed = True
         if any(a.version == 6 for a in spec.addresses):
             # docker disables IPv6 in some namespaces; an IPv6 address needs it on.

@@ -205,6 +205,11 @@ def _neigh_mac(container: Any, address: str) -> str | None:
     return None
 
 
+def _ifindex(name: str) -> int | None:
+    proc = run(["ip", "-j", "link", "show", "dev", name], check=False)
+    return int(json.loads(proc.stdout)[0]["ifindex"]) if proc.returncode == 0 else None
+
+
 def netns_ip_out(pid: int, *args: str) -> str:
     proc = run(["nsenter", "-t", str(pid), "-n", "ip", *args], check=False)
     return proc.stdout
@@ -313,9 +318,9 @@ def replicas(env: Env, module_containers: Callable[..., Any]) -> list[Any]:
 def test_replicas_get_distinct_pool_addresses_recorded_in_ipam(env: Env,
                                                                replicas: list[Any]) -> None:
     addrs = [_wait_attached(c) for c in replicas]
-    ips = [ipaddress.ip_interface(a) for a in addrs]
+    ips = [ipaddress.IPv4Interface(a) for a in addrs]
     assert len(set(ips)) == 3, addrs
-    lo, hi = (ipaddress.ip_address(f"10.77.{env.p}.{h}") for h in (50, 69))
+    lo, hi = (ipaddress.IPv4Address(f"10.77.{env.p}.{h}") for h in (50, 69))
     for ip in ips:
         assert ip.network == ipaddress.ip_network(f"10.77.{env.p}.0/24")
         assert lo <= ip.ip <= hi, ip
@@ -438,6 +443,8 @@ def test_orphans_swept_after_crash(env: Env, replicas: list[Any],
     assert env.ipam("ovp")[ip]["container"] == ctr.id
     survivor = replicas[0]
     survivor_addr = _wait_attached(survivor)
+    survivor_veth = host_veth_name(survivor.id, "eth1")
+    survivor_index = _ifindex(survivor_veth)
 
     env.daemon.kill9()
     ctr.remove(force=True)
@@ -450,9 +457,11 @@ def test_orphans_swept_after_crash(env: Env, replicas: list[Any],
              and ip not in env.ipam("ovp"),
              timeout=20, interval=0.1, message="orphaned port, veth and allocation swept")
     print(f"orphans swept {time.monotonic() - t0:.2f}s after the daemon started")
-    # What is still wanted survived the sweep.
+    # What is still wanted survived the restart untouched: the same veth (not torn down
+    # and re-created), its port and address.
     assert _attached(survivor, "eth1", survivor_addr)
-    assert ovs_ports_of(survivor.id) == [host_veth_name(survivor.id, "eth1")]
+    assert ovs_ports_of(survivor.id) == [survivor_veth]
+    assert _ifindex(survivor_veth) == survivor_index
 
 
 # --------------------------------------------------------------------------- 9. bad keys

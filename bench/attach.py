@@ -1,0 +1,437 @@
+"""Benchmark: how fast the daemon attaches and detaches label-matched replicas.
+
+Owns the attach figures of docs/performance.md. For each N (``--n 50,200``):
+
+1. N containers run with ``--net none`` from the local test image, all labelled
+   ``reconciler.name=<spec>``; one OVS network (vlan 100, a /24 pool) is in Consul.
+2. `reconciler run` starts (its own process, default settings: resync 30 s, 4 workers).
+3. Attach: the clock starts just before ONE put of ``containers/<spec>`` (``auto``
+   address) and stops when every container's eth1 is up (IFF_UP and carrier) with an
+   address of the subnet, as read from inside each namespace: one netlink socket per
+   container, opened in its netns before the put, polled every 10 ms.
+4. Daemon RSS (VmRSS) and, for the largest N, its idle CPU over ``--idle`` seconds
+   (utime+stime from /proc/<pid>/stat).
+5. Detach: the clock starts before the delete of the spec key and stops when eth1 is
+   gone from every namespace and the bridge has no port left.
+6. Baseline on the same containers: ``ovs-docker add-port BRIDGE eth1 CONTAINER
+   --ipaddress=...`` sequentially (then verified the same way), and ``ovs-docker
+   del-port``. ovs-docker sets no VLAN tag and does no IPAM: it only does the plumbing.
+
+Prints figures; asserts nothing about time (it fails only if something does not work).
+Everything it creates (containers, bridges, the KV prefix) is removed at the end, also on
+failure. Needs `make services` (Consul, dockerd, OVS, the test image) and root.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ipaddress
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE = os.environ.get("RECONCILER_TEST_IMAGE", "reconciler-test/busybox:latest")
+IFNAME = "eth1"
+_CLONE_NEWNET = 0x40000000
+_IFF_UP = 0x1
+_IFF_LOWER_UP = 0x10000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def sh(*args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """Run a command (never a shell) and capture its text output."""
+    return subprocess.run(list(args), check=check, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _setns(fd: int) -> None:
+    if _libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"setns: {os.strerror(err)}")
+
+
+class NetnsProbe:
+    """A netlink socket created inside a container's netns: reads eth1's state cheaply."""
+
+    def __init__(self, pid: int) -> None:
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(fd)
+            try:
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM,
+                                     socket.NETLINK_ROUTE)
+            finally:
+                _setns(home)
+        finally:
+            os.close(home)
+            os.close(fd)
+        self.ipr: Any = IPRoute(fileno=sock.detach())
+
+    def address(self, ifname: str) -> str | None:
+        """`ifname`'s IPv4 address if the link is up with carrier; else None."""
+        idx = self.ipr.link_lookup(ifname=ifname)
+        if not idx:
+            return None
+        link = self.ipr.get_links(idx[0])[0]
+        if link["flags"] & (_IFF_UP | _IFF_LOWER_UP) != (_IFF_UP | _IFF_LOWER_UP):
+            return None
+        for a in self.ipr.get_addr(index=idx[0], family=socket.AF_INET):
+            return f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}"
+        return None
+
+    def exists(self, ifname: str) -> bool:
+        return bool(self.ipr.link_lookup(ifname=ifname))
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ipr.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        rest = f.read().rsplit(b")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def free_octets(count: int) -> list[int]:
+    """Third octets X of 10.77.X.0/24 that no host route uses (the host is shared)."""
+    used: set[int] = set()
+    for word in sh("ip", "-4", "route", "show", "table", "all").stdout.split():
+        if word.startswith("10.77."):
+            with contextlib.suppress(ValueError, IndexError):
+                used.add(int(word.split(".")[2].split("/")[0]))
+    seed = secrets.randbelow(200)
+    out = [x for x in (20 + (seed + i * 11) % 230 for i in range(230)) if x not in used]
+    if len(out) < count:
+        raise RuntimeError("no free 10.77.X.0/24")
+    return out[:count]
+
+
+def wait_all(probes: dict[str, NetnsProbe], done: Callable[[NetnsProbe], bool],
+             t0: float, timeout: float, what: str) -> dict[str, float]:
+    """Poll until `done(probe)` for every container; seconds since t0 per container."""
+    pending = dict(probes)
+    seen: dict[str, float] = {}
+    deadline = t0 + timeout
+    while pending:
+        now = time.perf_counter()
+        for cid, p in list(pending.items()):
+            if done(p):
+                seen[cid] = now - t0
+                del pending[cid]
+        if not pending:
+            break
+        if time.perf_counter() > deadline:
+            raise TimeoutError(f"{what}: {len(pending)} of {len(probes)} containers not done "
+                               f"after {timeout:g}s")
+        time.sleep(0.01)
+    return seen
+
+
+def pct(values: Iterable[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class Figures:
+    n: int
+    attach_s: float = 0.0
+    attach_p50_s: float = 0.0
+    attach_cpu_s: float = 0.0
+    detach_inside_s: float = 0.0
+    detach_s: float = 0.0
+    rss_mib: float = 0.0
+    idle_window_s: float = 0.0
+    idle_cpu_pct: float | None = None
+    base_attach_s: float = 0.0
+    base_detach_s: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def per(self, total: float) -> float:
+        return 1000 * total / self.n
+
+
+class Bench:
+    def __init__(self, n: int, idle: float, keep_log: bool) -> None:
+        import docker
+
+        self.n = n
+        self.idle = idle
+        self.keep_log = keep_log
+        self.rid = secrets.token_hex(3)
+        self.prefix = f"rb-{self.rid}/"
+        self.node = f"rbnode-{self.rid}"
+        self.spec = f"bench-{self.rid}"
+        self.bridge_d = f"rbd{self.rid}"  # the daemon's (created by it)
+        self.bridge_b = f"rbb{self.rid}"  # ovs-docker's
+        self.octet_d, self.octet_b = free_octets(2)
+        self.kv = ConsulKV(ConsulSettings.from_env())
+        self.docker = docker.from_env(timeout=120)
+        self.containers: list[Any] = []
+        self.probes: dict[str, NetnsProbe] = {}
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"bench-attach-{self.rid}-"))
+        self.log_path = self.workdir / "daemon.log"
+        self.daemon: subprocess.Popen[bytes] | None = None
+        self.fig = Figures(n)
+
+    # ---------------------------------------------------------------- setup
+
+    def start_containers(self) -> None:
+        def one(i: int) -> Any:
+            return self.docker.containers.run(
+                IMAGE, command=["sleep", "86400"], name=f"rb-{self.rid}-{i}", detach=True,
+                network_mode="none",
+                labels={"reconciler.name": self.spec, "reconciler-bench.run": self.rid})
+
+        with ThreadPoolExecutor(8) as pool:
+            for c in pool.map(one, range(self.n)):
+                self.containers.append(c)
+        for c in self.containers:
+            c.reload()
+            if c.status != "running":
+                raise RuntimeError(f"container {c.name} is {c.status}")
+            self.probes[c.id] = NetnsProbe(int(c.attrs["State"]["Pid"]))
+
+    def put(self, rel: str, value: Any) -> None:
+        self.kv.put(self.prefix + rel, json.dumps(value).encode())
+
+    def start_daemon(self) -> int:
+        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
+        self.daemon = subprocess.Popen(
+            [sys.executable, "-m", "reconciler", "--prefix", self.prefix, "run", "--node",
+             self.node, "--state-dir", str(self.workdir / "state")],
+            stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        deadline = time.monotonic() + 60
+        key = f"{self.prefix}nodes/{self.node}/status"
+        while self.kv.get(key) is None:
+            if self.daemon.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not come up; log: {self.log_path}")
+            time.sleep(0.05)
+        return self.daemon.pid
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None and self.daemon.poll() is None:
+            self.daemon.send_signal(signal.SIGTERM)
+            try:
+                self.daemon.wait(20)
+            except subprocess.TimeoutExpired:
+                self.daemon.kill()
+                self.daemon.wait(10)
+        self.daemon = None
+
+    def ports(self, bridge: str) -> list[str]:
+        out = sh("ovs-vsctl", "--timeout=10", "list-ports", bridge, check=False).stdout
+        return out.split()
+
+    # ---------------------------------------------------------------- phases
+
+    def daemon_phase(self) -> None:
+        subnet = ipaddress.ip_network(f"10.77.{self.octet_d}.0/24")
+        self.put(f"networks/bn-{self.rid}", {
+            "subnet": str(subnet), "bridge": self.bridge_d, "driver": "ovs", "vlan": 100,
+            "pool": {"start": f"10.77.{self.octet_d}.10", "end": f"10.77.{self.octet_d}.250"}})
+        pid = self.start_daemon()
+
+        def attached(p: NetnsProbe) -> bool:
+            a = p.address(IFNAME)
+            return a is not None and ipaddress.ip_interface(a).network == subnet
+
+        cpu0 = cpu_seconds(pid)
+        t0 = time.perf_counter()
+        self.put(f"containers/{self.spec}", {"interfaces": [
+            {"name": IFNAME, "network": f"bn-{self.rid}", "address": "auto"}]})
+        seen = wait_all(self.probes, attached, t0, 60 + self.n, "attach")
+        self.fig.attach_s = max(seen.values())
+        self.fig.attach_p50_s = pct(seen.values(), 0.5)
+        self.fig.attach_cpu_s = cpu_seconds(pid) - cpu0
+        addrs = {p.address(IFNAME) for p in self.probes.values()}
+        if len(addrs) != self.n:
+            raise RuntimeError(f"{len(addrs)} distinct addresses for {self.n} containers")
+        self.fig.rss_mib = rss_mib(pid)
+
+        if self.idle > 0:
+            c1 = cpu_seconds(pid)
+            time.sleep(self.idle)  # the measurement window itself
+            self.fig.idle_window_s = self.idle
+            self.fig.idle_cpu_pct = 100 * (cpu_seconds(pid) - c1) / self.idle
+
+        t0 = time.perf_counter()
+        self.kv.delete(f"{self.prefix}containers/{self.spec}")
+        seen = wait_all(self.probes, lambda p: not p.exists(IFNAME), t0, 60 + self.n,
+                        "detach")
+        self.fig.detach_inside_s = max(seen.values())
+        deadline = time.monotonic() + 60
+        while self.ports(self.bridge_d):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"ports left on {self.bridge_d}")
+            time.sleep(0.02)
+        self.fig.detach_s = time.perf_counter() - t0
+        self.stop_daemon()
+
+    def baseline_phase(self) -> None:
+        datapath = sh("ovs-vsctl", "--timeout=10", "get", "bridge", self.bridge_d,
+                      "datapath_type").stdout.strip().strip('"') or "netdev"
+        sh("ovs-vsctl", "--timeout=10", "--may-exist", "add-br", self.bridge_b, "--", "set",
+           "bridge", self.bridge_b, f"datapath_type={datapath}")
+        subnet = ipaddress.ip_network(f"10.77.{self.octet_b}.0/24")
+        t0 = time.perf_counter()
+        for i, c in enumerate(self.containers):
+            sh("ovs-docker", "add-port", self.bridge_b, IFNAME, c.id,
+               f"--ipaddress=10.77.{self.octet_b}.{10 + i}/24")
+
+        def attached(p: NetnsProbe) -> bool:
+            a = p.address(IFNAME)
+            return a is not None and ipaddress.ip_interface(a).network == subnet
+
+        seen = wait_all(self.probes, attached, t0, 60, "ovs-docker attach")
+        self.fig.base_attach_s = max(seen.values())
+        t0 = time.perf_counter()
+        for c in self.containers:
+            sh("ovs-docker", "del-port", self.bridge_b, IFNAME, c.id)
+        wait_all(self.probes, lambda p: not p.exists(IFNAME), t0, 60, "ovs-docker detach")
+        self.fig.base_detach_s = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- cleanup
+
+    def cleanup(self) -> None:
+        import docker.errors
+
+        self.stop_daemon()
+        for p in self.probes.values():
+            p.close()
+
+        def rm(c: Any) -> None:
+            with contextlib.suppress(docker.errors.NotFound):
+                c.remove(force=True)
+
+        # Also containers of this run that a failure left untracked.
+        leftovers = self.docker.containers.list(
+            all=True, filters={"label": f"reconciler-bench.run={self.rid}"})
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(rm, {c.id: c for c in [*self.containers, *leftovers]}.values()))
+        for br in (self.bridge_d, self.bridge_b):
+            sh("ovs-vsctl", "--timeout=10", "--if-exists", "del-br", br, check=False)
+        with contextlib.suppress(Exception):
+            self.kv.delete(self.prefix, recurse=True)
+        self.kv.close()
+        self.docker.close()
+        if not self.keep_log:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def run(self) -> Figures:
+        ok = False
+        try:
+            self.start_containers()
+            self.daemon_phase()
+            self.baseline_phase()
+            ok = True
+            return self.fig
+        finally:
+            if not ok:
+                print(f"--- daemon log ({self.log_path}), last lines:", file=sys.stderr)
+                with contextlib.suppress(OSError):
+                    print(self.log_path.read_text(errors="replace")[-6000:], file=sys.stderr)
+                self.keep_log = True
+            self.cleanup()
+
+
+# --------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    mem = "?"
+    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
+        mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.1f} GiB"
+    model = "?"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    ovs = sh("ovs-vsctl", "--version", check=False).stdout.splitlines()[:1]
+    return (f"{os.cpu_count()} CPUs ({model}), {mem} RAM, kernel {platform.release()}, "
+            f"{ovs[0] if ovs else 'ovs ?'}, Python {platform.python_version()}")
+
+
+def report(figs: Sequence[Figures]) -> None:
+    print(f"machine: {machine()}")
+    print()
+    hdr = ("N", "daemon attach ms/if", "p50 s", "total s", "daemon CPU s", "ovs-docker ms/if",
+           "ratio", "daemon detach ms/if", "ovs-docker del ms/if", "RSS MiB")
+    print(" | ".join(hdr))
+    for f in figs:
+        ratio = f.base_attach_s / f.attach_s if f.attach_s else float("nan")
+        print(" | ".join([
+            str(f.n), f"{f.per(f.attach_s):.1f}", f"{f.attach_p50_s:.2f}",
+            f"{f.attach_s:.2f}", f"{f.attach_cpu_s:.2f}", f"{f.per(f.base_attach_s):.1f}",
+            f"{ratio:.1f}x", f"{f.per(f.detach_s):.1f} (inside {f.per(f.detach_inside_s):.1f})",
+            f"{f.per(f.base_detach_s):.1f}", f"{f.rss_mib:.1f}"]))
+    for f in figs:
+        if f.idle_cpu_pct is not None:
+            print(f"idle CPU with N={f.n} attached over {f.idle_window_s:g}s: "
+                  f"{f.idle_cpu_pct:.2f}% of one core")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--n", default=os.environ.get("BENCH_ATTACH_N", "50,200"),
+                   help="comma-separated container counts (default 50,200)")
+    p.add_argument("--idle", type=float, default=float(os.environ.get("BENCH_IDLE", "60")),
+                   help="idle CPU window in seconds, measured at the largest N (0: skip)")
+    p.add_argument("--keep-log", action="store_true", help="keep the daemon log directory")
+    args = p.parse_args(argv)
+    ns = [int(x) for x in args.n.split(",") if x.strip()]
+    if not ns or min(ns) < 1 or max(ns) > 240:
+        p.error("--n: counts between 1 and 240 (one /24 pool)")
+    if shutil.which("ovs-docker") is None:
+        print("ovs-docker is missing (it ships with openvswitch-common)", file=sys.stderr)
+        return 1
+    figs = []
+    for n in ns:
+        print(f"--- N={n}", flush=True)
+        figs.append(Bench(n, args.idle if n == max(ns) else 0.0, args.keep_log).run())
+    print()
+    report(figs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

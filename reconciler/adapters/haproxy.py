@@ -1,0 +1,775 @@
+"""HAProxy adapter: runs (or attaches to) an HAProxy master and drives it.
+
+Owns the HAProxy state directory layout, the ``haproxy`` binary (``-c`` checks and the
+master-worker process) and the master CLI socket; nothing else in reconciler talks to
+HAProxy. Takes and returns plain values (bytes, names, small frozen dataclasses).
+
+Process model. HAProxy runs in master-worker mode (``-W``) with a master CLI socket
+(``-S``) and a pid file, as a child in its own session (not ``-D``, so tests and the
+daemon can reap it; its stdout/stderr go to ``haproxy.log`` in the state dir, where the
+re-executed master also writes the ALERTs of a failed reload). After a daemon restart a
+running master is re-adopted through the pid file and the master socket. With
+``master_socket=`` and ``config_path=`` the adapter instead drives an HAProxy run by
+someone else (systemd) and never starts or stops it.
+
+Reloads (`apply_config`) happen only when the config bytes change: temp file in the
+same directory → ``haproxy -c`` → fsync → the previous file kept as
+``<config>.last-good`` → atomic rename → server states dumped to the server-state file
+→ ``reload`` on the master CLI → confirmed through ``show proc`` (the master's reload
+counter moved on, its failed-reload counter did not, and a new worker exists). HAProxy
+2.6's master CLI gives no reply to ``reload``, hence the polling. A config that passes
+``-c`` but cannot load (an address the host lacks, a port in use) shows up as a failed
+reload: the last good file is put back and reloaded, and `ReloadFailed` is raised; the
+old worker serves throughout.
+
+Runtime changes need no reload: the active pool is a map entry (``set map``, sent to
+every live worker and persisted in the map file), weights and admin states are
+``set server``; `dump_server_state` writes them to the server-state file so a reload
+keeps them (``load-server-state-from-file global`` in the rendered defaults).
+
+Worker commands go through the master socket as ``@1 <cmd>`` (the newest worker) or
+``@!<pid> <cmd>``, so an external HAProxy needs only its master socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from reconciler.errors import ConfigInvalid, HaproxyError, ReloadFailed
+
+CONFIG_FILE = "haproxy.cfg"
+MAP_FILE = "active.map"
+ADMIN_SOCKET = "admin.sock"
+SERVER_STATE_FILE = "server-state"
+MASTER_SOCKET = "master.sock"
+PID_FILE = "haproxy.pid"
+LOG_FILE = "haproxy.log"
+LAST_GOOD_SUFFIX = ".last-good"
+
+SERVER_STATES = ("ready", "drain", "maint")
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}\Z")
+_BACKEND_RE = re.compile(r"[A-Za-z0-9_.:-]{1,200}\Z")
+_LOG_MAX_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """One worker in ``show proc``."""
+
+    pid: int
+    reloads: int
+    """Reloads this worker has survived (0 for the newest)."""
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    """The master's ``show proc``."""
+
+    master_pid: int
+    reloads: int
+    failed_reloads: int
+    workers: tuple[WorkerInfo, ...]
+    old_workers: tuple[WorkerInfo, ...] = ()
+
+    @property
+    def all_workers(self) -> tuple[WorkerInfo, ...]:
+        return self.workers + self.old_workers
+
+    @property
+    def current_worker(self) -> WorkerInfo | None:
+        """The newest worker (fewest reloads survived)."""
+        if not self.workers:
+            return None
+        return min(self.workers, key=lambda w: (w.reloads, -w.pid))
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What `apply_config` did."""
+
+    config_changed: bool
+    """The config bytes differed from the file, so the file was replaced and reloaded."""
+    map_changed: bool
+    """Some active-pool entry changed (at runtime and/or in the map file)."""
+    reloaded: bool
+    worker_pid: int | None
+    """The current worker after the call."""
+    reloads: int
+    """The master's reload counter after the call."""
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """One server as the current worker sees it (``show stat``)."""
+
+    status: str
+    """HAProxy's status column: UP, DOWN, MAINT, DRAIN, ``no check``, ``UP 1/3``..."""
+    admin: str
+    """ready, drain or maint."""
+    weight: int
+    check_status: str
+    address: str
+
+    @property
+    def up(self) -> bool:
+        return self.status.startswith("UP") or self.status in ("no check", "DRAIN")
+
+
+def parse_show_proc(text: str) -> ProcInfo:
+    """Parse the master CLI's ``show proc`` (HAProxy 2.6 layout)."""
+    master_pid = reloads = failed = -1
+    workers: list[WorkerInfo] = []
+    old: list[WorkerInfo] = []
+    section = "master"
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            if title == "workers":
+                section = "workers"
+            elif title == "old workers":
+                section = "old"
+            elif title == "programs":
+                section = "programs"
+            continue
+        parts = line.split()
+        if len(parts) < 3 or not parts[0].isdigit():
+            continue
+        if parts[1] == "master":
+            master_pid = int(parts[0])
+            reloads = int(parts[2])
+            m = re.search(r"\[failed:\s*(\d+)\]", line)
+            failed = int(m.group(1)) if m else 0
+        elif parts[1] == "worker" and parts[2].isdigit():
+            info = WorkerInfo(int(parts[0]), int(parts[2]))
+            (old if section == "old" else workers).append(info)
+    if master_pid < 0:
+        raise HaproxyError(f"unexpected `show proc` output: {text[:300]!r}")
+    return ProcInfo(master_pid, reloads, failed, tuple(workers), tuple(old))
+
+
+def parse_map(text: str) -> dict[str, str]:
+    """Entries of a map file, or of ``show map <file>`` (lines ``0x... key value``)."""
+    entries: dict[str, str] = {}
+    for raw in text.splitlines():
+        parts = raw.split()
+        if not parts or parts[0].startswith("#"):
+            continue
+        if parts[0].startswith("0x") and len(parts) == 3:
+            parts = parts[1:]
+        if len(parts) == 2:
+            entries[parts[0]] = parts[1]
+    return entries
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_temp(target: Path, data: bytes) -> Path:
+    """Write `data` to a fsynced temp file beside `target` and return its path."""
+    tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}.{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def atomic_write(target: Path, data: bytes) -> None:
+    """Replace `target` with `data`: temp file in the same dir, fsync, rename, fsync dir."""
+    tmp = _write_temp(target, data)
+    try:
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(target.parent)
+
+
+def _read(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def _is_haproxy(pid: int) -> bool:
+    """`pid` runs an haproxy binary (guards against a recycled pid in a stale pid file)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+    except OSError:
+        return False
+    return b"haproxy" in os.path.basename(argv0)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True when `pid` exists and is not a zombie (PID 1 here may never reap)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    state = stat.rpartition(")")[2].split()[:1]
+    return bool(state) and state[0] not in ("Z", "X")
+
+
+class HaproxyProcess:
+    """An HAProxy master (run by us, or attached to) and its runtime API."""
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike[str],
+        haproxy_bin: str = "haproxy",
+        *,
+        master_socket: str | os.PathLike[str] | None = None,
+        config_path: str | os.PathLike[str] | None = None,
+        timeout: float = 15.0,
+    ) -> None:
+        """Own `state_dir`; with `master_socket` and `config_path`, drive that HAProxy."""
+        if (master_socket is None) != (config_path is None):
+            raise HaproxyError("master_socket and config_path go together")
+        self.state_dir = Path(state_dir).absolute()
+        self.haproxy_bin = haproxy_bin
+        self.external = master_socket is not None
+        self.master_socket = (
+            Path(master_socket).absolute()
+            if master_socket is not None
+            else self.state_dir / MASTER_SOCKET
+        )
+        self.config_path = (
+            Path(config_path).absolute()
+            if config_path is not None
+            else self.state_dir / CONFIG_FILE
+        )
+        self.last_good_path = self.config_path.with_name(self.config_path.name + LAST_GOOD_SUFFIX)
+        self.map_path = self.state_dir / MAP_FILE
+        self.admin_socket = self.state_dir / ADMIN_SOCKET
+        self.server_state_path = self.state_dir / SERVER_STATE_FILE
+        self.pid_path = self.state_dir / PID_FILE
+        self.log_path = self.state_dir / LOG_FILE
+        self.timeout = timeout
+        self._child: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()
+
+    @classmethod
+    def attach(
+        cls,
+        master_socket: str | os.PathLike[str],
+        config_path: str | os.PathLike[str],
+        state_dir: str | os.PathLike[str],
+        haproxy_bin: str = "haproxy",
+    ) -> HaproxyProcess:
+        """Drive an externally run HAProxy through its master socket and config file."""
+        return cls(state_dir, haproxy_bin, master_socket=master_socket, config_path=config_path)
+
+    # --- the master CLI ----------------------------------------------------------------
+
+    def master_command(self, command: str, timeout: float | None = None) -> str:
+        """Send one command to the master CLI and return its whole answer."""
+        if "\n" in command or "\r" in command:
+            raise HaproxyError(f"refusing a multi-line CLI command: {command!r}")
+        limit = self.timeout if timeout is None else timeout
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(limit)
+        try:
+            sock.connect(str(self.master_socket))
+            sock.sendall(command.encode() + b"\n")
+            sock.shutdown(socket.SHUT_WR)
+            chunks: list[bytes] = []
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        except OSError as exc:
+            raise HaproxyError(f"master socket {self.master_socket}: {command!r}: {exc}") from exc
+        finally:
+            sock.close()
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    def worker_command(self, command: str, worker: int | None = None) -> str:
+        """Send `command` to the newest worker (or to the worker with pid `worker`)."""
+        prefix = "@1" if worker is None else f"@!{worker}"
+        out = self.master_command(f"{prefix} {command}")
+        if out.startswith("Can't find the target PID"):
+            raise HaproxyError(f"no worker to run {command!r}: {out.strip()}")
+        return out
+
+    def _worker_ok(self, command: str, worker: int | None = None) -> None:
+        out = self.worker_command(command, worker).strip()
+        if out:
+            raise HaproxyError(f"HAProxy refused {command!r}: {out.splitlines()[0]}")
+
+    def show_proc(self) -> ProcInfo:
+        return parse_show_proc(self.master_command("show proc"))
+
+    def is_running(self) -> bool:
+        """The master answers on its socket."""
+        try:
+            self.show_proc()
+        except HaproxyError:
+            return False
+        return True
+
+    # --- process lifecycle -------------------------------------------------------------
+
+    def master_pid(self) -> int | None:
+        """The master's pid: our child's, or the pid file's if that process is alive."""
+        if self._child is not None and self._child.poll() is None:
+            return self._child.pid
+        raw = _read(self.pid_path)
+        if raw is None:
+            return None
+        try:
+            pid = int(raw.split()[0])
+        except (ValueError, IndexError):
+            return None
+        return pid if _pid_alive(pid) and _is_haproxy(pid) else None
+
+    def adopt(self) -> bool:
+        """Re-adopt a master left running (pid file + master socket agree)."""
+        if self.external:
+            return self.is_running()
+        pid = self.master_pid()
+        if pid is None:
+            return False
+        try:
+            info = self.show_proc()
+        except HaproxyError:
+            return False
+        return info.master_pid == pid
+
+    def start(self, cfg: bytes, map_bytes: bytes) -> ApplyResult:
+        """Make HAProxy run `cfg`: adopt a running master (then apply), or start one.
+
+        External mode never starts anything: the master must answer.
+        """
+        with self._lock:
+            if self.external:
+                if not self.is_running():
+                    raise HaproxyError(f"no HAProxy master answers on {self.master_socket}")
+                return self.apply_config(cfg, map_bytes)
+            if self.adopt():
+                return self.apply_config(cfg, map_bytes)
+            return self._launch(cfg, map_bytes)
+
+    def _launch(self, cfg: bytes, map_bytes: bytes) -> ApplyResult:
+        if self.master_pid() is not None:
+            # A master from the pid file that no longer answers on its socket: a second
+            # one would share its ports (SO_REUSEPORT), so end it first.
+            self.stop()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_runtime_files()
+        tmp = _write_temp(self.config_path, cfg)
+        try:
+            self._check_file(tmp)
+            current = _read(self.config_path)
+            if current is not None and current != cfg:
+                atomic_write(self.last_good_path, current)
+            os.replace(tmp, self.config_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _fsync_dir(self.state_dir)
+        atomic_write(self.map_path, map_bytes)
+        for stale in (self.master_socket, self.pid_path):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        if (self.log_path.exists() and self.log_path.stat().st_size > _LOG_MAX_BYTES):
+            self.log_path.unlink()
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
+        try:
+            self._child = subprocess.Popen(
+                [
+                    self.haproxy_bin,
+                    "-W",
+                    "-S", f"{self.master_socket},mode,600",
+                    "-f", str(self.config_path),
+                    "-p", str(self.pid_path),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise HaproxyError(f"cannot run {self.haproxy_bin}: {exc}") from exc
+        finally:
+            log.close()
+        child = self._child
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if child.poll() is not None:
+                self._child = None
+                raise HaproxyError(
+                    f"HAProxy exited at start (status {child.returncode}): {self._log_alerts(0)}"
+                )
+            with contextlib.suppress(HaproxyError):
+                info = self.show_proc()
+                worker = info.current_worker
+                if worker is not None:
+                    with contextlib.suppress(HaproxyError):
+                        self.worker_command("show info")
+                        return ApplyResult(True, True, False, worker.pid, info.reloads)
+            time.sleep(0.05)
+        self.stop()
+        raise HaproxyError(f"HAProxy did not come up within {self.timeout:g}s")
+
+    def stop(self, graceful: bool = False, timeout: float = 10.0) -> None:
+        """Stop the master we run (and its workers). A no-op for an external HAProxy.
+
+        `graceful` lets workers finish their connections (SIGUSR1) instead of SIGTERM.
+        """
+        if self.external:
+            return
+        with self._lock:
+            pid = self.master_pid()
+            if pid is not None:
+                workers: tuple[WorkerInfo, ...] = ()
+                with contextlib.suppress(HaproxyError):
+                    workers = self.show_proc().all_workers
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1 if graceful else signal.SIGTERM)
+                if not self._wait_gone(pid, timeout):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    self._wait_gone(pid, 5.0)
+                for w in workers:  # they exit when the master goes; make sure
+                    if not self._wait_gone(w.pid, 5.0):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(w.pid, signal.SIGKILL)
+            if self._child is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._child.wait(timeout=5.0)
+                self._child = None
+            for path in (self.pid_path, self.master_socket):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _wait_gone(self, pid: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._child is not None and self._child.pid == pid:
+                if self._child.poll() is not None:
+                    return True
+            elif not _pid_alive(pid):
+                return True
+            time.sleep(0.02)
+        return False
+
+    # --- config ------------------------------------------------------------------------
+
+    def validate(self, cfg: bytes) -> None:
+        """Run ``haproxy -c`` on `cfg` (a temp file beside the config); ConfigInvalid if
+        HAProxy refuses it, with HAProxy's own error text."""
+        self.config_path.parent.mkdir(parents=True, exist_ok=True)
+        self._ensure_runtime_files()
+        tmp = _write_temp(self.config_path, cfg)
+        try:
+            self._check_file(tmp)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def _check_file(self, path: Path) -> None:
+        try:
+            proc = subprocess.run(
+                [self.haproxy_bin, "-c", "-f", str(path)],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise HaproxyError(f"cannot run {self.haproxy_bin} -c: {exc}") from exc
+        if proc.returncode != 0:
+            text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
+            text = text.replace(str(path), str(self.config_path))
+            lines = [ln for ln in text.splitlines() if "[ALERT]" in ln] or text.splitlines()
+            raise ConfigInvalid("haproxy -c refused the config: " + "\n".join(lines).strip())
+
+    def _ensure_runtime_files(self) -> None:
+        """The map and server-state files must exist for ``-c`` and for a clean start."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if not self.map_path.exists():
+            atomic_write(self.map_path, b"")
+        if not self.server_state_path.exists():
+            atomic_write(self.server_state_path, b"1\n")
+
+    def apply_config(self, cfg: bytes, map_bytes: bytes) -> ApplyResult:
+        """Make the running HAProxy use `cfg` and the active pools in `map_bytes`.
+
+        Same config bytes as on disk: only the map is synced at runtime (no reload).
+        An HAProxy of ours that is not running (never started, or died) is started.
+        Otherwise check, swap atomically, reload and confirm; on a failed reload the last
+        good config is restored and reloaded, and ReloadFailed is raised.
+        """
+        with self._lock:
+            if not self.external and self.master_pid() is None and not self.is_running():
+                # Never started, or it died: (re)start it with this config.
+                return self._launch(cfg, map_bytes)
+            current = _read(self.config_path)
+            if current == cfg:
+                map_changed = self._sync_map(map_bytes)
+                info = self.show_proc()
+                w = info.current_worker
+                return ApplyResult(False, map_changed, False, w.pid if w else None, info.reloads)
+            self._ensure_runtime_files()
+            tmp = _write_temp(self.config_path, cfg)
+            try:
+                self._check_file(tmp)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            old_map = _read(self.map_path) or b""
+            if current is not None:
+                atomic_write(self.last_good_path, current)
+            os.replace(tmp, self.config_path)
+            _fsync_dir(self.config_path.parent)
+            if old_map != map_bytes:
+                atomic_write(self.map_path, map_bytes)
+            try:
+                info = self._reload_confirmed()
+            except ReloadFailed as exc:
+                self._revert(current, old_map, map_bytes, exc)
+            w = info.current_worker
+            return ApplyResult(True, old_map != map_bytes, True, w.pid if w else None,
+                               info.reloads)
+
+    def _revert(
+        self, previous: bytes | None, old_map: bytes, new_map: bytes, cause: ReloadFailed
+    ) -> NoReturn:
+        if previous is None:
+            raise ReloadFailed(f"{cause}; no previous config to go back to")
+        atomic_write(self.config_path, previous)
+        if old_map != new_map:
+            atomic_write(self.map_path, old_map)
+        try:
+            self._reload_confirmed(dump_state=False)
+        except ReloadFailed as again:
+            raise ReloadFailed(
+                f"{cause}; restored the last good config, but reloading it failed too: {again}"
+            ) from cause
+        raise ReloadFailed(f"{cause}; restored and reloaded the last good config") from cause
+
+    def reload(self) -> ApplyResult:
+        """Reload the current config file (server states kept) and confirm it."""
+        with self._lock:
+            info = self._reload_confirmed()
+            w = info.current_worker
+            return ApplyResult(False, False, True, w.pid if w else None, info.reloads)
+
+    def _reload_confirmed(self, dump_state: bool = True) -> ProcInfo:
+        before = self.show_proc()
+        if dump_state:
+            with contextlib.suppress(HaproxyError):
+                self.dump_server_state()
+        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        old_pids = {w.pid for w in before.all_workers}
+        # The master re-executes itself and drops the connection; 2.6 sends no reply.
+        with contextlib.suppress(HaproxyError):
+            self.master_command("reload", timeout=self.timeout)
+        deadline = time.monotonic() + self.timeout
+        last: ProcInfo | str = "no answer"
+        while time.monotonic() < deadline:
+            try:
+                info = self.show_proc()
+            except HaproxyError as exc:
+                last = str(exc)
+                time.sleep(0.02)
+                continue
+            last = info
+            if info.reloads > before.reloads:
+                if info.failed_reloads > before.failed_reloads:
+                    raise ReloadFailed(
+                        "HAProxy failed to load the new config (failed reloads "
+                        f"{before.failed_reloads} -> {info.failed_reloads}): "
+                        f"{self._log_alerts(log_offset)}"
+                    )
+                fresh = [w for w in info.workers if w.pid not in old_pids and w.reloads == 0]
+                if fresh:
+                    try:
+                        self.worker_command("show info")
+                    except HaproxyError as exc:
+                        last = str(exc)
+                    else:
+                        return info
+            time.sleep(0.02)
+        raise ReloadFailed(f"no new HAProxy worker within {self.timeout:g}s (last: {last})")
+
+    def _log_alerts(self, offset: int) -> str:
+        if self.external:
+            return "see HAProxy's own log"
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                text = f.read(64 * 1024).decode("utf-8", "replace")
+        except OSError:
+            return "no log"
+        alerts = [ln.strip() for ln in text.splitlines() if "[ALERT]" in ln]
+        return "\n".join(alerts[-10:]) or "no ALERT in haproxy.log"
+
+    # --- runtime API -------------------------------------------------------------------
+
+    def runtime_map(self) -> dict[str, str]:
+        """The active-pool map as the newest worker has it."""
+        return parse_map(self.worker_command(f"show map {self.map_path}"))
+
+    def _set_map_entry(self, key: str, value: str, present: bool, worker: int) -> None:
+        verb = "set" if present else "add"
+        self._worker_ok(f"{verb} map {self.map_path} {key} {value}", worker)
+
+    def _sync_map(self, map_bytes: bytes) -> bool:
+        """Bring every worker's runtime map and the map file to `map_bytes`."""
+        desired = parse_map(map_bytes.decode("utf-8"))
+        for key, value in desired.items():
+            self._check_arg("map key", key, _NAME_RE)
+            self._check_arg("backend", value, _BACKEND_RE)
+        changed = False
+        info = self.show_proc()
+        current = info.current_worker
+        for w in info.all_workers:
+            try:
+                runtime = parse_map(self.worker_command(f"show map {self.map_path}", w.pid))
+                for key, value in desired.items():
+                    if runtime.get(key) != value:
+                        self._set_map_entry(key, value, key in runtime, w.pid)
+                        changed = changed or (current is not None and w.pid == current.pid)
+                for key in runtime.keys() - desired.keys():
+                    self._worker_ok(f"del map {self.map_path} {key}", w.pid)
+                    changed = changed or (current is not None and w.pid == current.pid)
+            except HaproxyError:
+                # An old worker may exit at any moment; the current one must succeed.
+                if current is not None and w.pid == current.pid:
+                    raise
+        if _read(self.map_path) != map_bytes:
+            atomic_write(self.map_path, map_bytes)
+            changed = True
+        return changed
+
+    @staticmethod
+    def _check_arg(what: str, value: str, pattern: re.Pattern[str]) -> None:
+        # CLI arguments are space-separated and `;` chains commands: allow-list them.
+        if not pattern.match(value):
+            raise HaproxyError(f"invalid {what} for the HAProxy CLI: {value!r}")
+
+    def set_active(self, service: str, backend: str) -> None:
+        """Route `service`'s frontend to `backend` now (no reload) and persist it."""
+        self._check_arg("service", service, _NAME_RE)
+        self._check_arg("backend", backend, _BACKEND_RE)
+        with self._lock:
+            backends = set(self.worker_command("show backend").split())
+            if backend not in backends:
+                raise HaproxyError(f"HAProxy has no backend {backend!r} for service {service}")
+            entries = parse_map((_read(self.map_path) or b"").decode("utf-8"))
+            entries[service] = backend
+            data = "".join(f"{k} {v}\n" for k, v in sorted(entries.items())).encode()
+            atomic_write(self.map_path, data)
+            info = self.show_proc()
+            current = info.current_worker
+            for w in info.all_workers:
+                try:
+                    runtime = parse_map(self.worker_command(f"show map {self.map_path}", w.pid))
+                    if runtime.get(service) != backend:
+                        self._set_map_entry(service, backend, service in runtime, w.pid)
+                except HaproxyError:
+                    if current is not None and w.pid == current.pid:
+                        raise
+
+    def set_weight(self, backend: str, server: str, weight: int) -> None:
+        """Set a server's weight (0-256) in the current worker."""
+        self._check_arg("backend", backend, _BACKEND_RE)
+        self._check_arg("server", server, _NAME_RE)
+        if isinstance(weight, bool) or not 0 <= weight <= 256:
+            raise HaproxyError(f"weight must be 0-256, got {weight!r}")
+        with self._lock:
+            self._worker_ok(f"set server {backend}/{server} weight {int(weight)}")
+
+    def set_state(self, backend: str, server: str, state: str) -> None:
+        """Set a server's admin state: ready, drain or maint."""
+        self._check_arg("backend", backend, _BACKEND_RE)
+        self._check_arg("server", server, _NAME_RE)
+        if state not in SERVER_STATES:
+            raise HaproxyError(f"state must be one of {', '.join(SERVER_STATES)}: {state!r}")
+        with self._lock:
+            self._worker_ok(f"set server {backend}/{server} state {state}")
+
+    def server_states(self) -> dict[tuple[str, str], ServerStatus]:
+        """Every server of every backend in the current worker, by (backend, server)."""
+        text = self.worker_command("show stat")
+        lines = text.splitlines()
+        if not lines or not lines[0].startswith("# "):
+            raise HaproxyError(f"unexpected `show stat` output: {text[:200]!r}")
+        header = lines[0][2:].split(",")
+        col = {name: i for i, name in enumerate(header)}
+        needed = ("pxname", "svname", "status", "weight", "check_status", "addr")
+        if any(n not in col for n in needed):
+            raise HaproxyError(f"`show stat` lacks columns {needed}")
+        out: dict[tuple[str, str], ServerStatus] = {}
+        for line in lines[1:]:
+            row = line.split(",")
+            if len(row) < len(header) - 1:
+                continue
+            sv = row[col["svname"]]
+            if sv in ("FRONTEND", "BACKEND"):
+                continue
+            status = row[col["status"]]
+            admin = "maint" if status.startswith("MAINT") else (
+                "drain" if status.startswith("DRAIN") else "ready")
+            weight = row[col["weight"]]
+            out[(row[col["pxname"]], sv)] = ServerStatus(
+                status=status,
+                admin=admin,
+                weight=int(weight) if weight.isdigit() else 0,
+                check_status=row[col["check_status"]],
+                address=row[col["addr"]],
+            )
+        return out
+
+    def dump_server_state(self) -> None:
+        """Write the current worker's server states (weights, maint/drain) to the
+        server-state file, which the next worker loads at start."""
+        with self._lock:
+            text = self.worker_command("show servers state")
+            if not text.startswith("1\n"):
+                raise HaproxyError(f"unexpected `show servers state` output: {text[:200]!r}")
+            body = "\n".join(ln for ln in text.splitlines() if ln.strip()) + "\n"
+            atomic_write(self.server_state_path, body.encode())
+
+
+__all__ = [
+    "ADMIN_SOCKET",
+    "MAP_FILE",
+    "SERVER_STATES",
+    "SERVER_STATE_FILE",
+    "ApplyResult",
+    "HaproxyProcess",
+    "ProcInfo",
+    "ServerStatus",
+    "WorkerInfo",
+    "atomic_write",
+    "parse_map",
+    "parse_show_proc",
+]

@@ -1,0 +1,206 @@
+"""The proxy controller: desired services -> rendered HAProxy config -> running HAProxy.
+
+Owns the conversion of the model (`reconciler.model.Service`) into the renderer's view,
+the choice of the active pool to apply (the key's value; while that is missing or
+invalid, the last applied pool, so a bad `active` never takes traffic away), the
+quiescence window that coalesces bursts of changes into one reload, and the proxy part
+of the node status (config hash, last reload result, active pool per service).
+
+Switching `active` changes only the map: the adapter applies it with `set map` through
+the runtime API (no reload) and persists the map file. Members, services or settings
+change the config bytes: then it goes through check -> atomic swap -> reload ->
+confirm, and a config that fails is never loaded (the adapter keeps the last good one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+from reconciler.adapters.haproxy import HaproxyProcess
+from reconciler.errors import ConfigurationError, HaproxyError, Problem, ValidationError
+from reconciler.model import DesiredState, Service
+from reconciler.proxy.render import Renderer, render_map
+from reconciler.proxy.view import GlobalView, MemberView, PoolView, ProxyView, ServiceView
+from reconciler.settings import ProxySettings, Settings
+
+log = logging.getLogger(__name__)
+
+
+def service_view(svc: Service, active: str) -> ServiceView:
+    cfg = svc.config
+    pools = tuple(
+        PoolView(pname, tuple(MemberView(m.name, str(m.address), m.port, m.weight)
+                              for m in members.values()))
+        for pname, members in svc.pools.items())
+    return ServiceView(
+        name=svc.name, bind_host=cfg.bind_host, bind_port=cfg.bind_port, active=active,
+        pools=pools, mode=cfg.mode, balance=cfg.balance,
+        health_path=cfg.health.path if cfg.health else None,
+        health_interval_ms=cfg.health.interval_ms if cfg.health else 2000)
+
+
+def choose_active(svc: Service, last: str | None) -> str:
+    """The pool to serve: the key's value, else the last applied, else the first pool."""
+    if svc.active is not None:
+        return svc.active
+    if last is not None:
+        return last
+    return sorted(svc.pools)[0] if svc.pools else "default"
+
+
+def build_view(state: DesiredState, settings: GlobalView, last_active: dict[str, str],
+               only: str | None = None) -> ProxyView:
+    services = tuple(
+        service_view(svc, choose_active(svc, last_active.get(name)))
+        for name, svc in sorted(state.services.items()) if only is None or name == only)
+    return ProxyView(settings, services)
+
+
+def config_view(view: ProxyView) -> ProxyView:
+    """The view the config is rendered from: every pool `active` names exists as a
+    backend, and the frontend's fallback is the first pool by name — NOT the active one.
+    So switching `active` changes only the map (applied with `set map`, no reload), and
+    the config bytes change only when services, pools, members or settings do. (The
+    fallback is used only if the map lacked the service, which the adapter prevents.)"""
+    services = []
+    for svc in view.services:
+        pools = svc.pools
+        if not any(p.name == svc.active for p in pools):
+            pools = (*pools, PoolView(svc.active))
+        stable = min(p.name for p in pools)
+        services.append(replace(svc, pools=pools, active=stable))
+    return replace(view, services=tuple(services))
+
+
+def render_for_cli(state: DesiredState, service: str | None, templates: str | None,
+                   state_dir: str) -> tuple[str, list[Problem]]:
+    """`reconciler render`: what the daemon would write (or one service's part)."""
+    if service is not None and service not in state.services:
+        raise ConfigurationError(f"no valid service {service!r} in the desired state")
+    view = build_view(state, GlobalView.for_state_dir(state_dir), {}, only=service)
+    problems = [p for p in state.problems if "/services/" in p.key]
+    return Renderer(templates).render(config_view(view)).decode(), problems
+
+
+class ProxyController:
+    """Runs in the daemon under the `proxy` work key."""
+
+    def __init__(self, settings: ProxySettings, *, dry_run: bool = False,
+                 haproxy: HaproxyProcess | None = None) -> None:
+        self.settings = settings
+        self.dry_run = dry_run
+        self.hap = haproxy or HaproxyProcess(
+            settings.state_dir, settings.haproxy_bin, master_socket=settings.master_socket,
+            config_path=settings.config_path)
+        self.globals = GlobalView.for_state_dir(settings.state_dir)
+        self.renderer = Renderer(settings.templates_dir)
+        self.state = DesiredState()
+        self.last_active: dict[str, str] = {}
+        self._errors: dict[str, list[str]] = {}
+        self._status: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._first_change: float | None = None
+        self._last_change = 0.0
+        self.planned: list[str] = []
+
+    # -- inputs -----------------------------------------------------------------------
+
+    def set_state(self, state: DesiredState) -> None:
+        with self._lock:
+            if state.services != self.state.services:
+                now = time.monotonic()
+                self._last_change = now
+                if self._first_change is None:
+                    self._first_change = now
+            self.state = state
+
+    def set_containers(self, containers: Any, addresses: Any) -> None:
+        """Members reach the proxy through KV (members.py); nothing to do here."""
+
+    def quiet_delay(self) -> float:
+        """Seconds to wait before applying, to coalesce a burst (0: apply now).
+
+        Waits until no change came for `quiet_min`, but never more than `quiet_max`
+        after the first change of the burst (consul-template's {min, max} wait)."""
+        with self._lock:
+            if self._first_change is None:
+                return 0.0
+            now = time.monotonic()
+            wait = min(self._last_change + self.settings.quiet_min,
+                       self._first_change + self.settings.quiet_max) - now
+            return max(0.0, wait)
+
+    # -- reconcile --------------------------------------------------------------------
+
+    def reconcile(self) -> dict[str, Any]:
+        with self._lock:
+            state = self.state
+            self._first_change = None
+        errors: dict[str, list[str]] = {}
+        view = build_view(state, self.globals, self.last_active)
+        if not view.services:
+            self._status = {"services": 0, "active": {}, "last_reload": "no services"}
+            self._errors = {}
+            if not self.dry_run and not self.hap.external and self.hap.is_running():
+                log.info("no services left: stopping HAProxy")
+                self.hap.stop(graceful=True)
+            return self._status
+        try:
+            cfg = self.renderer.render(config_view(view))
+            map_bytes = render_map(view)
+        except ValidationError as e:
+            for p in e.problems:
+                errors.setdefault(p.key, []).append(str(p)[len(p.key):].lstrip(": "))
+            self._errors = errors
+            self._status = dict(self._status, last_reload=f"render refused: {e}")
+            return self._status
+        except ConfigurationError as e:
+            self._errors = {"templates": [str(e)]}
+            self._status = dict(self._status, last_reload=f"render failed: {e}")
+            return self._status
+        digest = hashlib.sha256(cfg).hexdigest()[:16]
+        active = {s.name: s.active for s in view.services}
+        if self.dry_run:
+            self.planned.append(f"haproxy config {digest} for {len(view.services)} service(s), "
+                                f"active {active}")
+            return {"config_hash": digest, "active": active}
+        try:
+            result = self.hap.apply_config(cfg, map_bytes)
+        except HaproxyError as e:
+            # Never left without a valid config: the adapter kept (or restored) the last
+            # good one and the old worker keeps serving.
+            log.error("haproxy: %s", e)
+            self._errors = {"haproxy": [str(e)]}
+            self._status = dict(self._status, last_reload=f"failed: {e}",
+                                config_hash_wanted=digest)
+            raise
+        for svc in view.services:
+            if svc.active != self.last_active.get(svc.name):
+                log.info("service %s: active pool %s", svc.name, svc.active)
+        self.last_active = dict(active)
+        self._errors = errors
+        self._status = {
+            "config_hash": digest, "active": active, "services": len(view.services),
+            "reloads": result.reloads, "worker": result.worker_pid,
+            "last_reload": "ok" if result.reloaded else self._status.get("last_reload", "ok"),
+        }
+        if result.reloaded:
+            log.info("haproxy reloaded (config %s, worker %s)", digest, result.worker_pid)
+        return self._status
+
+    def errors(self) -> dict[str, list[str]]:
+        return dict(self._errors)
+
+    def view(self) -> ProxyView:
+        return build_view(self.state, self.globals, self.last_active)
+
+
+def build_proxy_controller(settings: Settings, kv: Any, *, dry_run: bool = False
+                           ) -> ProxyController:
+    return ProxyController(settings.proxy, dry_run=dry_run)
+

@@ -1,0 +1,456 @@
+"""Integration tests of reconciler.adapters.haproxy against the real HAProxy 2.6 binary.
+
+Backends are tiny HTTP servers in threads on loopback answering with their pool name;
+HAProxy binds only 127.0.0.1 on free ports; every HAProxy a test starts is stopped by
+the `proxy` fixture, and every state dir lives under tmp_path.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from helpers import wait_for
+
+from reconciler.adapters.haproxy import HaproxyProcess, parse_map
+from reconciler.errors import ConfigInvalid, HaproxyError, ReloadFailed
+from reconciler.proxy import (
+    GlobalView,
+    MemberView,
+    PoolView,
+    ProxyView,
+    ServiceView,
+    backend_name,
+    render,
+    render_map,
+)
+
+pytestmark = pytest.mark.integration
+
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = self.server.body  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # health checks hang up early; that is not a test failure
+
+
+class _V6Server(_Server):
+    address_family = socket.AF_INET6
+
+
+@dataclass
+class Backends:
+    """HTTP servers answering with a fixed body; all shut down by the fixture."""
+
+    servers: list[ThreadingHTTPServer] = field(default_factory=list)
+
+    def start(self, body: str, host: str = "127.0.0.1") -> int:
+        cls = _V6Server if ":" in host else _Server
+        srv = cls((host, 0), _Handler)
+        srv.body = body.encode()  # type: ignore[attr-defined]
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
+        self.servers.append(srv)
+        return int(srv.server_address[1])
+
+
+@pytest.fixture
+def backends() -> Iterator[Backends]:
+    b = Backends()
+    yield b
+    for srv in b.servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[Callable[..., HaproxyProcess]]:
+    made: list[HaproxyProcess] = []
+
+    def make(name: str = "hx", **kwargs: object) -> HaproxyProcess:
+        proc = HaproxyProcess(tmp_path / name, HAPROXY, **kwargs)  # type: ignore[arg-type]
+        made.append(proc)
+        return proc
+
+    yield make
+    for proc in reversed(made):
+        proc.stop()
+
+
+@dataclass
+class Site:
+    """One service `web` on a free port with pools blue and green."""
+
+    proc: HaproxyProcess
+    port: int
+    pools: dict[str, list[MemberView]]
+    active: str = "blue"
+    extra: tuple[ServiceView, ...] = ()
+
+    def view(self) -> ProxyView:
+        svc = ServiceView(
+            name="web", bind_host="127.0.0.1", bind_port=self.port, active=self.active,
+            pools=tuple(PoolView(p, tuple(ms)) for p, ms in self.pools.items()),
+            health_path="/health", health_interval_ms=500,
+        )
+        return ProxyView(GlobalView.for_state_dir(self.proc.state_dir), (svc, *self.extra))
+
+    def cfg(self) -> bytes:
+        return render(self.view())
+
+    def map(self) -> bytes:
+        return render_map(self.view())
+
+
+def get(port: int, path: str = "/") -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read().decode()
+        assert resp.status == 200, (resp.status, body)
+        return body
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def site(proxies: Callable[..., HaproxyProcess], backends: Backends) -> Site:
+    proc = proxies()
+    s = Site(
+        proc,
+        free_port(),
+        {
+            "blue": [MemberView("b1", "127.0.0.1", backends.start("blue"))],
+            "green": [MemberView("g1", "127.0.0.1", backends.start("green"))],
+        },
+    )
+    result = proc.start(s.cfg(), s.map())
+    assert result.worker_pid is not None
+    assert get(s.port) == "blue"
+    return s
+
+
+def test_start_writes_files_and_serves_active_pool(site: Site) -> None:
+    proc = site.proc
+    assert proc.config_path.read_bytes() == site.cfg()
+    assert proc.map_path.read_bytes() == b"web be_web:blue\n"
+    assert proc.master_pid() == proc.show_proc().master_pid
+    assert proc.admin_socket.exists()
+    assert {get(site.port) for _ in range(4)} == {"blue"}
+
+
+def test_set_active_switches_without_reload(site: Site) -> None:
+    proc = site.proc
+    before = proc.show_proc()
+    proc.set_active("web", backend_name("web", "green"))
+    assert {get(site.port) for _ in range(4)} == {"green"}
+    after = proc.show_proc()
+    assert after.reloads == before.reloads
+    assert after.current_worker == before.current_worker
+    assert parse_map(proc.map_path.read_text()) == {"web": "be_web:green"}
+    assert proc.runtime_map() == {"web": "be_web:green"}
+    proc.set_active("web", backend_name("web", "blue"))
+    assert get(site.port) == "blue"
+    with pytest.raises(HaproxyError, match="no backend"):
+        proc.set_active("web", backend_name("web", "nope"))
+    with pytest.raises(HaproxyError, match="invalid"):
+        proc.set_active("web", "be_web:blue;shutdown sessions")
+    assert proc.runtime_map() == {"web": "be_web:blue"}
+
+
+def test_apply_same_config_is_a_no_op_and_map_changes_need_no_reload(site: Site) -> None:
+    proc = site.proc
+    before = proc.show_proc()
+    same = proc.apply_config(site.cfg(), site.map())
+    assert (same.config_changed, same.map_changed, same.reloaded) == (False, False, False)
+    site.active = "green"
+    # The frontend's default changes with `active`, so the config bytes change too:
+    # apply only the map against the unchanged config to exercise the runtime path.
+    flipped = proc.apply_config(proc.config_path.read_bytes(), site.map())
+    assert (flipped.config_changed, flipped.map_changed, flipped.reloaded) == (
+        False, True, False)
+    assert get(site.port) == "green"
+    assert proc.map_path.read_bytes() == b"web be_web:green\n"
+    assert proc.show_proc().reloads == before.reloads
+
+
+def test_reload_with_added_member(site: Site, backends: Backends) -> None:
+    proc = site.proc
+    before = proc.show_proc()
+    site.pools["blue"].append(MemberView("b2", "127.0.0.1", backends.start("blue-2")))
+    result = proc.apply_config(site.cfg(), site.map())
+    assert result.config_changed and result.reloaded
+    after = proc.show_proc()
+    assert after.reloads == before.reloads + 1
+    assert after.failed_reloads == before.failed_reloads
+    assert result.worker_pid not in {w.pid for w in before.workers}
+    assert proc.last_good_path.exists()
+    assert {get(site.port) for _ in range(6)} == {"blue", "blue-2"}
+    assert ("be_web:blue", "b2") in proc.server_states()
+
+
+def test_invalid_config_is_refused_and_last_good_keeps_serving(site: Site) -> None:
+    proc = site.proc
+    good = proc.config_path.read_bytes()
+    before = proc.show_proc()
+    bad = good + b"\nbackend broken\n    server s1 127.0.0.1:1 frobnicate\n"
+    with pytest.raises(ConfigInvalid, match="frobnicate"):
+        proc.apply_config(bad, site.map())
+    with pytest.raises(ConfigInvalid):
+        proc.validate(b"this is not haproxy\n")
+    assert proc.config_path.read_bytes() == good
+    assert proc.show_proc().reloads == before.reloads
+    assert not list(proc.config_path.parent.glob(".*.tmp.*"))
+    assert get(site.port) == "blue"
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((host, port))
+    s.listen()
+    return s
+
+
+@pytest.mark.parametrize("reason", ["address-not-on-host", "port-in-use"])
+def test_config_that_fails_to_load_is_reverted(site: Site, reason: str) -> None:
+    proc = site.proc
+    good = proc.config_path.read_bytes()
+    before = proc.show_proc()
+    blocker: socket.socket | None = None
+    if reason == "address-not-on-host":
+        host, port = "198.18.255.1", 80
+    else:
+        host, port = "127.0.0.1", free_port()
+        blocker = _listen(host, port)
+    try:
+        site.extra = (ServiceView("other", host, port, "blue"),)
+        bad = site.cfg()
+        proc.validate(bad)  # passes `haproxy -c`...
+        with pytest.raises(ReloadFailed, match="restored and reloaded the last good") as info:
+            proc.apply_config(bad, site.map())  # ...but cannot load
+    finally:
+        if blocker is not None:
+            blocker.close()
+    # HAProxy's own ALERT is in the message.
+    assert "cannot bind socket" in str(info.value) and f":{port}]" in str(info.value)
+    after = proc.show_proc()
+    # The failed reload, then the reload of the restored file (2.6 resets the failed
+    # counter on the next good reload).
+    assert after.reloads == before.reloads + 2
+    assert after.current_worker != before.current_worker
+    assert proc.config_path.read_bytes() == good
+    assert {get(site.port) for _ in range(4)} == {"blue"}
+    # A later good change still goes through.
+    site.extra = ()
+    site.pools["green"][0] = MemberView("g1", "127.0.0.1", site.pools["green"][0].port, 7)
+    assert proc.apply_config(site.cfg(), site.map()).reloaded
+    assert proc.server_states()[("be_web:green", "g1")].weight == 7
+
+
+def test_weights_and_maint_survive_a_reload(site: Site, backends: Backends) -> None:
+    proc = site.proc
+    site.pools["blue"].append(MemberView("b2", "127.0.0.1", backends.start("blue-2")))
+    proc.apply_config(site.cfg(), site.map())
+    proc.set_weight("be_web:blue", "b1", 7)
+    proc.set_state("be_web:blue", "b2", "maint")
+    states = proc.server_states()
+    assert states[("be_web:blue", "b1")].weight == 7
+    assert states[("be_web:blue", "b2")].admin == "maint"
+    assert {get(site.port) for _ in range(4)} == {"blue"}  # b2 in maint takes nothing
+    site.pools["green"].append(MemberView("g2", "127.0.0.1", backends.start("green-2")))
+    before = proc.show_proc()
+    assert proc.apply_config(site.cfg(), site.map()).reloaded
+    assert proc.show_proc().current_worker != before.current_worker
+    states = proc.server_states()
+    assert states[("be_web:blue", "b1")].weight == 7
+    assert states[("be_web:blue", "b2")].admin == "maint"
+    assert {get(site.port) for _ in range(4)} == {"blue"}
+    proc.set_state("be_web:blue", "b2", "ready")
+    wait_for(lambda: {get(site.port) for _ in range(8)} == {"blue", "blue-2"},
+             timeout=10, message="b2 back in rotation")
+    with pytest.raises(HaproxyError, match="weight"):
+        proc.set_weight("be_web:blue", "b1", 300)
+    with pytest.raises(HaproxyError, match="No such server"):
+        proc.set_weight("be_web:blue", "nope", 3)
+    with pytest.raises(HaproxyError, match="invalid"):
+        proc.set_state("be_web:blue", "b1;shutdown sessions", "maint")
+
+
+def test_ipv6_member(proxies: Callable[..., HaproxyProcess], backends: Backends) -> None:
+    proc = proxies()
+    s = Site(proc, free_port(), {"blue": [MemberView("v6", "::1", backends.start("six", "::1"))]})
+    proc.start(s.cfg(), s.map())
+    assert "server v6 [::1]:" in s.cfg().decode()
+    assert get(s.port) == "six"
+
+
+def test_readopt_running_master_after_restart(
+    site: Site, proxies: Callable[..., HaproxyProcess]
+) -> None:
+    first = site.proc
+    pid = first.show_proc().master_pid
+    again = HaproxyProcess(first.state_dir, HAPROXY)  # a restarted daemon
+    assert again.adopt()
+    result = again.start(site.cfg(), site.map())
+    assert not result.reloaded
+    assert again.show_proc().master_pid == pid
+    again.set_active("web", "be_web:green")
+    assert get(site.port) == "green"
+
+
+def test_stale_pid_file_is_not_trusted(proxies: Callable[..., HaproxyProcess],
+                                       backends: Backends) -> None:
+    proc = proxies()
+    proc.state_dir.mkdir(parents=True)
+    proc.pid_path.write_text(f"{os.getpid()}\n")  # alive, but not an haproxy
+    assert proc.master_pid() is None and not proc.adopt()
+    s = Site(proc, free_port(), {"blue": [MemberView("b1", "127.0.0.1", backends.start("b"))]})
+    proc.start(s.cfg(), s.map())
+    assert proc.master_pid() == proc.show_proc().master_pid != os.getpid()
+    assert get(s.port) == "b"
+
+
+def test_external_master(site: Site) -> None:
+    ext = HaproxyProcess.attach(site.proc.master_socket, site.proc.config_path,
+                                site.proc.state_dir, HAPROXY)
+    assert ext.external and ext.is_running()
+    ext.set_active("web", "be_web:green")
+    assert get(site.port) == "green"
+    site.active = "green"
+    site.pools["blue"][0] = MemberView("b1", "127.0.0.1", site.pools["blue"][0].port, 9)
+    assert ext.apply_config(site.cfg(), site.map()).reloaded
+    ext.stop()  # never stops an HAProxy it does not own
+    assert ext.is_running()
+    assert get(site.port) == "green"
+
+
+@dataclass
+class LoadResult:
+    ok: int = 0
+    failures: list[str] = field(default_factory=list)
+    bodies: set[str] = field(default_factory=set)
+
+
+def _client_load(port: int, stop: threading.Event, out: LoadResult,
+                 max_requests: int = 20000, max_seconds: float = 90.0) -> None:
+    """Keep-alive client: one connection reused until the server closes it; no retries."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    deadline = time.monotonic() + max_seconds
+    try:
+        for _ in range(max_requests):
+            if stop.is_set() or time.monotonic() > deadline:
+                break
+            try:
+                conn.request("GET", "/")
+                resp = conn.getresponse()
+                body = resp.read().decode()
+                if resp.status != 200:
+                    out.failures.append(f"status {resp.status}: {body[:80]}")
+                else:
+                    out.ok += 1
+                    out.bodies.add(body)
+            except (OSError, http.client.HTTPException) as exc:
+                out.failures.append(repr(exc))
+                conn.close()
+            time.sleep(0.003)
+    finally:
+        conn.close()
+
+
+def test_no_failed_requests_during_flips_and_reloads(site: Site, backends: Backends) -> None:
+    proc = site.proc
+    stop = threading.Event()
+    results = [LoadResult() for _ in range(2)]
+
+    def served() -> int:
+        return sum(r.ok for r in results)
+
+    def more_served(than: int) -> Callable[[], bool]:
+        return lambda: served() > than + 50
+
+    threads = [threading.Thread(target=_client_load, args=(site.port, stop, r)) for r in results]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: all(r.ok > 20 for r in results), timeout=10, message="load started")
+        reloads = 0
+        for i in range(10):
+            pool = "green" if i % 2 == 0 else "blue"
+            proc.set_active("web", backend_name("web", pool))
+            site.active = pool
+            wait_for(more_served(served()), timeout=10, message="traffic after a flip")
+            if i % 2 == 1:
+                site.pools["blue"].append(
+                    MemberView(f"extra{i}", "127.0.0.1", backends.start("blue")))
+                assert proc.apply_config(site.cfg(), site.map()).reloaded
+                reloads += 1
+                wait_for(more_served(served()), timeout=10, message="traffic after a reload")
+        assert reloads == 5
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    failures = [f for r in results for f in r.failures]
+    assert failures == []
+    assert set().union(*(r.bodies for r in results)) == {"blue", "green"}
+    assert served() > 15 * 50
+
+
+def test_stop_ends_master_and_workers(proxies: Callable[..., HaproxyProcess],
+                                      backends: Backends) -> None:
+    proc = proxies()
+    s = Site(proc, free_port(), {"blue": [MemberView("b1", "127.0.0.1", backends.start("b"))]})
+    proc.start(s.cfg(), s.map())
+    info = proc.show_proc()
+    proc.stop()
+    assert not proc.is_running()
+    assert proc.master_pid() is None
+    for pid in [info.master_pid, *(w.pid for w in info.all_workers)]:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in _state(pid)
+    with pytest.raises(OSError):
+        get(s.port)
+    # The daemon's next apply brings a stopped (or crashed) HAProxy of its own back.
+    result = proc.apply_config(s.cfg(), s.map())
+    assert result.worker_pid is not None
+    assert proc.show_proc().master_pid != info.master_pid
+    assert get(s.port) == "b"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "gone"
