@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="what `run --once` would change, changing nothing",
                         description="Read the whole prefix and print, per key, what is invalid "
                         "and why; exit 2 when anything is invalid.")
-    pl.add_argument("--node", default=None, help="plan for this node (default: host name)")
+    _node_arg(pl)
+    pl.add_argument("--keys-only", action="store_true",
+                    help="only check the keys; do not look at this host's interfaces and "
+                    "HAProxy")
+    _daemon_args(pl)
     pl.set_defaults(func=cmd_plan)
 
     r = sub.add_parser("run", help="the daemon",
@@ -315,7 +319,29 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for p in by_key[key]:
             detail = str(p)[len(key):].lstrip(": ")
             print(f"    {detail}")
+    if not args.keys_only:
+        _plan_host(args)
     return EXIT_USAGE if st.problems else EXIT_OK
+
+
+def _plan_host(args: argparse.Namespace) -> None:
+    """The network and proxy actions `run --once` would take on this node."""
+    from reconciler import app
+
+    try:
+        parts = app.build(settings_from(args), dry_run=True)
+    except ReconcilerError as e:
+        print(f"this host's plan is not available here: {e}")
+        return
+    try:
+        parts.daemon.run_once()
+    finally:
+        parts.close()
+    node = parts.daemon.opts.node
+    for line in parts.netctl.planned or ["no changes"]:
+        print(f"network ({node}): {line}")
+    for line in getattr(parts.daemon.proxy, "planned", []):
+        print(f"proxy ({node}): {line}")
 
 
 # ------------------------------------------------------------------ run / status

@@ -198,6 +198,13 @@ class Ipam:
             # Lost the race for this address to another host: try the next one.
         raise PoolExhausted(f"pool {pool.start}-{pool.end} of network {net.name!r} is full")
 
+    def find(self, network: str, container: str, interface: str) -> Allocation | None:
+        """The allocation held by (container, interface) on `network`, read-only."""
+        for a in self.allocations(network):
+            if a.container == container and a.interface == interface:
+                return a
+        return None
+
     def claim(self, net: Network, address: IPAddress, container: str, interface: str
               ) -> Allocation | None:
         """Claim a static address cluster-wide, under the same keys as `allocate`.

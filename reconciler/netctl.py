@@ -109,7 +109,8 @@ class NetworkController:
             return []
         changes: list[str] = []
         if self.dry_run:
-            self.planned.append(f"ensure network {net.name} (bridge {net.bridge})")
+            self._plan_network(net)
+            self._networks_done[net.name] = net
             return changes
         gw_cidr = None
         if net.gateway is not None:
@@ -132,6 +133,17 @@ class NetworkController:
                     net.bridge, gw_cidr)]
         self._networks_done[net.name] = net
         return changes
+
+    def _plan_network(self, net: Network) -> None:
+        exists = self.ovs.bridge_exists(net.bridge) if net.driver == "ovs" \
+            else self.nl.link_exists(net.bridge)
+        if not exists:
+            self.planned.append(f"network {net.name}: create {net.driver} bridge {net.bridge}")
+        if net.gateway is not None:
+            dev = gateway_port_name(net.name)
+            if net.driver == "ovs" and not self.nl.link_exists(dev):
+                self.planned.append(f"network {net.name}: create gateway port {dev} "
+                                    f"(vlan {net.vlan})")
 
     def _wait_link(self, name: str, timeout: float = 5.0) -> None:
         # vswitchd creates an internal port's netdev asynchronously after the commit.
@@ -204,6 +216,14 @@ class NetworkController:
         res.changes += self.ensure_network(net)
         if itf.address is not None:
             addr = itf.address
+            if self.dry_run:
+                holder = next((a for a in self.ipam.allocations(net.name)
+                               if a.address == addr.ip and a.container != info.id), None)
+                if holder is not None:
+                    self.planned.append(
+                        f"{info.name} {itf.name}: conflict: {addr.ip} is held by container "
+                        f"{holder.container[:12]} on node {holder.node}")
+                    return
             holder = None if self.dry_run else self._claim(net, addr.ip, info.id, itf.name)
             if holder is not None:
                 # The loser must not keep (or get) the address.
@@ -213,8 +233,12 @@ class NetworkController:
                     f"static address {addr.ip} on network {net.name!r} is held by container "
                     f"{holder.container[:12]} ({holder.interface}) on node {holder.node}")
         elif self.dry_run:
-            self.planned.append(f"{info.name} {itf.name}: allocate from {net.name}")
-            return
+            held = self.ipam.find(net.name, info.id, itf.name)
+            if held is None:
+                self.planned.append(f"{info.name} {itf.name}: allocate an address from "
+                                    f"{net.name} and attach")
+                return
+            addr = ipaddress.ip_interface(f"{held.address}/{net.subnet.prefixlen}")
         else:
             ip = self._allocate(net, info.id, itf.name, reserved)
             addr = ipaddress.ip_interface(f"{ip}/{net.subnet.prefixlen}")
@@ -231,8 +255,17 @@ class NetworkController:
         res.addresses[itf.name] = str(addr)
         if self.dry_run:
             obs = self.nl.observe(ns, info.id, itf.name)
-            if not obs.exists or addr not in obs.addresses:
+            if not obs.exists:
                 self.planned.append(f"{info.name} {itf.name}: attach {addr} on {net.name}")
+            else:
+                drift = [what for what, bad in (
+                    ("addresses", set(obs.addresses) != {addr}),
+                    ("mtu", spec.mtu is not None and obs.mtu != spec.mtu),
+                    ("mac", spec.mac is not None and obs.mac != spec.mac),
+                    ("routes", set(obs.routes) != set(spec.wanted_routes())),
+                    ("host veth", not obs.host_present)) if bad]
+                if drift:
+                    self.planned.append(f"{info.name} {itf.name}: repair {', '.join(drift)}")
             return
         changed = self.nl.ensure_interface(ns, spec)
         res.changes += [f"{itf.name} {c}" for c in changed]
@@ -356,6 +389,8 @@ class NetworkController:
                     self.ipam.release(a)
                     done.append(f"allocation {a.network}/{a.address}")
         self._addr_cache.clear()
-        if done:
+        if self.dry_run:
+            self.planned += [f"remove orphan {what}" for what in done]
+        elif done:
             self._networks_done = {}
         return done

@@ -14,6 +14,7 @@ confirm, and a config that fails is never loaded (the adapter keeps the last goo
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import logging
 import threading
@@ -166,8 +167,7 @@ class ProxyController:
         digest = hashlib.sha256(cfg).hexdigest()[:16]
         active = {s.name: s.active for s in view.services}
         if self.dry_run:
-            self.planned.append(f"haproxy config {digest} for {len(view.services)} service(s), "
-                                f"active {active}")
+            self._plan(cfg, map_bytes, digest, active)
             return {"config_hash": digest, "active": active}
         try:
             result = self.hap.apply_config(cfg, map_bytes)
@@ -192,6 +192,32 @@ class ProxyController:
         if result.reloaded:
             log.info("haproxy reloaded (config %s, worker %s)", digest, result.worker_pid)
         return self._status
+
+    def _plan(self, cfg: bytes, map_bytes: bytes, digest: str, active: dict[str, str]
+              ) -> None:
+        try:
+            current = self.hap.config_path.read_bytes()
+        except OSError:
+            current = None
+        if current is None:
+            self.planned.append(f"start HAProxy with config {digest} "
+                                f"({len(active)} service(s))")
+        elif current != cfg:
+            old, new = current.decode(errors="replace").splitlines(), cfg.decode().splitlines()
+            diff = [f"    {line}" for line in difflib.unified_diff(old, new, "current",
+                                                                     "desired", lineterm="")]
+            self.planned.append("reload HAProxy: config changes\n" + "\n".join(diff[2:]))
+        else:
+            self.planned.append("HAProxy config unchanged")
+        try:
+            was = dict(line.split(" ", 1) for line in
+                       self.hap.map_path.read_text().splitlines() if " " in line)
+        except OSError:
+            was = {}
+        for svc, pool in sorted(active.items()):
+            before = was.get(svc, "").rpartition(":")[2]
+            if before and before != pool:
+                self.planned.append(f"switch {svc}: {before} -> {pool} (runtime, no reload)")
 
     def errors(self) -> dict[str, list[str]]:
         return dict(self._errors)
