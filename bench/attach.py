@@ -41,7 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +181,7 @@ class Figures:
     idle_cpu_pct: float | None = None
     base_attach_s: float = 0.0
     base_detach_s: float = 0.0
-    notes: list[str] = field(default_factory=list)
+    datapath: str = ""
 
     def per(self, total: float) -> float:
         return 1000 * total / self.n
@@ -309,6 +309,7 @@ class Bench:
     def baseline_phase(self) -> None:
         datapath = sh("ovs-vsctl", "--timeout=10", "get", "bridge", self.bridge_d,
                       "datapath_type").stdout.strip().strip('"') or "netdev"
+        self.fig.datapath = datapath
         sh("ovs-vsctl", "--timeout=10", "--may-exist", "add-br", self.bridge_b, "--", "set",
            "bridge", self.bridge_b, f"datapath_type={datapath}")
         subnet = ipaddress.ip_network(f"10.77.{self.octet_b}.0/24")
@@ -393,6 +394,7 @@ def machine() -> str:
 
 def report(figs: Sequence[Figures]) -> None:
     print(f"machine: {machine()}")
+    print(f"OVS datapath: {', '.join(sorted({f.datapath for f in figs}))}")
     print()
     hdr = ("N", "daemon attach ms/if", "p50 s", "total s", "daemon CPU s", "ovs-docker ms/if",
            "ratio", "daemon detach ms/if", "ovs-docker del ms/if", "RSS MiB")
