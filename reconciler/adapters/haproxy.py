@@ -492,6 +492,28 @@ class HaproxyProcess:
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
+    def stage_config(self, cfg: bytes) -> bool:
+        """Check `cfg` and make it the config file WITHOUT reloading (the caller already
+        applied the difference through the runtime API, e.g. server weights), so that
+        the file, the running worker and any later reload agree. False if unchanged."""
+        with self._lock:
+            current = _read(self.config_path)
+            if current == cfg:
+                return False
+            self._ensure_runtime_files()
+            tmp = _write_temp(self.config_path, cfg)
+            try:
+                self._check_file(tmp)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+                raise
+            if current is not None:
+                atomic_write(self.last_good_path, current)
+            os.replace(tmp, self.config_path)
+            _fsync_dir(self.config_path.parent)
+            return True
+
     def _check_file(self, path: Path) -> None:
         try:
             proc = subprocess.run(

@@ -26,7 +26,15 @@ from reconciler.adapters.haproxy import HaproxyProcess
 from reconciler.errors import ConfigurationError, HaproxyError, Problem, ValidationError
 from reconciler.model import DesiredState, Service
 from reconciler.proxy.render import Renderer, render_map
-from reconciler.proxy.view import GlobalView, MemberView, PoolView, ProxyView, ServiceView
+from reconciler.proxy.view import (
+    GlobalView,
+    MemberView,
+    PoolView,
+    ProxyView,
+    ServiceView,
+    backend_name,
+    sorted_view,
+)
 from reconciler.settings import ProxySettings, Settings
 
 log = logging.getLogger(__name__)
@@ -69,7 +77,7 @@ def config_view(view: ProxyView) -> ProxyView:
     the config bytes change only when services, pools, members or settings do. (The
     fallback is used only if the map lacked the service, which the adapter prevents.)"""
     services = []
-    for svc in view.services:
+    for svc in sorted_view(view).services:
         pools = svc.pools
         if not any(p.name == svc.active for p in pools):
             pools = (*pools, PoolView(svc.active))
@@ -106,6 +114,7 @@ class ProxyController:
         self._status: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._first_change: float | None = None
+        self._applied: ProxyView | None = None  # config view last applied
         self._last_change = 0.0
         self.planned: list[str] = []
 
@@ -170,6 +179,7 @@ class ProxyController:
             self._plan(cfg, map_bytes, digest, active)
             return {"config_hash": digest, "active": active}
         try:
+            runtime = self._apply_weights_at_runtime(config_view(view), cfg)
             result = self.hap.apply_config(cfg, map_bytes)
         except HaproxyError as e:
             # Never left without a valid config: the adapter kept (or restored) the last
@@ -183,6 +193,9 @@ class ProxyController:
             if svc.active != self.last_active.get(svc.name):
                 log.info("service %s: active pool %s", svc.name, svc.active)
         self.last_active = dict(active)
+        self._applied = config_view(view)
+        if runtime:
+            log.info("weights changed at runtime, no reload: %s", ", ".join(runtime))
         self._errors = errors
         self._status = {
             "config_hash": digest, "active": active, "services": len(view.services),
@@ -192,6 +205,33 @@ class ProxyController:
         if result.reloaded:
             log.info("haproxy reloaded (config %s, worker %s)", digest, result.worker_pid)
         return self._status
+
+    def _apply_weights_at_runtime(self, new: ProxyView, cfg: bytes) -> list[str]:
+        """If the only difference from the applied config is member weights, set them
+        through the runtime API and stage the config file without a reload."""
+        old = self._applied
+        if old is None or old.settings != new.settings or not self.hap.is_running():
+            return []
+        changed: list[tuple[str, str, int]] = []
+        if len(old.services) != len(new.services):
+            return []
+        for a, b in zip(old.services, new.services, strict=True):
+            if replace(a, pools=()) != replace(b, pools=()) or \
+                    [p.name for p in a.pools] != [p.name for p in b.pools]:
+                return []
+            for pa, pb in zip(a.pools, b.pools, strict=True):
+                if [(m.name, m.address, m.port) for m in pa.members] != \
+                        [(m.name, m.address, m.port) for m in pb.members]:
+                    return []
+                changed += [(backend_name(b.name, pb.name), mb.name, mb.weight)
+                            for ma, mb in zip(pa.members, pb.members, strict=True)
+                            if ma.weight != mb.weight]
+        if not changed:
+            return []
+        for backend, server, weight in changed:
+            self.hap.set_weight(backend, server, weight)
+        self.hap.stage_config(cfg)
+        return [f"{b}/{s}={w}" for b, s, w in changed]
 
     def _plan(self, cfg: bytes, map_bytes: bytes, digest: str, active: dict[str, str]
               ) -> None:

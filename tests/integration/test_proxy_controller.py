@@ -1,0 +1,183 @@
+"""The proxy controller against the real HAProxy: desired state in, running HAProxy out.
+
+What each change costs: an `active` flip and a weight change go through the runtime API
+(no reload: the master's reload counter stays), a new member reloads; a broken template
+or an invalid `active` never takes traffic away from the last good state.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import wait_for
+
+from reconciler.errors import HaproxyError
+from reconciler.model import DesiredState, KVEntry, parse_kv
+from reconciler.proxy.controller import ProxyController
+from reconciler.settings import ProxySettings
+
+pytestmark = pytest.mark.integration
+P = "t/"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = self.server.body  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass
+
+
+@pytest.fixture
+def backends() -> Iterator[dict[str, int]]:
+    servers = []
+    ports = {}
+    for name in ("blue1", "blue2", "green1"):
+        srv = _Server(("127.0.0.1", 0), _Handler)
+        srv.body = name.encode()  # type: ignore[attr-defined]
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        servers.append(srv)
+        ports[name] = srv.server_address[1]
+    yield ports
+    for srv in servers:
+        srv.shutdown()
+        srv.server_close()
+
+
+def state(bind: int, ports: dict[str, int], active: bytes = b"blue",
+          weights: dict[str, int] | None = None, pools: tuple[str, ...] = ("blue1", "green1")
+          ) -> DesiredState:
+    weights = weights or {}
+    items = [KVEntry(P + "services/web/config", json.dumps({"bind": f"127.0.0.1:{bind}"})
+                     .encode(), 1),
+             KVEntry(P + "services/web/active", active, 2)]
+    for i, m in enumerate(pools):
+        pool = m.rstrip("0123456789")
+        items.append(KVEntry(P + f"services/web/pools/{pool}/{m}", json.dumps(
+            {"address": "127.0.0.1", "port": ports[m], "weight": weights.get(m, 100)})
+            .encode(), 3 + i))
+    return parse_kv(P, items)
+
+
+@pytest.fixture
+def ctl(tmp_path: Path) -> Iterator[ProxyController]:
+    c = ProxyController(ProxySettings(state_dir=str(tmp_path / "state"), quiet_min=0,
+                                      quiet_max=0))
+    yield c
+    c.hap.stop()
+
+
+def get(port: int) -> str:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+    try:
+        conn.request("GET", "/")
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def reloads(c: ProxyController) -> int:
+    return c.hap.show_proc().reloads
+
+
+def test_flip_and_weights_without_reload_member_with_reload(
+        ctl: ProxyController, backends: dict[str, int]) -> None:
+    bind = free_port()
+    ctl.set_state(state(bind, backends))
+    st = ctl.reconcile()
+    assert st["active"] == {"web": "blue"} and st["last_reload"] == "ok"
+    wait_for(lambda: get(bind) == "blue1", timeout=10)
+    base = reloads(ctl)
+    config = ctl.hap.config_path.read_bytes()
+
+    ctl.set_state(state(bind, backends, active=b"green"))
+    assert ctl.reconcile()["active"] == {"web": "green"}
+    assert {get(bind) for _ in range(4)} == {"green1"}
+    assert reloads(ctl) == base, "an active flip must not reload"
+    assert ctl.hap.config_path.read_bytes() == config, "the config bytes are stable"
+    assert ctl.hap.map_path.read_text() == "web be_web:green\n"
+
+    ctl.set_state(state(bind, backends, active=b"green", weights={"green1": 7}))
+    ctl.reconcile()
+    assert reloads(ctl) == base, "a weight change goes through the runtime API"
+    servers = ctl.hap.server_states()
+    assert servers[("be_web:green", "green1")].weight == 7
+    assert b"weight 7" in ctl.hap.config_path.read_bytes()  # the file agrees
+
+    ctl.set_state(state(bind, backends, active=b"blue", weights={"green1": 7},
+                        pools=("blue1", "blue2", "green1")))
+    st = ctl.reconcile()
+    assert reloads(ctl) == base + 1, "a new member reloads (once)"
+    assert {get(bind) for _ in range(6)} == {"blue1", "blue2"}
+    # The weight set at runtime survived the reload (server-state file + same config).
+    assert ctl.hap.server_states()[("be_web:green", "green1")].weight == 7
+
+
+def test_invalid_active_keeps_last_pool(ctl: ProxyController,
+                                        backends: dict[str, int]) -> None:
+    bind = free_port()
+    ctl.set_state(state(bind, backends, active=b"green"))
+    ctl.reconcile()
+    bad = state(bind, backends, active=b"gr een\nx")
+    assert any(p.key.endswith("/active") for p in bad.problems)
+    ctl.set_state(bad)
+    assert ctl.reconcile()["active"] == {"web": "green"}
+    assert get(bind) == "green1"
+
+
+def test_broken_template_keeps_last_good(tmp_path: Path, backends: dict[str, int]) -> None:
+    bind = free_port()
+    good = ProxyController(ProxySettings(state_dir=str(tmp_path / "s")))
+    try:
+        good.set_state(state(bind, backends))
+        good.reconcile()
+        wait_for(lambda: get(bind) == "blue1", timeout=10)
+        config = good.hap.config_path.read_bytes()
+        tdir = tmp_path / "tpl"
+        tdir.mkdir()
+        # Renders fine but HAProxy refuses it: never swapped in.
+        (tdir / "haproxy.cfg.j2").write_text("global\n    no-such-keyword yes\n")
+        broken = ProxyController(ProxySettings(state_dir=str(tmp_path / "s"),
+                                               templates_dir=str(tdir)))
+        broken.set_state(state(bind, backends, pools=("blue1", "blue2", "green1")))
+        with pytest.raises(HaproxyError):
+            broken.reconcile()
+        assert "haproxy" in broken.errors()
+        assert good.hap.config_path.read_bytes() == config
+        assert get(bind) == "blue1"
+        # A template that does not even render is reported, nothing is touched.
+        (tdir / "haproxy.cfg.j2").write_text("{{ no_such_variable }}\n")
+        broken2 = ProxyController(ProxySettings(state_dir=str(tmp_path / "s"),
+                                                templates_dir=str(tdir)))
+        broken2.set_state(state(bind, backends))
+        st: dict[str, Any] = broken2.reconcile()
+        assert "render failed" in st["last_reload"] and "templates" in broken2.errors()
+        assert good.hap.config_path.read_bytes() == config
+        assert get(bind) == "blue1"
+    finally:
+        good.hap.stop()
