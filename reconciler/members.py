@@ -10,6 +10,12 @@ invalidated, behavior=delete). A daemon restart that reuses its session (see
 
 Address: the container's reconciled interface on `reconciler.network` (else its first
 reconciled interface), else its Docker network address.
+
+A container that runs but has not been reconciled yet by this run of the daemon (right
+after a restart) has no known address: its key is passed to `MemberPublisher.sync` in
+`keep` (see `member_key`), so what the previous run published stays as it is instead of
+being withdrawn and re-published moments later (members flapped on every restart; found
+by tests/integration/test_daemon_proxy.py).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import hashlib
 import ipaddress
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +50,14 @@ def member_name(node: str, container: str) -> str:
     clean = "".join(c if c.isalnum() or c in "_.-" else "-" for c in name)
     digest = hashlib.sha256(name.encode()).hexdigest()[:8]
     return f"{clean[:54]}-{digest}"
+
+
+def member_key(prefix: str, node: str, container: Any) -> str | None:
+    """The member key `container` publishes (valid service and pool labels), else None."""
+    svc, pool = container.labels.get(L_SERVICE, ""), container.labels.get(L_POOL, "")
+    if not (NAME_RE.match(svc) and NAME_RE.match(pool)):
+        return None
+    return f"{prefix}services/{svc}/pools/{pool}/{member_name(node, container.name)}"
 
 
 def wanted_members(prefix: str, node: str, containers: Iterable[Any],
@@ -118,8 +132,12 @@ class MemberPublisher:
         self.node = node
         self.errors: dict[str, str] = {}
 
-    def sync(self, session: str, wanted: Mapping[str, Wanted]) -> list[str]:
-        """Make the published set equal `wanted`; return what changed."""
+    def sync(self, session: str, wanted: Mapping[str, Wanted],
+             keep: Collection[str] = ()) -> list[str]:
+        """Make the published set equal `wanted`; return what changed.
+
+        Keys in `keep` (containers not reconciled yet) are left as they are: neither
+        published nor withdrawn."""
         snap = self.kv.read_prefix(f"{self.prefix}services/")
         mine = {k: i for k, i in snap.items.items()
                 if i.session == session and "/pools/" in k}
@@ -137,7 +155,7 @@ class MemberPublisher:
             except ConsulError as e:
                 self.errors[key] = str(e)
         for key in mine:
-            if key not in wanted:
+            if key not in wanted and key not in keep:
                 self.kv.delete(key)
                 changes.append(f"withdrew {key[len(self.prefix):]}")
         return changes

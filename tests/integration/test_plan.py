@@ -30,14 +30,15 @@ def _kv_delete_tree(prefix: str) -> None:
 def env(run_id: str, tmp_path: Path, consul_addr: str) -> Iterator[dict[str, Any]]:
     prefix = f"rtplan-{run_id}/"
     octet = 30 + int(run_id, 16) % 90
-    e = {"prefix": prefix, "node": f"plan-{run_id}", "state": str(tmp_path / "state"),
-         "bridge": f"brp{run_id}", "octet": octet, "tmp": tmp_path}
+    e: dict[str, Any] = {"prefix": prefix, "node": f"plan-{run_id}",
+                         "state": str(tmp_path / "state"), "bridge": f"brp{run_id}",
+                         "octet": octet, "tmp": tmp_path}
     yield e
     # Sweep what we attached (spec removed -> detach), then drop the prefix and bridge.
     _kv_delete_tree(prefix + "containers/")
     cli(e, "run", "--once")
     _kv_delete_tree(prefix)
-    subprocess.run(["ip", "link", "del", e["bridge"]], capture_output=True, check=False)
+    subprocess.run(["ip", "link", "del", str(e["bridge"])], capture_output=True, check=False)
 
 
 def cli(e: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
