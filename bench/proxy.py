@@ -781,6 +781,8 @@ def report(p: Params, figs: Sequence[Figures]) -> None:
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     print()
     print(f"machine: {machine()}")
+    print("load average (1/5/15 min) at the end: "
+          + " ".join(f"{x:.2f}" for x in os.getloadavg()))
     print(f"(c): {p.flips} flips + {p.changes} reload-causing changes, one every "
           f"{p.interval:g} s; wrk -t2 -c20; hey -c {p.hey_conc} -q {p.hey_qps} "
           f"-disable-keepalive; idle: {p.idle_conns} keep-alive connections, 50-500 ms think")

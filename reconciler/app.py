@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,8 @@ class Parts:
     daemon: Daemon
 
     def close(self) -> None:
+        if self.netctl.netns_watcher is not None:
+            self.netctl.netns_watcher.close()
         for c in (self.ovs, self.nl, self.docker, self.kv):
             try:
                 c.close()
@@ -49,7 +52,8 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
     ovs = OvsAdapter(settings.network.ovs_db, settings.network.ovs_datapath)
     ipam = Ipam(kv, settings.prefix, settings.node)
     netctl = NetworkController(node=settings.node, prefix=settings.prefix, nl=nl, ovs=ovs,
-                               ipam=ipam, inspect=docker.inspect, dry_run=dry_run)
+                               ipam=ipam, inspect=docker.inspect, dry_run=dry_run,
+                               netns_watcher=None if dry_run else netlink.NetnsWatcher())
     proxy = _build_proxy(settings, kv, dry_run) if with_proxy else None
     session_file = os.path.join(settings.proxy.state_dir, f"session-{settings.node}")
     daemon = Daemon(DaemonOptions(settings.node, settings.prefix, settings.resync,
@@ -77,9 +81,11 @@ def run_forever(parts: Parts) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     d = parts.daemon
-    extra = [
-        lambda s: netlink.watch_links(d.on_link_event, s),
-    ]
+    extra: list[Callable[[threading.Event], None]] = [
+        lambda s: netlink.watch_links(d.on_link_event, s)]
+    watcher = parts.netctl.netns_watcher
+    if watcher is not None:
+        extra.append(lambda s: watcher.run(d.on_netns_event, s))
     unsubscribe = parts.ovs.subscribe(d.on_port_event)
     try:
         d.run(stop, extra)

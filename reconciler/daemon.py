@@ -30,9 +30,10 @@ from reconciler.adapters.docker_engine import (
     ContainerInfo,
     DockerEngine,
     EventWatcher,
+    read_process_start_time,
 )
 from reconciler.errors import ConsulError, DockerError, ReconcilerError
-from reconciler.members import MemberPublisher, wanted_members
+from reconciler.members import MemberPublisher, member_key, wanted_members
 from reconciler.model import DesiredState
 from reconciler.netctl import NetworkController, spec_key_for
 from reconciler.runtime.kvwatch import KVWatcher, Snapshot
@@ -41,9 +42,17 @@ from reconciler.status import NodeStatus, StatusPublisher
 
 log = logging.getLogger(__name__)
 
+DEEP_EVERY = 10  # every 10th resync looks inside every container, events or not
 SWEEP = "sweep"
+OVS_PORTS = "ovs-ports"
 PROXY = "proxy"
 MEMBERS = "members"
+
+
+def _same_process(info: ContainerInfo) -> bool:
+    """The cached container's process still runs (PIDs get reused: compare start time)."""
+    return bool(info.pid) and info.start_time is not None \
+        and read_process_start_time(info.pid) == info.start_time
 
 
 class ProxyPart(Protocol):
@@ -55,6 +64,7 @@ class ProxyPart(Protocol):
     def quiet_delay(self) -> float: ...
     def reconcile(self) -> dict[str, Any]: ...
     def errors(self) -> dict[str, list[str]]: ...
+    def status(self) -> dict[str, Any]: ...
 
 
 # Daemon-owned areas of the prefix (see runtime.kvwatch): never desired state.
@@ -114,6 +124,8 @@ class Daemon:
         self.ready = threading.Event()
         self._acted_digest = ""  # of the user keys of the last snapshot acted on
         self._listed = threading.Event()  # Docker's container list was received once
+        netctl.on_ports_pending = lambda: self.controller.queue.add(OVS_PORTS)
+        self._resyncs = 0
 
     # ------------------------------------------------------------------ inputs
 
@@ -124,6 +136,8 @@ class Daemon:
         # loop of ~5 status writes/s and a full reconcile of every key each time (15% of
         # a core with no container at all; found by bench/attach.py and
         # tests/integration/test_daemon_network.py). Daemon-owned areas never enqueue.
+        ipam = f"{self.opts.prefix}ipam/"
+        self.netctl.ipam_view = {e.key: e for e in snap.items if e.key.startswith(ipam)}
         digest = _user_digest(self.opts.prefix, snap)
         if self.snapshot is not None and digest == self._acted_digest:
             self.snapshot = snap
@@ -156,18 +170,27 @@ class Daemon:
         for c in containers:
             self.controller.queue.add(f"container:{c.id}")
         self.controller.queue.add(SWEEP)
+        self.controller.queue.add(MEMBERS)
 
     def _on_docker_event(self, ev: ContainerEvent) -> None:
+        self.netctl.mark_dirty(ev.id)
         self.controller.queue.add(f"container:{ev.id}")
         if ev.action in ("destroy", "die", "stop", "kill"):
             self.controller.queue.add(MEMBERS)
 
     def _on_link_deleted(self, cid: str | None) -> None:
         if cid:
+            self.netctl.mark_dirty(cid)
             self.controller.queue.add(f"container:{cid}")
         else:
+            self.netctl.mark_all_dirty()
             for key in self._container_keys():
                 self.controller.queue.add(key)
+
+    def on_netns_event(self, cid: str) -> None:
+        """Something changed inside a container's netns (link, address, route)."""
+        self.netctl.mark_dirty(cid)
+        self.controller.queue.add(f"container:{cid}")
 
     def veth_owner(self, name: str) -> str | None:
         """The container whose host veth is `name`, among the attached ones."""
@@ -195,6 +218,7 @@ class Daemon:
         if ev.kind == "delete" and ev.owned and ev.table == "Port":
             cid = ev.external_ids.get("reconciler-container")
             if cid:
+                self.netctl.mark_dirty(cid)
                 self.controller.queue.add(f"container:{cid}")
 
     # ------------------------------------------------------------------ reconcile
@@ -206,6 +230,9 @@ class Daemon:
     def _all_keys(self) -> list[str]:
         if self.snapshot is None:
             return []  # nothing is known to be desired yet: touch nothing
+        self._resyncs += 1
+        if self._resyncs % DEEP_EVERY == 0:
+            self.netctl.mark_all_dirty()  # the safety net under the event-driven repairs
         # The proxy first: the queue is FIFO, and behind one key per running container a
         # KV flip of `active` waited for all of them (~1 s with 200 containers on the
         # host; found by bench/proxy.py).
@@ -220,19 +247,13 @@ class Daemon:
             return Result(requeue_after=1.0)
         if key.startswith("container:"):
             cid = key.split(":", 1)[1]
-            info = self.docker.inspect(cid)
             with self._lock:
-                if info is not None and info.running:
-                    self.known.containers[cid] = info
-                else:
-                    self.known.containers.pop(cid, None)
-            self._clear_errors(key)
-            res = self.netctl.reconcile_container(cid)
-            if res.changes:
-                log.info("container %s: %s", info.name if info else cid[:12],
-                         ", ".join(res.changes))
-            if res.changes or info is None or not info.running:
-                self.controller.queue.add(MEMBERS)
+                cached = self.known.containers.get(cid)
+            if cached is not None and not self.netctl.is_dirty(cid) and _same_process(cached):
+                info: ContainerInfo | None = cached  # resync of a clean container
+            else:
+                info = self.docker.inspect(cid)
+            self._reconcile_container(cid, info)
         elif key == SWEEP:
             if not self._listed.is_set():
                 # Before Docker's first list, "running" is empty and the sweep would tear
@@ -245,7 +266,14 @@ class Daemon:
             done = self.netctl.sweep(running)
             if done:
                 log.info("sweep removed: %s", ", ".join(done))
+        elif key == OVS_PORTS:
+            self.netctl.flush_ports()
         elif key == MEMBERS:
+            if not self._listed.is_set():
+                # Before Docker's first list no container is known and every member this
+                # node published would be withdrawn (members flapped on every restart; found
+                # by tests/integration/test_daemon_proxy.py). The list enqueues MEMBERS.
+                return None
             self._sync_members()
         elif key == PROXY and self.proxy is not None:
             delay = self.proxy.quiet_delay()
@@ -255,7 +283,11 @@ class Daemon:
                 running = list(self.known.containers.values())
             addrs = {cid: dict(r.addresses) for cid, r in self.netctl.attached.items()}
             self.proxy.set_containers(running, addrs)
-            self.status.proxy = self.proxy.reconcile()
+            try:
+                self.status.proxy = self.proxy.reconcile()
+            finally:
+                # A failed reload shows in `reconciler status` too (last_reload).
+                self.status.proxy = self.proxy.status()
         self._status_dirty.set()
         return None
 
@@ -282,9 +314,13 @@ class Daemon:
             running = list(self.known.containers.values())
         wanted, errs = wanted_members(self.opts.prefix, self.opts.node, running,
                                       self.member_addresses())
+        # Running containers not reconciled yet by this run have no address yet: keep
+        # what was published for them rather than withdraw it and publish it again.
+        pending = {k for c in running if c.id not in self.netctl.attached
+                   and (k := member_key(self.opts.prefix, self.opts.node, c)) is not None}
         session = self.publisher.ensure_session()
         self._members_session = session
-        changes = self.members.sync(session, wanted)
+        changes = self.members.sync(session, wanted, keep=pending)
         if changes:
             log.info("members: %s", ", ".join(changes))
             self.controller.queue.add(PROXY)
@@ -295,6 +331,21 @@ class Daemon:
                 self.known.errors[MEMBERS] = problems
             else:
                 self.known.errors.pop(MEMBERS, None)
+
+    def _reconcile_container(self, cid: str, info: ContainerInfo | None) -> None:
+        key = f"container:{cid}"
+        with self._lock:
+            if info is not None and info.running:
+                self.known.containers[cid] = info
+            else:
+                self.known.containers.pop(cid, None)
+        self._clear_errors(key)
+        res = self.netctl.reconcile_container(cid, info, inspected=True)
+        if res.changes:
+            log.info("container %s: %s", info.name if info else cid[:12],
+                     ", ".join(res.changes))
+        if res.changes or info is None or not info.running:
+            self.controller.queue.add(MEMBERS)
 
     def _error_key(self, key: str) -> str:
         if key.startswith("container:") and self.snapshot is not None:
@@ -422,15 +473,19 @@ class Daemon:
             return 1
         self._on_docker_list(running)
         failed = 0
-        keys = [f"container:{c.id}" for c in running] + [SWEEP]
+        keys = [f"container:{c.id}" for c in running] + [OVS_PORTS, SWEEP]
         if not self.opts.dry_run:
             keys.append(MEMBERS)
         if self.proxy is not None:
             keys.append(PROXY)
+        listed = {c.id: c for c in running}
         for key in keys:
             try:
                 if key == PROXY and self.proxy is not None:
                     self.status.proxy = self.proxy.reconcile()  # no quiescence wait
+                elif key.startswith("container:"):
+                    cid = key.split(":", 1)[1]
+                    self._reconcile_container(cid, listed[cid])  # inspected by the list
                 else:
                     self._reconcile(key)
                 self._on_success(key)

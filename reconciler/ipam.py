@@ -164,7 +164,8 @@ class Ipam:
         return parse_allocations(self.prefix, self._items(base))
 
     def allocate(self, net: Network, container: str, interface: str,
-                 reserved: Iterable[IPAddress] = ()) -> IPAddress:
+                 reserved: Iterable[IPAddress] = (),
+                 known: Mapping[str, _KVItemLike] | None = None) -> IPAddress:
         """The address held by (container, interface) on `net`, allocating one if needed.
 
         `reserved`: addresses not to hand out (static addresses in use). The gateway is
@@ -176,7 +177,12 @@ class Ipam:
         blocked = {a for a in reserved if a.version == pool.start.version}
         if net.gateway is not None:
             blocked.add(net.gateway)
-        items = self._items(ipam_prefix(self.prefix, net.name))
+        base = ipam_prefix(self.prefix, net.name)
+        # `known`: the allocations as the daemon's watch last saw them, which spares a
+        # consistent read per allocation (bench/attach.py: 12 ms of 60 per attach). A stale
+        # view is safe: creates are check-and-set, and the first lost create re-reads.
+        items = {k: v for k, v in known.items() if k.startswith(base)} \
+            if known is not None else self._items(base)
         for a in parse_allocations(self.prefix, items):
             if a.network != net.name or a.container != container or a.interface != interface:
                 continue
@@ -192,10 +198,17 @@ class Ipam:
         taken = {w[1] for k in items if (w := _address_of_key(self.prefix, k))} | blocked
         value = json.dumps({"node": self.node, "container": container, "interface": interface,
                             "allocated_at": int(time.time())}, sort_keys=True).encode()
+        fresh = known is None
         for addr in candidates(pool, taken, f"{self.node}/{container}/{interface}"):
+            if addr in taken:
+                continue  # learnt from a re-read below
             if self.kv.put(allocation_key(self.prefix, net.name, addr), value, cas=0):
                 return addr
-            # Lost the race for this address to another host: try the next one.
+            # Lost the race for this address to another host (or our view was stale):
+            # learn what is taken now, once, and go on with the next free candidates.
+            if not fresh:
+                fresh = True
+                return self.allocate(net, container, interface, reserved)
         raise PoolExhausted(f"pool {pool.start}-{pool.end} of network {net.name!r} is full")
 
     def find(self, network: str, container: str, interface: str) -> Allocation | None:

@@ -837,6 +837,7 @@ class KVEntry:
     value: bytes
     create_index: int = 0
     session: str | None = None
+    modify_index: int = 0
 
 
 def parse_kv(prefix: str, items: Iterable[KVEntry]) -> DesiredState:

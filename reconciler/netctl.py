@@ -64,6 +64,21 @@ class AttachResult:
     errors: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class PendingPort:
+    """An OVS port to commit with the next batch."""
+
+    bridge: str
+    name: str
+    vlan: int | None
+    ids: dict[str, str] = field(hash=False)
+    ifindex: int | None
+    container: str
+    ifname: str
+    pid: int
+    announce: bool
+
+
 class AddressConflict(ReconcilerError):
     """A static address is held by another container (on this or another node)."""
 
@@ -77,7 +92,8 @@ class NetworkController:
 
     def __init__(self, *, node: str, prefix: str, nl: netlink.NetlinkAdapter, ovs: Any,
                  ipam: Ipam, inspect: Callable[[str], ContainerInfo | None],
-                 dry_run: bool = False, reclaim_grace: float = 600.0) -> None:
+                 dry_run: bool = False, reclaim_grace: float = 600.0,
+                 netns_watcher: netlink.NetnsWatcher | None = None) -> None:
         self.node = node
         self.prefix = prefix
         self.nl = nl
@@ -87,6 +103,19 @@ class NetworkController:
         self.dry_run = dry_run
         self.reclaim_grace = reclaim_grace
         self._addr_cache: dict[tuple[str, str, str], IPAddress] = {}
+        self.netns_watcher = netns_watcher
+        # The resync fast path: a container whose inputs are unchanged since its last
+        # clean reconcile, and that no event marked dirty since, is not looked at again.
+        # Drift reaches us as events instead: netlink inside each container netns
+        # (NetnsWatcher), host veth deletions, OVS port deletions, Docker events; and a
+        # deep pass (mark_all_dirty) every few resyncs is the safety net.
+        self._clean: dict[str, tuple[Any, ...]] = {}
+        self._dirty: set[str] = set()
+        self._pending_ports: dict[str, PendingPort] = {}
+        # Called when ports are queued; the daemon enqueues its `ovs-ports` key. None:
+        # commit at once (one-shot use).
+        self.on_ports_pending: Callable[[], None] | None = None
+        self.ipam_view: Mapping[str, Any] | None = None  # ipam/ keys as last watched
         self.state = DesiredState()
         self._lock = threading.Lock()
         self._networks_done: dict[str, Network] = {}
@@ -165,10 +194,38 @@ class NetworkController:
         spec = spec_for(self.state, info.name, info.labels)
         return list(spec.interfaces) if spec is not None else []
 
-    def reconcile_container(self, cid: str) -> AttachResult:
-        """Level-based: make container `cid`'s interfaces equal to its spec (or none)."""
-        info = self.inspect(cid)
+    def mark_dirty(self, cid: str) -> None:
+        self._dirty.add(cid)
+
+    def mark_all_dirty(self) -> None:
+        self._dirty.update(self._clean)
+
+    def is_dirty(self, cid: str) -> bool:
+        return cid in self._dirty or cid not in self._clean
+
+    def _fingerprint(self, info: ContainerInfo, wanted: list[InterfaceSpec],
+                     state: DesiredState) -> tuple[Any, ...]:
+        return (info.pid, info.start_time, tuple(wanted),
+                tuple(state.networks.get(w.network) for w in wanted))
+
+    def reconcile_container(self, cid: str, info: ContainerInfo | None = None,
+                            *, inspected: bool = False) -> AttachResult:
+        """Level-based: make container `cid`'s interfaces equal to its spec (or none).
+
+        `info`: the container as just inspected (`inspected=True`) or as cached by the
+        caller; None to inspect here."""
+        if info is None and not inspected:
+            info = self.inspect(cid)
+        if info is not None and info.running and info.pid and not self.dry_run:
+            fp = self._fingerprint(info, self.wanted(info), self.state)
+            last = self.attached.get(cid)
+            if cid not in self._dirty and self._clean.get(cid) == fp and last is not None:
+                return AttachResult(addresses=dict(last.addresses))  # nothing to do
+        self._dirty.discard(cid)  # an event arriving from now on marks it again
+        self._clean.pop(cid, None)
         if info is None or not info.running or not info.pid:
+            if self.netns_watcher is not None:
+                self.netns_watcher.remove(cid)
             res = AttachResult()
             self._detach_all(cid, res)
             self._forget(cid)
@@ -190,6 +247,8 @@ class NetworkController:
         self.attached[cid] = res
         if res.errors:
             raise ContainerError("; ".join(res.errors))
+        if not self.dry_run:
+            self._clean[cid] = self._fingerprint(info, wanted, state)
         return res
 
     def _attach(self, info: ContainerInfo, wanted: list[InterfaceSpec], state: DesiredState,
@@ -199,6 +258,12 @@ class NetworkController:
         except NetlinkError as e:
             res.errors.append(f"{info.name}: {e}")
             return
+        watcher = None if self.dry_run else self.netns_watcher
+        if watcher is not None:
+            # Our own changes below must not come back as events (each would cost one
+            # more reconcile): watch again only once they are made. (A restarted
+            # container has a new netns, too.)
+            watcher.remove(info.id)
         try:
             reserved = [i.address.ip for s in state.containers.values() for i in s.interfaces
                         if i.address is not None]
@@ -208,6 +273,8 @@ class NetworkController:
                     self._attach_one(ns, info, itf, net, reserved, res)
                 except (AdapterError, ReconcilerError) as e:
                     res.errors.append(f"{info.name} {itf.name}: {e}")
+            if watcher is not None:
+                watcher.add(info.id, ns)
         finally:
             ns.close()
 
@@ -274,10 +341,22 @@ class NetworkController:
             # the userspace datapath keeps reading the dead device until the port is
             # re-added (seen with datapath_type=netdev).
             ifindex = self.nl.link_index(spec.host_veth)
-            attached = self.ovs.ensure_port(net.bridge, spec.host_veth, net.vlan, self._ids(
-                container=info.id, interface=itf.name, network=net.name), ifindex=ifindex)
-            if attached:
+            port = PendingPort(net.bridge, spec.host_veth, net.vlan, self._ids(
+                container=info.id, interface=itf.name, network=net.name), ifindex,
+                info.id, itf.name, info.pid, bool(changed))
+            if self.ovs.port_differs(port.bridge, port.name, port.vlan, port.ids, ifindex):
+                # Queued, and committed with every other port queued meanwhile in ONE
+                # OVSDB transaction (flush_ports): vswitchd reconfigures the bridge once
+                # per transaction, at a cost that grows with its port count, so one port
+                # per transaction made attaching N containers O(N^2) (bench/attach.py).
+                with self._lock:
+                    self._pending_ports[port.name] = port
+                if self.on_ports_pending is not None:
+                    self.on_ports_pending()
+                else:
+                    self.flush_ports()
                 res.changes.append(f"{itf.name} port")
+            return
         else:
             attached = self.nl.enslave(spec.host_veth, net.bridge)
             if attached:
@@ -286,6 +365,36 @@ class NetworkController:
             # Neighbours (the host's gateway too) learn the MAC only once the port is on
             # the switch: announce again after (re)attaching.
             self.nl.announce(ns, itf.name)
+
+    def flush_ports(self) -> list[str]:
+        """Commit every queued OVS port in one transaction; announce the containers whose
+        interface was (re)created, once their port is on the switch."""
+        with self._lock:
+            pending = dict(self._pending_ports)
+        if not pending:
+            return []
+        with self.ovs.transaction():
+            for p in pending.values():
+                self.ovs.ensure_port(p.bridge, p.name, p.vlan, p.ids, ifindex=p.ifindex)
+        with self._lock:
+            for name, p in pending.items():
+                if self._pending_ports.get(name) is p:
+                    del self._pending_ports[name]
+        for p in pending.values():
+            if not p.announce:
+                continue
+            # Neighbours (the host's gateway too) learn the MAC only once the port is on
+            # the switch: announce again now. The container may be gone meanwhile.
+            try:
+                with netlink.ContainerNetns.open(p.pid, container_id=p.container) as ns:
+                    self.nl.announce(ns, p.ifname)
+            except NetlinkError as e:
+                log.debug("announce %s %s: %s", p.container[:12], p.ifname, e)
+        return [p.name for p in pending.values()]
+
+    def pending_ports(self) -> int:
+        with self._lock:
+            return len(self._pending_ports)
 
     # IPAM answers are cached per (container, network, interface) so that a resync of
     # unchanged containers costs no Consul read; every sweep (each resync) drops the
@@ -304,7 +413,7 @@ class NetworkController:
         ck = (cid, net.name, ifname)
         ip = self._addr_cache.get(ck)
         if ip is None or net.pool is None or ip not in net.pool:
-            ip = self.ipam.allocate(net, cid, ifname, reserved)
+            ip = self.ipam.allocate(net, cid, ifname, reserved, known=self.ipam_view)
             self._addr_cache[ck] = ip
         return ip
 
@@ -348,6 +457,8 @@ class NetworkController:
             self.planned.append(f"{cid[:12]} {ifname}: detach")
             return
         if port is not None:
+            with self._lock:
+                self._pending_ports.pop(port, None)
             self.ovs.delete_port(port)
         if ifname and self.nl.detach(cid, ifname):
             res.changes.append(f"{ifname} detached")
@@ -383,12 +494,18 @@ class NetworkController:
             for a in self.ipam.reclaim_dead_nodes(self.reclaim_grace):
                 done.append(f"reclaimed {a.network}/{a.address} of node {a.node}")
             running_ids = {i.id for i in running}
+            cache: dict[tuple[str, str, str], IPAddress] = {}
             for a in self.ipam.allocations():
-                if a.node == self.node and a.container not in running_ids \
-                        and self.inspect(a.container) is None:
+                if a.node != self.node:
+                    continue
+                if a.container not in running_ids and self.inspect(a.container) is None:
                     self.ipam.release(a)
                     done.append(f"allocation {a.network}/{a.address}")
-        self._addr_cache.clear()
+                else:
+                    cache[(a.container, a.network, a.interface)] = a.address
+            # Rebuilt from this consistent read: an allocation removed behind our back
+            # is noticed within one resync, and ours are known without a read per attach.
+            self._addr_cache = cache
         if self.dry_run:
             self.planned += [f"remove orphan {what}" for what in done]
         elif done:

@@ -61,6 +61,7 @@ __all__ = [
     "LinkEvent",
     "LinkWatcher",
     "NetlinkAdapter",
+    "NetnsWatcher",
     "ObservedInterface",
     "Route",
     "host_veth_alias",
@@ -919,6 +920,85 @@ class LinkWatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Link, IPv4/IPv6 address and route changes: what drift inside a container looks like.
+_NETNS_GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
+
+
+class NetnsWatcher:
+    """Netlink notifications from inside many container namespaces, one socket each.
+
+    `add(key, ns)` opens a socket inside the namespace (bound to link, address and route
+    groups); `run(callback, stop)` calls `callback(key)` once per burst of messages from
+    that namespace. So a changed address, MTU, MAC or route inside a container is noticed
+    at once instead of at the next resync, and the resync need not enter every
+    namespace. Remove a key when its container stops: the socket keeps the namespace
+    (and the veth inside it) alive.
+    """
+
+    def __init__(self) -> None:
+        self._socks: dict[str, socket.socket] = {}
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def add(self, key: str, ns: ContainerNetns) -> None:
+        with self._lock:
+            if key in self._socks:
+                return
+            with _translate(f"netns watch of pid {ns.pid}"), _inside(ns.fd):
+                sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 18)
+            sock.bind((0, _NETNS_GROUPS))
+            sock.setblocking(False)
+            self._socks[key] = sock
+        os.write(self._wake_w, b"x")
+
+    def remove(self, key: str) -> None:
+        with self._lock:
+            sock = self._socks.pop(key, None)
+        if sock is not None:
+            sock.close()
+            os.write(self._wake_w, b"x")
+
+    def keys(self) -> set[str]:
+        with self._lock:
+            return set(self._socks)
+
+    def run(self, callback: Callable[[str], None], stop: threading.Event) -> None:
+        while not stop.is_set():
+            with self._lock:
+                by_fd = {s.fileno(): k for k, s in self._socks.items()}
+            try:
+                ready, _, _ = select.select([self._wake_r, *by_fd], [], [], 0.5)
+            except (OSError, ValueError):
+                continue  # a socket closed under us; take the new set
+            for fd in ready:
+                if fd == self._wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                key = by_fd[fd]
+                with self._lock:
+                    sock = self._socks.get(key)
+                if sock is None:
+                    continue
+                try:
+                    while sock.recv(1 << 16):
+                        pass
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    pass  # ENOBUFS: lost some, which still means "look again"
+                callback(key)
+
+    def close(self) -> None:
+        with self._lock:
+            socks, self._socks = list(self._socks.values()), {}
+        for sock in socks:
+            sock.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 def watch_links(callback: Callable[[LinkEvent], None], stop: threading.Event) -> None:

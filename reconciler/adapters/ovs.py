@@ -491,6 +491,18 @@ class OvsAdapter:
                         txn.add(_DeletePort(self._api, port_name))
         return self._ensure_port(_PortWanted(bridge, port_name, "", vlan, ids))
 
+    def port_differs(self, bridge: str, port_name: str, vlan: int | None,
+                     external_ids: Mapping[str, str], ifindex: int | None = None) -> bool:
+        """Whether `ensure_port` with these arguments would change anything (read-only,
+        from the local replica: no round trip)."""
+        ids = self._ids(external_ids)
+        if ifindex is not None:
+            ids[IFINDEX_KEY] = str(ifindex)
+            if self._recorded_ifindex(port_name) not in (None, str(ifindex)):
+                return True
+        wanted = _PortWanted(bridge, port_name, "", vlan, ids)
+        return self._preview(lambda: _ensure_port(self._api, None, wanted))
+
     def _recorded_ifindex(self, name: str) -> str | None:
         with self._read(f"read port {name}") as api:
             port = _find(api, "Port", name)

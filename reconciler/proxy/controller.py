@@ -270,6 +270,10 @@ class ProxyController:
     def errors(self) -> dict[str, list[str]]:
         return dict(self._errors)
 
+    def status(self) -> dict[str, Any]:
+        """The proxy part of the node status, also after a failed apply."""
+        return dict(self._status)
+
     def view(self) -> ProxyView:
         return build_view(self.state, self.globals, self.last_active)
 

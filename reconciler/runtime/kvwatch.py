@@ -53,7 +53,8 @@ def snapshot_from(prefix: str, raw: object) -> Snapshot:
     index = int(getattr(raw, "index"))  # noqa: B009
     rows = getattr(raw, "items")  # noqa: B009
     items = tuple(sorted(
-        (KVEntry(i.key, i.value, i.create_index, i.session) for i in rows.values()),
+        (KVEntry(i.key, i.value, i.create_index, i.session, i.modify_index)
+         for i in rows.values()),
         key=lambda e: e.key))
     h = hashlib.sha256()
     for e in items:

@@ -204,6 +204,10 @@ class Env:
     hap: HaproxyProcess
     """The adapter on the daemon's state dir, for inspection through the master socket."""
     good_templates: Path
+    blue: _Server
+    """b1, web's blue member."""
+    green: _Server
+    """g1, web's green member."""
 
     # -- KV
     def put(self, rel: str, value: Any) -> None:
@@ -288,10 +292,10 @@ def env(consul_addr: str, ovs_datapath: str, docker_client: Any,
     backends = _Backends()
     daemon = _Daemon(prefix, node, workdir, state_dir,
                      {"RECONCILER_OVS_DATAPATH": ovs_datapath})
+    blue, green = backends.start("blue b1"), backends.start("green g1")
     e = Env(rid, prefix, node, kv, workdir, state_dir, _free_port(), daemon, backends,
-            HaproxyProcess(state_dir), good)
+            HaproxyProcess(state_dir), good, blue, green)
     try:
-        blue, green = backends.start("blue b1"), backends.start("green g1")
         e.put("services/web/config", {"bind": f"127.0.0.1:{e.port}", "mode": "http",
                                       "balance": "roundrobin",
                                       "health": {"path": "/health", "interval_ms": 500}})
@@ -464,7 +468,7 @@ def test_cutover_cas_conflict_overwrites_nothing(env: Env,
     # Its own prefix with no daemon: the race is between two writers of `active` only.
     prefix = f"rtpcas-{env.rid}/"
     kv = env.kv
-    blue, green = env.backends.servers[0], env.backends.servers[1]
+    blue, green = env.blue, env.green
     active_key = f"{prefix}services/web/active"
 
     def seed() -> None:
@@ -544,6 +548,28 @@ def test_broken_template_keeps_last_good_config(env: Env) -> None:
         assert after.reloads == before.reloads and after.failed_reloads == before.failed_reloads
         assert [env.fetch() for _ in range(5)] == ["blue"] * 5
         assert not list(env.state_dir.glob(".haproxy.cfg.tmp*")), "temp file left behind"
+
+        # A template Jinja cannot even parse (one part overridden): reported, nothing
+        # written either.
+        broken = env.workdir / "tpl-jinja"
+        (broken / "haproxy").mkdir(parents=True, exist_ok=True)
+        (broken / "haproxy" / "backend.j2").write_text("backend {% if %}\n")
+        env.daemon.stop()
+        since = time.time()
+        env.daemon.start(broken)
+
+        def template_error() -> list[str] | None:
+            st = env.status()
+            if float(st.get("updated") or 0) <= since:
+                return None
+            msgs: list[str] = (st.get("errors") or {}).get("templates") or []
+            return msgs or None
+
+        msgs = wait_for(template_error, timeout=30, message="status error for the template")
+        assert any("rendering haproxy.cfg.j2 failed" in m for m in msgs), msgs
+        assert env.config() == good_cfg
+        assert env.proc_info().reloads == before.reloads
+        assert env.serves("blue")
     finally:
         env.daemon.stop()
         since = time.time()
@@ -820,12 +846,6 @@ def test_daemon_restart_adopts_haproxy(env: Env, net_env: NetEnv, restart: Resta
     wait_for(lambda: env.serves("blue", net_env.port), timeout=15, message="webc serving")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon.py runs MEMBERS before Docker's first list and before the containers are "
-    "reconciled, so every published member is withdrawn and re-published on restart "
-    "(webc answers 503 meanwhile, and HAProxy reloads twice); "
-    "fix: /tmp/daemon-members.patch (uses members.member_key and sync(keep=)), then drop "
-    "this marker"))
 def test_daemon_restart_keeps_member_keys(restart: Restart) -> None:
     created = sorted({str(ci) for _, ci, _ in restart.seen})
     assert all(ci == restart.first.create_index for _, ci, _ in restart.seen), \
@@ -897,7 +917,7 @@ def test_no_failed_request_during_flips_and_reloads(env: Env) -> None:
 def test_injection_attempts_rejected_config_unchanged(env: Env) -> None:
     env.set_active("blue")
     good_cfg, before = env.config(), env.proc_info()
-    blue_port = _port(env.backends.servers[0])
+    blue_port = _port(env.blue)
     evil = "services/web/pools/blue/evil"
     bad_member = "services/web/pools/blue/ev!l"
     bad_pool = "services/web/pools/bl ue/m1"
