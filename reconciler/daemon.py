@@ -155,11 +155,11 @@ class Daemon:
         keys = self._all_keys()
         if previous is not None and previous.networks == snap.state.networks \
                 and previous.containers == snap.state.containers:
-            # Only services changed: no container's interfaces can differ, so do not
-            # reconcile every container of the host (a flip of `active` waited behind
-            # them, and competed with them for the GIL; found by bench/proxy.py). The
-            # periodic resync still looks at every one.
-            keys = [k for k in keys if not k.startswith("container:")]
+            # Only services changed: no container's interfaces can differ, so neither
+            # reconcile every container of the host nor sweep (a flip of `active` waited
+            # behind them, and competed with them for the GIL; found by bench/proxy.py).
+            # The periodic resync still looks at every one.
+            keys = [k for k in keys if k != SWEEP and not k.startswith("container:")]
         for key in keys:
             self.controller.queue.add(key)
 

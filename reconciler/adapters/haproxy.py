@@ -500,19 +500,24 @@ class HaproxyProcess:
             current = _read(self.config_path)
             if current == cfg:
                 return False
-            self._ensure_runtime_files()
-            tmp = _write_temp(self.config_path, cfg)
-            try:
-                self._check_file(tmp)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
-            if current is not None:
-                atomic_write(self.last_good_path, current)
-            os.replace(tmp, self.config_path)
-            _fsync_dir(self.config_path.parent)
+            self._swap_in(cfg, current)
             return True
+
+    def _swap_in(self, cfg: bytes, current: bytes | None) -> None:
+        """Write `cfg` beside the config, `haproxy -c` it, keep `current` as the last good
+        one and rename `cfg` into place (fsynced). A refused config changes nothing."""
+        self._ensure_runtime_files()
+        tmp = _write_temp(self.config_path, cfg)
+        try:
+            self._check_file(tmp)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        if current is not None:
+            atomic_write(self.last_good_path, current)
+        os.replace(tmp, self.config_path)
+        _fsync_dir(self.config_path.parent)
 
     def _check_file(self, path: Path) -> None:
         try:
@@ -557,19 +562,8 @@ class HaproxyProcess:
                 info = self.show_proc()
                 w = info.current_worker
                 return ApplyResult(False, map_changed, False, w.pid if w else None, info.reloads)
-            self._ensure_runtime_files()
-            tmp = _write_temp(self.config_path, cfg)
-            try:
-                self._check_file(tmp)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
-                raise
             old_map = _read(self.map_path) or b""
-            if current is not None:
-                atomic_write(self.last_good_path, current)
-            os.replace(tmp, self.config_path)
-            _fsync_dir(self.config_path.parent)
+            self._swap_in(cfg, current)
             if old_map != map_bytes:
                 atomic_write(self.map_path, map_bytes)
             try:
