@@ -133,6 +133,15 @@ def poll_until(port: int, ok: Callable[[str | None], bool], run: int, t0: float,
             time.sleep(rest)
 
 
+def _running(pid: int) -> bool:
+    """`pid` exists and is not a zombie (an orphan may wait a while to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return stat.rsplit(b")", 1)[1].split()[0] != b"Z"
+
+
 def kill_pid(pid: int, marker: str | None = None) -> None:
     """SIGTERM then SIGKILL one process of ours (if `marker`, only when its command line
     contains it: guards against a reused pid)."""
@@ -155,7 +164,7 @@ def kill_pid(pid: int, marker: str | None = None) -> None:
                 if os.waitpid(pid, os.WNOHANG)[0] == pid:
                     return
             except ChildProcessError:
-                if not Path(f"/proc/{pid}").exists():
+                if not _running(pid):
                     return
             time.sleep(0.02)
 
@@ -355,8 +364,13 @@ def parse_hey(out: str) -> LoadResult:
     non2xx = sum(n for c, n in status.items() if not 200 <= c < 400)
     r.requests = sum(status.values()) + sum(n for n, _ in errors)
     r.failures = non2xx + sum(n for n, _ in errors)
+    # hey lists each error with its connection's ports: group them by the reason.
+    reasons: dict[str, int] = {}
+    for n, msg in errors:
+        reason = msg.rsplit(": ", 1)[-1]
+        reasons[reason] = reasons.get(reason, 0) + n
     parts = [f"non-2xx {non2xx}"] if non2xx else []
-    parts += [f"{n}x {msg[-70:]}" for n, msg in errors[:3]]
+    parts += [f"{n}x {reason}" for reason, n in sorted(reasons.items())]
     r.detail = "; ".join(parts)
     return r
 
@@ -841,6 +855,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{tool} is missing (make deps)", file=sys.stderr)
             return 1
 
+    def on_term(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)  # unwinds through the cleanup below
+
+    signal.signal(signal.SIGTERM, on_term)
     rid = secrets.token_hex(3)
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-proxy-{rid}-"))
     kv = ConsulKV(ConsulSettings.from_env())
