@@ -119,7 +119,7 @@ class Daemon:
         self._status_dirty = threading.Event()
         self.controller: Controller[str] = Controller(
             self._reconcile, name="reconciler", workers=opts.workers,
-            list_keys=self._all_keys, resync=opts.resync,
+            list_keys=self._resync_keys, resync=opts.resync,
             on_error=self._on_error, on_success=self._on_success)
         self.ready = threading.Event()
         self._acted_digest = ""  # of the user keys of the last snapshot acted on
@@ -227,12 +227,18 @@ class Daemon:
         with self._lock:
             return [f"container:{cid}" for cid in self.known.containers]
 
+    def _resync_keys(self) -> list[str]:
+        """The controller's periodic resync: every key; every DEEP_EVERY-th time, also look
+        inside every container (the safety net under the event-driven repairs)."""
+        if self.snapshot is not None:
+            self._resyncs += 1
+            if self._resyncs % DEEP_EVERY == 0:
+                self.netctl.mark_all_dirty()
+        return self._all_keys()
+
     def _all_keys(self) -> list[str]:
         if self.snapshot is None:
             return []  # nothing is known to be desired yet: touch nothing
-        self._resyncs += 1
-        if self._resyncs % DEEP_EVERY == 0:
-            self.netctl.mark_all_dirty()  # the safety net under the event-driven repairs
         # The proxy first: the queue is FIFO, and behind one key per running container a
         # KV flip of `active` waited for all of them (~1 s with 200 containers on the
         # host; found by bench/proxy.py).
