@@ -1,0 +1,203 @@
+"""The daemon's decisions about which keys to enqueue, with fakes as the ordering seam.
+
+(The real work is covered against the real services in tests/integration; these pin the
+event -> key rules whose mistakes showed up there as feedback loops and flaps.)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from reconciler.adapters.docker_engine import ContainerEvent, ContainerInfo
+from reconciler.daemon import MEMBERS, OVS_PORTS, PROXY, SWEEP, Daemon, DaemonOptions
+from reconciler.model import DesiredState
+from reconciler.netctl import AttachResult
+from reconciler.runtime.kvwatch import snapshot_from
+
+P = "reconciler/"
+NET = json.dumps({"subnet": "10.77.1.0/24", "bridge": "br-a"}).encode()
+SPEC = json.dumps({"interfaces": [{"name": "eth1", "network": "n", "address": "10.77.1.5/24"}]}
+                  ).encode()
+SVC = json.dumps({"bind": "127.0.0.1:18080"}).encode()
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str
+    value: bytes
+    create_index: int = 1
+    session: str | None = None
+    modify_index: int = 1
+
+
+@dataclass(frozen=True)
+class Raw:
+    index: int
+    items: dict[str, Item]
+
+
+def snap(index: int, **kv: bytes) -> Any:
+    return snapshot_from(P, Raw(index, {P + k: Item(P + k, v) for k, v in kv.items()}))
+
+
+@dataclass
+class FakeNetctl:
+    state: DesiredState = field(default_factory=DesiredState)
+    attached: dict[str, AttachResult] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+    ipam_view: Any = None
+    on_ports_pending: Any = None
+    reconciled: list[str] = field(default_factory=list)
+
+    def set_state(self, state: DesiredState) -> None:
+        self.state = state
+
+    def mark_dirty(self, cid: str) -> None:
+        self.dirty.add(cid)
+
+    def mark_all_dirty(self) -> None:
+        self.dirty.add("*")
+
+    def is_dirty(self, cid: str) -> bool:
+        return True
+
+    def reconcile_container(self, cid: str, info: Any = None, *, inspected: bool = False
+                            ) -> AttachResult:
+        self.reconciled.append(cid)
+        return AttachResult()
+
+    def wanted(self, info: Any) -> list[Any]:
+        return []
+
+
+class FakeDocker:
+    def inspect(self, cid: str) -> ContainerInfo | None:
+        return ContainerInfo(cid, f"c-{cid}", running=True, pid=1)
+
+
+class FakeKV:
+    def __init__(self) -> None:
+        self.puts: list[str] = []
+
+    def read_prefix(self, prefix: str, **kw: Any) -> Any:
+        return Raw(1, {})
+
+    def session_renew(self, sid: str) -> bool:
+        return True
+
+    def session_create(self, *a: Any, **kw: Any) -> str:
+        return "s1"
+
+    def put(self, key: str, value: bytes, **kw: Any) -> bool:
+        self.puts.append(key)
+        return True
+
+    def delete(self, key: str, **kw: Any) -> bool:
+        return True
+
+
+def make(proxy: bool = True) -> tuple[Daemon, FakeNetctl]:
+    class FakeProxy:
+        def set_state(self, state: DesiredState) -> None: ...
+        def set_containers(self, *a: Any) -> None: ...
+        def quiet_delay(self) -> float:
+            return 0.0
+
+        def reconcile(self) -> dict[str, Any]:
+            return {}
+
+        def errors(self) -> dict[str, list[str]]:
+            return {}
+
+        def status(self) -> dict[str, Any]:
+            return {}
+
+    nc = FakeNetctl()
+    d = Daemon(DaemonOptions("n1", P), kv=FakeKV(), docker=FakeDocker(),  # type: ignore[arg-type]
+               netctl=nc, proxy=FakeProxy() if proxy else None)  # type: ignore[arg-type]
+    return d, nc
+
+
+def drain(d: Daemon) -> list[str]:
+    keys = []
+    while len(d.controller.queue):
+        k = d.controller.queue.get(timeout=0)
+        assert k is not None
+        keys.append(k)
+        d.controller.queue.done(k)
+    return keys
+
+
+def test_user_change_enqueues_everything_proxy_first() -> None:
+    d, _ = make()
+    d._on_docker_list([ContainerInfo("a", "ca", running=True, pid=1)])
+    drain(d)
+    d._on_snapshot(snap(5, **{"networks/n": NET, "containers/c": SPEC}))
+    keys = drain(d)
+    assert keys[0] == PROXY  # a flip never waits behind every container
+    assert set(keys) == {PROXY, "container:a", SWEEP, MEMBERS}
+
+
+def test_daemon_area_changes_enqueue_nothing() -> None:
+    # Our own status write wakes the watch: acting on it was a feedback loop.
+    d, _ = make()
+    d._on_snapshot(snap(5, **{"networks/n": NET}))
+    drain(d)
+    d._on_snapshot(snap(6, **{"networks/n": NET, "nodes/n1/status": b"{}"}))
+    d._on_snapshot(snap(7, **{"networks/n": NET, "nodes/n1/status": b'{"x":1}',
+                              "ipam/n/10.77.1.9": b"{}"}))
+    assert drain(d) == []
+    assert d.status.index == 5  # the last applied user state
+
+
+def test_services_only_change_skips_containers_and_sweep() -> None:
+    d, _ = make()
+    d._on_docker_list([ContainerInfo("a", "ca", running=True, pid=1)])
+    d._on_snapshot(snap(5, **{"networks/n": NET, "services/web/config": SVC}))
+    drain(d)
+    d._on_snapshot(snap(6, **{"networks/n": NET, "services/web/config": SVC,
+                              "services/web/active": b"green"}))
+    assert set(drain(d)) == {PROXY, MEMBERS}
+
+
+def test_members_wait_for_dockers_first_list() -> None:
+    d, _ = make()
+    d._on_snapshot(snap(5, **{"networks/n": NET}))
+    drain(d)
+    kv: FakeKV = d.kv
+    d._reconcile(MEMBERS)
+    assert kv.puts == []  # nothing known yet: withdrawing everything would flap
+    d._on_docker_list([])
+    assert MEMBERS in drain(d)
+
+
+def test_events_mark_dirty_and_enqueue() -> None:
+    d, nc = make()
+    d._on_snapshot(snap(5, **{"networks/n": NET}))
+    drain(d)
+    d._on_docker_event(ContainerEvent("die", "abc", "c", 1))
+    d.on_netns_event("def")
+    assert nc.dirty == {"abc", "def"}
+    assert set(drain(d)) == {"container:abc", MEMBERS, "container:def"}
+    nc.on_ports_pending()
+    assert drain(d) == [OVS_PORTS]
+
+
+def test_deep_pass_every_tenth_resync() -> None:
+    d, nc = make()
+    d._on_snapshot(snap(5, **{"networks/n": NET}))
+    for _ in range(9):
+        d._resync_keys()
+    assert "*" not in nc.dirty
+    d._resync_keys()
+    assert "*" in nc.dirty
+
+
+def test_nothing_before_the_first_snapshot() -> None:
+    d, nc = make()
+    assert d._resync_keys() == []
+    d._on_docker_list([ContainerInfo("a", "ca", running=True, pid=1)])
+    assert d._reconcile("container:a") is not None  # requeued: nothing is known yet
+    assert nc.reconciled == []
