@@ -907,8 +907,7 @@ def load_state_file(path: str, text: str | None = None) -> tuple[list[RawEntry],
         for name, val in sec.items():
             where = f"{path}: {section}.{name}"
             if not isinstance(name, str) or not NAME_RE.match(name):
-                problems.append(Problem(where, "", "invalid name: names are 1-63 characters "
-                                        "of [A-Za-z0-9_.-]"))
+                problems.append(_bad_name(where))
                 continue
             order += 1
             entries.append(RawEntry(where, KeyRef(kind, name), _plain(val), order))  # type: ignore[arg-type]
@@ -919,8 +918,7 @@ def load_state_file(path: str, text: str | None = None) -> tuple[list[RawEntry],
     for sname, sval in svcs.items():
         swhere = f"{path}: services.{sname}"
         if not isinstance(sname, str) or not NAME_RE.match(sname):
-            problems.append(Problem(swhere, "", "invalid name: names are 1-63 characters of "
-                                    "[A-Za-z0-9_.-]"))
+            problems.append(_bad_name(swhere))
             continue
         if not isinstance(sval, dict):
             problems.append(Problem(swhere, "", f"must be a mapping with config, active, pools, "
@@ -947,8 +945,7 @@ def load_state_file(path: str, text: str | None = None) -> tuple[list[RawEntry],
         for pname, members in pools.items():
             pwhere = f"{swhere}.pools.{pname}"
             if not isinstance(pname, str) or not NAME_RE.match(pname):
-                problems.append(Problem(pwhere, "", "invalid pool name: 1-63 characters of "
-                                        "[A-Za-z0-9_.-]"))
+                problems.append(_bad_name(pwhere, "pool "))
                 continue
             if members is None:
                 members = {}
@@ -959,13 +956,17 @@ def load_state_file(path: str, text: str | None = None) -> tuple[list[RawEntry],
             for mname, mval in members.items():
                 mwhere = f"{pwhere}.{mname}"
                 if not isinstance(mname, str) or not NAME_RE.match(mname):
-                    problems.append(Problem(mwhere, "", "invalid member name: 1-63 characters "
-                                            "of [A-Za-z0-9_.-]"))
+                    problems.append(_bad_name(mwhere, "member "))
                     continue
                 order += 1
                 entries.append(RawEntry(mwhere, KeyRef("member", sname, pname, mname),
                                         _plain(mval), order))
     return entries, problems
+
+
+def _bad_name(where: str, what: str = "") -> Problem:
+    return Problem(where, "", f"invalid {what}name: names are 1-63 characters of "
+                   "[A-Za-z0-9_.-]")
 
 
 def _plain(v: Any) -> Any:
