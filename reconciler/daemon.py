@@ -49,6 +49,17 @@ PROXY = "proxy"
 MEMBERS = "members"
 
 
+def _summarize(items: list[str], show: int = 3) -> str:
+    """'12 port, 3 veth (port rv1..., port rv2..., ...)': readable at 200 items too."""
+    kinds: dict[str, int] = {}
+    for it in items:
+        kind = it.split(" ", 1)[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    counts = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    more = ", ..." if len(items) > show else ""
+    return f"{counts} ({', '.join(items[:show])}{more})"
+
+
 def _same_process(info: ContainerInfo) -> bool:
     """The cached container's process still runs (PIDs get reused: compare start time)."""
     return bool(info.pid) and info.start_time is not None \
@@ -271,7 +282,8 @@ class Daemon:
                 running = list(self.known.containers.values())
             done = self.netctl.sweep(running)
             if done:
-                log.info("sweep removed: %s", ", ".join(done))
+                log.info("sweep removed %s", _summarize(done))
+                log.debug("sweep removed: %s", ", ".join(done))
         elif key == OVS_PORTS:
             self.netctl.flush_ports()
         elif key == MEMBERS:

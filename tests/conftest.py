@@ -1,9 +1,11 @@
 """Session fixtures for the real services the integration tests use.
 
 Owns: `consul_addr`, `docker_client`, `test_image`, `run_id`, `ovs_datapath`,
-`container_factory`. A service that does not answer fails the test (never skips):
-run ``make services`` first. Also puts ``tests/`` on ``sys.path`` so tests can
-``from helpers import wait_for``.
+`container_factory`, and the function-scoped `http_backends` (threaded HTTP servers on
+loopback), `nl` (a NetlinkAdapter), `netns_factory` (processes in fresh network
+namespaces) and `cleanup_links` (host links deleted at teardown). A service that does
+not answer fails the test (never skips): run ``make services`` first. Also puts
+``tests/`` on ``sys.path`` so tests can ``from helpers import wait_for``.
 """
 
 from __future__ import annotations
@@ -13,18 +15,28 @@ import itertools
 import json
 import os
 import secrets
+import subprocess
 import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import ContainerFactory, detect_ovs_datapath, wait_for
+from helpers import (
+    ContainerFactory,
+    HttpBackends,
+    NetnsFactory,
+    detect_ovs_datapath,
+    wait_for,
+)
+
+if TYPE_CHECKING:
+    from reconciler.adapters.netlink import ContainerNetns, NetlinkAdapter
 
 TEST_IMAGE = os.environ.get("RECONCILER_TEST_IMAGE", "reconciler-test/busybox:latest")
 SERVICES_HINT = "run `make services`"
@@ -137,3 +149,59 @@ def container_factory(
     for container in reversed(created):
         with contextlib.suppress(docker.errors.NotFound):
             container.remove(force=True)
+
+
+@pytest.fixture
+def http_backends() -> Iterator[HttpBackends]:
+    """Threaded HTTP servers on loopback (see `helpers.HttpBackend`); all stopped at teardown."""
+    backends = HttpBackends()
+    yield backends
+    backends.close()
+
+
+@pytest.fixture
+def nl() -> Iterator[NetlinkAdapter]:
+    from reconciler.adapters.netlink import NetlinkAdapter
+
+    with NetlinkAdapter() as adapter:
+        yield adapter
+
+
+@pytest.fixture
+def netns_factory() -> Iterator[NetnsFactory]:
+    """Start processes (``unshare --net sleep``) in fresh network namespaces; yields a
+    factory of open handles. Handles closed and processes killed at teardown."""
+    from reconciler.adapters.netlink import ContainerNetns, process_start_time
+
+    procs: list[subprocess.Popen[bytes]] = []
+    handles: list[ContainerNetns] = []
+    host = os.stat("/proc/self/ns/net").st_ino
+
+    def make() -> ContainerNetns:
+        proc = subprocess.Popen(["unshare", "--net", "sleep", "600"])
+        procs.append(proc)
+        wait_for(
+            lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != host,
+            timeout=10,
+            message="unshare to enter its netns",
+            ignore=(FileNotFoundError,),
+        )
+        ns = ContainerNetns.open(proc.pid, expected_start_time=process_start_time(proc.pid))
+        handles.append(ns)
+        return ns
+
+    yield make
+    for ns in handles:
+        ns.close()
+    for proc in procs:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def cleanup_links() -> Iterator[list[str]]:
+    """Names of host links to delete at teardown (tolerating already-gone)."""
+    names: list[str] = []
+    yield names
+    for name in names:
+        subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)

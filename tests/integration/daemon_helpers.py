@@ -1,7 +1,9 @@
-"""Helpers for the daemon's end-to-end network tests (tests/integration/test_daemon_network.py).
+"""Helpers for the daemon's end-to-end tests (test_daemon_network.py, test_daemon_proxy.py,
+test_resilience.py).
 
-Owns: running `reconciler run` as a subprocess (`DaemonProcess`: start, SIGTERM, kill -9,
-its log), reading a container's interfaces from the host (`netns_*`, through `nsenter`
+Owns: running `reconciler run` as a subprocess (`DaemonProcess`: start, optionally with
+`--templates`, SIGTERM, kill -9, its log; `log_during` prints what it logged during a
+test), reading a container's interfaces from the host (`netns_*`, through `nsenter`
 with the host's `ip`: ~5 ms, against ~150 ms for `docker exec`), OVS port lookups by the
 daemon's external_ids, and picking /24s of 10.77.0.0/16 that no host route uses yet (other
 tests and engineers share this machine).
@@ -18,9 +20,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
+
+from helpers import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,16 +58,21 @@ class DaemonProcess:
     def command(self, *extra: str) -> list[str]:
         return [sys.executable, "-m", "reconciler", "--prefix", self.prefix, *extra]
 
-    def start(self) -> None:
+    def start(self, templates: Path | None = None) -> None:
+        """Start `reconciler run` (with ``--templates`` if given); returns at once."""
+        assert self.proc is None, "already running"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
         self.starts += 1
-        self._log.write(f"===== start #{self.starts} at {time.time():.3f}\n")
+        self._log.write(f"===== start #{self.starts} at {time.time():.3f}"
+                        + (f" (templates {templates})" if templates is not None else "") + "\n")
         self._log.flush()
-        self.proc = subprocess.Popen(
-            self.command("run", "--node", self.node, "--resync", str(self.resync),
-                         "--state-dir", str(self.state_dir)),
-            stdout=self._log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+        args = ["run", "--node", self.node, "--resync", str(self.resync),
+                "--state-dir", str(self.state_dir)]
+        if templates is not None:
+            args += ["--templates", str(templates)]
+        self.proc = subprocess.Popen(self.command(*args), stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
 
     @property
     def pid(self) -> int:
@@ -74,27 +83,20 @@ class DaemonProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`; the exit status."""
+        """SIGTERM, then SIGKILL after `timeout`; the exit status. HAProxy keeps running."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        rc = self.proc.returncode
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        rc = stop_process(self.proc, timeout)
+        self._forget()
         return rc
 
     def kill9(self) -> None:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self._forget()
+
+    def _forget(self) -> None:
         self.proc = None
         if self._log is not None:
             self._log.close()
@@ -118,6 +120,15 @@ class DaemonProcess:
         """Run another `reconciler` subcommand against the same prefix."""
         return subprocess.run(self.command(*args), capture_output=True, text=True,
                               timeout=timeout, env=self.env, cwd=REPO, check=False)
+
+
+def log_during(daemon: DaemonProcess) -> Iterator[None]:
+    """Body of an autouse fixture: print what `daemon` logged during the test (pytest
+    shows it when the test fails)."""
+    start = daemon.log_size()
+    yield
+    print(f"----- daemon log during this test ({daemon.log_path}):")
+    print(daemon.log_text(start)[-20000:])
 
 
 # --------------------------------------------------------------------------- netns reads

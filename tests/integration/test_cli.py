@@ -2,9 +2,9 @@
 real subprocess (`python -m reconciler`) against the real Consul dev agent.
 
 Each test writes under its own `rtest-<hex>/` prefix (`--prefix`), deleted afterwards.
-The ACL tests start a second, ACL-enforcing Consul agent on free ports (the approach of
-tests/integration/test_consul_acl.py), give the CLI a least-privilege token through the
-environment only, and check that it never shows up in output or argv.
+The ACL tests start a second, ACL-enforcing Consul agent on free ports (tests/consul_agents.py,
+as tests/integration/test_consul_acl.py does), give the CLI a least-privilege token through
+the environment only, and check that it never shows up in output or argv.
 """
 
 from __future__ import annotations
@@ -13,14 +13,8 @@ import itertools
 import json
 import os
 import secrets
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
-from helpers import wait_for
+from consul_agents import AclAgent, start_acl_agent
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
 
@@ -493,96 +487,15 @@ def test_closed_stdout_is_exit_1_without_traceback(cli: Cli, tmp_path: Path) -> 
 # ------------------------------------------------------------------ ACL agent
 
 
-@dataclass(frozen=True)
-class AclAgent:
-    http_port: int
-    master: str
-    token: str
-    prefix: str
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _api(port: int, method: str, path: str, token: str, body: Any = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}", data=data, method=method,
-        headers={"X-Consul-Token": token},
-    )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read().decode() or "null")
-
-
 @pytest.fixture(scope="module")
 def acl_agent(run_id: str) -> Iterator[AclAgent]:
     """A `consul agent -dev` with default-deny ACLs on free ports, and a token that may
     only write `rt-cli-acl-<run>/`; killed at teardown."""
-    consul_bin = shutil.which("consul")
-    assert consul_bin, "the consul binary is missing (run make deps)"
-    http_port, lan, wan, server = _free_ports(4)
-    master = str(uuid.uuid4())
-    workdir = Path(tempfile.mkdtemp(prefix="rt-cli-acl-"))
-    config = workdir / "acl.hcl"
-    config.touch(mode=0o600)  # the master token goes in a 0600 file, not on argv
-    config.write_text(
-        "acl {\n"
-        "  enabled = true\n"
-        '  default_policy = "deny"\n'
-        "  enable_token_persistence = false\n"
-        f'  tokens {{ master = "{master}" }}\n'
-        "}\n"
-    )
-    log = (workdir / "agent.log").open("w")
-    proc = subprocess.Popen(
-        [
-            consul_bin, "agent", "-dev", "-node", f"rt-cli-acl-{run_id}",
-            "-bind", "127.0.0.1", "-client", "127.0.0.1",
-            "-http-port", str(http_port), "-dns-port", "-1", "-grpc-port", "-1",
-            "-serf-lan-port", str(lan), "-serf-wan-port", str(wan),
-            "-server-port", str(server), "-config-file", str(config),
-        ],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-
-        def bootstrapped() -> bool:
-            assert proc.poll() is None, (workdir / "agent.log").read_text()[-3000:]
-            return bool(_api(http_port, "GET", "/v1/acl/token/self", master))
-
-        wait_for(bootstrapped, timeout=60, interval=0.2, message="ACL agent bootstrap",
-                 ignore=(urllib.error.URLError, OSError, ValueError))
-        prefix = f"rt-cli-acl-{run_id}/"
-        rules = f'key_prefix "{prefix}" {{ policy = "write" }}\n'
-        policy = _api(http_port, "PUT", "/v1/acl/policy", master,
-                      {"Name": f"rt-cli-{run_id}", "Rules": rules})
-        token = _api(http_port, "PUT", "/v1/acl/token", master,
-                     {"Description": "reconciler cli test",
-                      "Policies": [{"ID": policy["ID"]}]})["SecretID"]
-        yield AclAgent(http_port, master, token, prefix)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    prefix = f"rt-cli-acl-{run_id}/"
+    rules = f'key_prefix "{prefix}" {{ policy = "write" }}\n'
+    with start_acl_agent(f"rt-cli-acl-{run_id}", prefix, rules, policy=f"rt-cli-{run_id}",
+                         description="reconciler cli test") as agent:
+        yield agent
 
 
 @pytest.fixture

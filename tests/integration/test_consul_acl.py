@@ -9,23 +9,14 @@ token (py-consul's own `Txn.put` does not send it) and that refusals become a cl
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
-import shutil
-import socket
-import subprocess
-import tempfile
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
-from helpers import wait_for
+from consul_agents import AclAgent, start_acl_agent
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings, TxnOp
 from reconciler.errors import ConsulAuthError
@@ -33,119 +24,16 @@ from reconciler.errors import ConsulAuthError
 pytestmark = pytest.mark.integration
 
 
-@dataclass(frozen=True)
-class AclAgent:
-    http_port: int
-    unix_socket: str
-    master: str
-    token: str
-    prefix: str
-    workdir: Path
-
-    @property
-    def addr(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def _api(port: int, method: str, path: str, token: str, body: Any = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        data=data,
-        method=method,
-        headers={"X-Consul-Token": token},
-    )
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return json.loads(response.read().decode() or "null")
-
-
 @pytest.fixture(scope="module")
 def acl_agent(run_id: str) -> Iterator[AclAgent]:
-    consul_bin = shutil.which("consul")
-    assert consul_bin, "the consul binary is missing (run make deps)"
-    http_port, lan, wan, server = _free_ports(4)
-    master = str(uuid.uuid4())
-    # Short path: unix socket paths are limited to 107 bytes.
-    workdir = Path(tempfile.mkdtemp(prefix="rt-acl-"))
-    sock = str(workdir / "http.sock")
-    config = workdir / "acl.hcl"
-    # The master token goes in a 0600 file, not on the command line.
-    config.touch(mode=0o600)
-    config.write_text(
-        "acl {\n"
-        "  enabled = true\n"
-        '  default_policy = "deny"\n'
-        "  enable_token_persistence = false\n"
-        f'  tokens {{ master = "{master}" }}\n'
-        "}\n"
-        f'addresses {{ http = "127.0.0.1 unix://{sock}" }}\n'
+    prefix = f"rt-acl-{run_id}/"
+    rules = (
+        f'key_prefix "{prefix}" {{ policy = "write" }}\n'
+        'session_prefix "" { policy = "write" }\n'
     )
-    log = (workdir / "agent.log").open("w")
-    proc = subprocess.Popen(
-        [
-            consul_bin, "agent", "-dev",
-            "-node", f"rt-acl-{run_id}",
-            "-bind", "127.0.0.1", "-client", "127.0.0.1",
-            "-http-port", str(http_port),
-            "-dns-port", "-1", "-grpc-port", "-1",
-            "-serf-lan-port", str(lan), "-serf-wan-port", str(wan),
-            "-server-port", str(server),
-            "-config-file", str(config),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    try:
-
-        def bootstrapped() -> bool:
-            assert proc.poll() is None, (workdir / "agent.log").read_text()[-3000:]
-            return bool(_api(http_port, "GET", "/v1/acl/token/self", master))
-
-        wait_for(
-            bootstrapped,
-            timeout=60,
-            interval=0.2,
-            message="ACL agent leader + ACL bootstrap",
-            ignore=(urllib.error.URLError, OSError, ValueError),
-        )
-        prefix = f"rt-acl-{run_id}/"
-        rules = (
-            f'key_prefix "{prefix}" {{ policy = "write" }}\n'
-            'session_prefix "" { policy = "write" }\n'
-        )
-        policy = _api(
-            http_port, "PUT", "/v1/acl/policy", master, {"Name": f"rt-{run_id}", "Rules": rules}
-        )
-        token = _api(
-            http_port,
-            "PUT",
-            "/v1/acl/token",
-            master,
-            {"Description": "reconciler test", "Policies": [{"ID": policy["ID"]}]},
-        )["SecretID"]
-        yield AclAgent(http_port, sock, master, token, prefix, workdir)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with start_acl_agent(f"rt-acl-{run_id}", prefix, rules, policy=f"rt-{run_id}",
+                         description="reconciler test", unix_socket=True) as agent:
+        yield agent
 
 
 def _client(agent: AclAgent, **env: str) -> ConsulKV:

@@ -41,6 +41,7 @@ from .daemon_helpers import (
     host_link_exists,
     host_master,
     host_ping,
+    log_during,
     netns_addrs,
     netns_link,
     netns_up_with,
@@ -150,10 +151,7 @@ def env(consul_addr: str, ovs_datapath: str, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture(autouse=True)
 def _daemon_log_on_failure(env: Env) -> Iterator[None]:
     """Print what the daemon logged during the test: pytest shows it when the test fails."""
-    start = env.daemon.log_size()
-    yield
-    print(f"----- daemon log during this test ({env.daemon.log_path}):")
-    print(env.daemon.log_text(start)[-20000:])
+    yield from log_during(env.daemon)
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 Owns the tests of `reconciler run` driving a real HAProxy from Consul KV (members put
 by hand, backed by tiny HTTP servers in threads on 127.0.0.1, or published by the daemon
 for labelled containers on an OVS network), of `reconciler cutover` against it, and the
-helpers they need (`_Daemon`: the daemon as a subprocess with `--templates`; `_Backends`:
-the HTTP servers; `Env`: the module's shared daemon, prefix, node and state dir).
+helpers they need (`Env`: the module's shared daemon, a daemon_helpers.DaemonProcess run
+with `--templates`, and its prefix, node, state dir and helpers.HttpBackends).
 
 One daemon serves the whole module (its prefix, node, state dir and bind ports are
 unique to the run); the tests that need it restart it. Teardown stops the daemon AND
@@ -18,22 +18,17 @@ import contextlib
 import http.client
 import ipaddress
 import json
-import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import HttpBackend, HttpBackends, KeepAliveLoad, free_port, wait_for
 
 from reconciler import cli
 from reconciler.adapters import consul_kv
@@ -45,145 +40,19 @@ from reconciler.members import member_name
 from reconciler.proxy.render import DEFAULT_TEMPLATES_DIR, MAIN_TEMPLATE
 from reconciler.proxy.view import backend_name
 
-from .daemon_helpers import container_pid, free_subnet_octets, netns_addrs, run
+from .daemon_helpers import (
+    DaemonProcess,
+    container_pid,
+    free_subnet_octets,
+    log_during,
+    netns_addrs,
+    run,
+)
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 FIGURES: dict[str, str] = {}
 """Measurements printed at the end of the module (run pytest with -s to see them)."""
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# --------------------------------------------------------------------------- backends
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """``/`` answers the server's body (``<pool> <member>``); ``/health`` its health code."""
-
-    def do_GET(self) -> None:
-        srv: _Server = self.server  # type: ignore[assignment]
-        code, body = (srv.health, b"ok\n") if self.path.startswith("/health") \
-            else (200, srv.body)
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    body: bytes = b""
-    health: int = 200
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # health checks hang up early: not a failure
-
-
-@dataclass
-class _Backends:
-    servers: list[_Server] = field(default_factory=list)
-
-    def start(self, body: str, health: int = 200) -> _Server:
-        srv = _Server(("127.0.0.1", 0), _Handler)
-        srv.body = f"{body}\n".encode()
-        srv.health = health
-        threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True).start()
-        self.servers.append(srv)
-        return srv
-
-    def stop(self, srv: _Server) -> None:
-        srv.shutdown()
-        srv.server_close()
-        self.servers.remove(srv)
-
-    def close(self) -> None:
-        for srv in list(self.servers):
-            self.stop(srv)
-
-
-def _port(srv: _Server) -> int:
-    return int(srv.server_address[1])
-
-
-# --------------------------------------------------------------------------- the daemon
-
-
-class _Daemon:
-    """`python -m reconciler --prefix P run ...` with its log in a file (after
-    daemon_helpers.DaemonProcess, plus `--templates`)."""
-
-    def __init__(self, prefix: str, node: str, workdir: Path, state_dir: Path,
-                 extra_env: dict[str, str]) -> None:
-        self.prefix = prefix
-        self.node = node
-        self.state_dir = state_dir
-        self.log_path = workdir / f"daemon-{node}.log"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log: TextIO | None = None
-        self.starts = 0
-
-    def command(self, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "reconciler", "--prefix", self.prefix, *extra]
-
-    def start(self, templates: Path | None = None) -> None:
-        assert self.proc is None, "already running"
-        self._log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
-        self.starts += 1
-        self._log.write(f"===== start #{self.starts} at {time.time():.3f} "
-                        f"(templates {templates})\n")
-        self._log.flush()
-        args = ["run", "--node", self.node, "--resync", "5", "--state-dir", str(self.state_dir)]
-        if templates is not None:
-            args += ["--templates", str(templates)]
-        self.proc = subprocess.Popen(self.command(*args), stdout=self._log,
-                                     stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
-
-    def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM (SIGKILL after `timeout`); the exit status. HAProxy keeps running."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        rc = self.proc.returncode
-        self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return rc
-
-    def log_size(self) -> int:
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, start: int = 0) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                f.seek(start)
-                return f.read()
-        except FileNotFoundError:
-            return ""
-
-    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(self.command(*args), capture_output=True, text=True,
-                              timeout=timeout, env=self.env, cwd=REPO, check=False)
 
 
 # --------------------------------------------------------------------------- environment
@@ -199,14 +68,14 @@ class Env:
     state_dir: Path
     port: int
     """web's bind port on 127.0.0.1."""
-    daemon: _Daemon
-    backends: _Backends
+    daemon: DaemonProcess
+    backends: HttpBackends
     hap: HaproxyProcess
     """The adapter on the daemon's state dir, for inspection through the master socket."""
     good_templates: Path
-    blue: _Server
+    blue: HttpBackend
     """b1, web's blue member."""
-    green: _Server
+    green: HttpBackend
     """g1, web's green member."""
 
     # -- KV
@@ -267,7 +136,7 @@ class Env:
                  == pool, timeout=10, message=f"status reporting web={pool}")
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return self.daemon.cli(*args)
+        return self.daemon.cli(*args, timeout=60.0)
 
     def wait_ready(self, since: float = 0.0) -> None:
         """The daemon published a status after `since` with the proxy applied."""
@@ -284,24 +153,24 @@ def env(consul_addr: str, ovs_datapath: str, docker_client: Any,
     rid = secrets.token_hex(3)
     prefix, node = f"rtp-{rid}/", f"rtpnode-{rid}"
     workdir = tmp_path_factory.mktemp(f"daemon-proxy-{rid}")
-    state_dir = workdir / "state"
-    state_dir.mkdir()
     good = workdir / "tpl-good"  # empty: the project's templates
     good.mkdir()
     kv = ConsulKV(ConsulSettings.from_env())
-    backends = _Backends()
-    daemon = _Daemon(prefix, node, workdir, state_dir,
-                     {"RECONCILER_OVS_DATAPATH": ovs_datapath})
-    blue, green = backends.start("blue b1"), backends.start("green g1")
-    e = Env(rid, prefix, node, kv, workdir, state_dir, _free_port(), daemon, backends,
+    backends = HttpBackends()
+    daemon = DaemonProcess(prefix, node, workdir, resync=5.0,
+                           extra_env={"RECONCILER_OVS_DATAPATH": ovs_datapath})
+    state_dir = daemon.state_dir
+    state_dir.mkdir()
+    blue, green = backends.start("blue b1\n"), backends.start("green g1\n")
+    e = Env(rid, prefix, node, kv, workdir, state_dir, free_port(), daemon, backends,
             HaproxyProcess(state_dir), good, blue, green)
     try:
         e.put("services/web/config", {"bind": f"127.0.0.1:{e.port}", "mode": "http",
                                       "balance": "roundrobin",
                                       "health": {"path": "/health", "interval_ms": 500}})
         e.put("services/web/active", b"blue")
-        e.put("services/web/pools/blue/b1", {"address": "127.0.0.1", "port": _port(blue)})
-        e.put("services/web/pools/green/g1", {"address": "127.0.0.1", "port": _port(green)})
+        e.put("services/web/pools/blue/b1", {"address": "127.0.0.1", "port": blue.port})
+        e.put("services/web/pools/green/g1", {"address": "127.0.0.1", "port": green.port})
         t0 = time.monotonic()
         daemon.start(good)
         wait_for(lambda: e.serves("blue"), timeout=30, message="web serving blue")
@@ -329,10 +198,7 @@ def env(consul_addr: str, ovs_datapath: str, docker_client: Any,
 @pytest.fixture(autouse=True)
 def _daemon_log_on_failure(env: Env) -> Iterator[None]:
     """Print what the daemon logged during the test: pytest shows it when the test fails."""
-    start = env.daemon.log_size()
-    yield
-    print(f"----- daemon log during this test ({env.daemon.log_path}):")
-    print(env.daemon.log_text(start)[-20000:])
+    yield from log_during(env.daemon)
 
 
 # --------------------------------------------------------------------------- 1. raw flip
@@ -402,10 +268,10 @@ def test_cutover_cli_then_rollback(env: Env) -> None:
 
 def test_cutover_refused_by_health_gate_min_healthy_allows(env: Env) -> None:
     env.set_active("blue")
-    sick = env.backends.start("green gsick", health=500)
+    sick = env.backends.start("green gsick\n", health=500)
     active_key = f"{env.prefix}services/web/active"
     try:
-        env.put("services/web/pools/green/gsick", {"address": "127.0.0.1", "port": _port(sick)})
+        env.put("services/web/pools/green/gsick", {"address": "127.0.0.1", "port": sick.port})
         index = env.kv.get(active_key).modify_index  # type: ignore[union-attr]
 
         proc = env.cli("cutover", "web", "--to", "green", "--timeout", "10")
@@ -417,7 +283,7 @@ def test_cutover_refused_by_health_gate_min_healthy_allows(env: Env) -> None:
 
         # Not listening at all: refused too, with the connection error as the reason.
         env.put("services/web/pools/green/gsick", {"address": "127.0.0.1",
-                                                   "port": _free_port()})
+                                                   "port": free_port()})
         proc = env.cli("cutover", "web", "--to", "green", "--timeout", "10")
         assert proc.returncode == 1, proc.stdout + proc.stderr
         assert "green/gsick: UNHEALTHY (Connection refused)" in proc.stdout
@@ -477,7 +343,7 @@ def test_cutover_cas_conflict_overwrites_nothing(env: Env,
         kv.put(active_key, b"blue")
         for pool, srv in (("blue", blue), ("green", green), ("canary", green)):
             kv.put(f"{prefix}services/web/pools/{pool}/m1",
-                   json.dumps({"address": "127.0.0.1", "port": _port(srv)}).encode())
+                   json.dumps({"address": "127.0.0.1", "port": srv.port}).encode())
 
     try:
         seed()
@@ -525,13 +391,13 @@ def test_broken_template_keeps_last_good_config(env: Env) -> None:
         (DEFAULT_TEMPLATES_DIR / MAIN_TEMPLATE).read_text()
         + "\nglobal\n    no-such-keyword-{{ services|length }}\n")
     good_cfg, before = env.config(), env.proc_info()
-    extra = env.backends.start("blue b9")
+    extra = env.backends.start("blue b9\n")
     try:
         env.daemon.stop()
         since = time.time()
         env.daemon.start(bad)
         # A member added while the bad templates are in use: a re-render is due.
-        env.put("services/web/pools/blue/b9", {"address": "127.0.0.1", "port": _port(extra)})
+        env.put("services/web/pools/blue/b9", {"address": "127.0.0.1", "port": extra.port})
 
         def refused() -> list[str] | None:
             st = env.status()
@@ -588,52 +454,12 @@ def test_broken_template_keeps_last_good_config(env: Env) -> None:
 # --------------------------------------------------------------------------- 6. reload fails
 
 
-class _Load:
-    """A keep-alive client in a thread: GET / in a loop, short think time, no retries.
-    Every exception or non-200 answer is a failure."""
-
-    def __init__(self, port: int, think: float = 0.005) -> None:
-        self.port, self.think = port, think
-        self.ok: dict[str, int] = {}
-        self.failures: list[str] = []
-        self.requests = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        while not self._stop.is_set():
-            self.requests += 1
-            try:
-                conn.request("GET", "/")
-                resp = conn.getresponse()
-                body = resp.read().decode()
-                if resp.status != 200:
-                    self.failures.append(f"HTTP {resp.status}: {body[:80]!r}")
-                else:
-                    pool = body.split()[0]
-                    self.ok[pool] = self.ok.get(pool, 0) + 1
-            except (OSError, http.client.HTTPException) as exc:
-                self.failures.append(repr(exc))
-                conn.close()  # a new connection for the next request (not a retry)
-            self._stop.wait(self.think)
-        conn.close()
-
-    def __enter__(self) -> _Load:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
-
 def test_reload_failure_reverted_old_services_keep_serving(env: Env) -> None:
     env.set_active("blue")
     good_cfg, before = env.config(), env.proc_info()
-    port2 = _free_port()
+    port2 = free_port()
     try:
-        with _Load(env.port) as load:
+        with KeepAliveLoad(env.port) as load:
             # Passes `haproxy -c` (it binds nothing), fails at reload: no such address.
             env.put("services/web2/config", {"bind": f"198.18.255.1:{port2}", "mode": "http"})
 
@@ -692,7 +518,7 @@ def net_env(env: Env, docker_client: Any, test_image: str) -> Iterator[NetEnv]:
     octet = free_subnet_octets(1, int(env.rid, 16) + 3)[0]
     network, bridge, spec = f"rtpn-{env.rid}", f"rtpb{env.rid}", f"rtpc-{env.rid}"
     subnet = ipaddress.IPv4Network(f"10.77.{octet}.0/24")
-    port = _free_port()
+    port = free_port()
     created: list[Any] = []
     try:
         env.put(f"networks/{network}", {
@@ -864,11 +690,11 @@ def test_daemon_restart_keeps_member_keys(restart: Restart) -> None:
 def test_no_failed_request_during_flips_and_reloads(env: Env) -> None:
     env.set_active("blue")
     before = env.proc_info()
-    extra = env.backends.start("blue b2")
+    extra = env.backends.start("blue b2\n")
     t0 = time.monotonic()
     flip_times: list[float] = []
     try:
-        with _Load(env.port) as load:
+        with KeepAliveLoad(env.port) as load:
             for i in range(10):
                 pool = "green" if i % 2 == 0 else "blue"
                 t = time.monotonic()
@@ -880,7 +706,7 @@ def test_no_failed_request_during_flips_and_reloads(env: Env) -> None:
                 flip_times.append(time.monotonic() - t)
                 if i == 3:  # a reload while the load runs: add a member
                     env.put("services/web/pools/blue/b2",
-                            {"address": "127.0.0.1", "port": _port(extra)})
+                            {"address": "127.0.0.1", "port": extra.port})
                     wait_for(lambda: b"server b2 " in env.config(), timeout=15,
                              message="b2 added")
                 if i == 6:  # and another one: remove it
@@ -917,7 +743,7 @@ def test_no_failed_request_during_flips_and_reloads(env: Env) -> None:
 def test_injection_attempts_rejected_config_unchanged(env: Env) -> None:
     env.set_active("blue")
     good_cfg, before = env.config(), env.proc_info()
-    blue_port = _port(env.blue)
+    blue_port = env.blue.port
     evil = "services/web/pools/blue/evil"
     bad_member = "services/web/pools/blue/ev!l"
     bad_pool = "services/web/pools/bl ue/m1"

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ContainerFactory, wait_for
+from helpers import ContainerFactory, run_in_thread, stop_process, wait_for
 
 from reconciler.adapters.docker_engine import (
     ContainerEvent,
@@ -86,19 +86,6 @@ class Collector:
     def listed_ids(self) -> set[str]:
         with self.lock:
             return {c.id for batch in self.lists for c in batch}
-
-
-@contextlib.contextmanager
-def watching(watcher: EventWatcher) -> Iterator[threading.Event]:
-    stop = threading.Event()
-    t = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
-    t.start()
-    try:
-        yield stop
-    finally:
-        stop.set()
-        t.join(5)
-        assert not t.is_alive(), "watcher did not stop within 5 s"
 
 
 def is_subsequence(wanted: list[str], actual: list[str]) -> bool:
@@ -270,7 +257,8 @@ def test_watcher_misses_nothing_between_subscribe_and_list(
 
     engine.before_list.append(start_containers_after_subscribing)
     sink = Collector()
-    with watching(EventWatcher(engine, sink.on_event, sink.on_list)):
+    with run_in_thread(EventWatcher(engine, sink.on_event, sink.on_list).run, "watcher",
+                       join_timeout=5):
         wait_for(lambda: sink.lists, timeout=30, message="first list")
         after = container_factory()
         wait_for(lambda: "start" in sink.actions_for(after.id), timeout=20)
@@ -293,7 +281,7 @@ def test_watcher_reconnects_resumes_and_relists(short_lived: Callable[..., Any])
     engine = HookedEngine()
     sink = Collector()
     watcher = EventWatcher(engine, sink.on_event, sink.on_list, backoff_base=0.05)
-    with watching(watcher):
+    with run_in_thread(watcher.run, "watcher", join_timeout=5):
         wait_for(lambda: sink.lists, timeout=30, message="first list")
         first = short_lived(["sleep", "30"])
         wait_for(lambda: "start" in sink.actions_for(first.id), timeout=20)
@@ -330,7 +318,7 @@ def test_watcher_backs_off_while_docker_is_unreachable(tmp_path: Any) -> None:
         return original()
 
     engine.system_time_nano = counting  # type: ignore[method-assign]
-    with watching(watcher):
+    with run_in_thread(watcher.run, "watcher", join_timeout=5):
         wait_for(lambda: len(attempts) >= 4, timeout=10)
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps[0] >= 0.09 and gaps[2] >= 0.35, gaps  # 0.1, 0.2, 0.4 ...
@@ -389,12 +377,7 @@ class PrivateDockerd:
     def stop(self) -> None:
         if self.proc is None:
             return
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        stop_process(self.proc, timeout=60)
         self.proc = None
 
     def docker(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -450,7 +433,7 @@ def test_watcher_survives_a_dockerd_restart(
         )  # fmt: skip
         return out.stdout.strip()
 
-    with watching(watcher):
+    with run_in_thread(watcher.run, "watcher", join_timeout=5):
         wait_for(lambda: sink.lists, timeout=30, message="first list")
         keeper = run(f"rt-keep-{run_id}", "--restart", "always")
         wait_for(lambda: "start" in sink.actions_for(keeper), timeout=20)

@@ -11,15 +11,12 @@ import http.client
 import os
 import shutil
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import wait_for
+from helpers import HttpBackends, KeepAliveLoad, free_port, wait_for
 
 from reconciler.adapters.haproxy import HaproxyProcess, parse_map
 from reconciler.errors import ConfigInvalid, HaproxyError, ReloadFailed
@@ -39,60 +36,10 @@ pytestmark = pytest.mark.integration
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = self.server.body  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # health checks hang up early; that is not a test failure
-
-
-class _V6Server(_Server):
-    address_family = socket.AF_INET6
-
-
-@dataclass
-class Backends:
-    """HTTP servers answering with a fixed body; all shut down by the fixture."""
-
-    servers: list[ThreadingHTTPServer] = field(default_factory=list)
-
-    def start(self, body: str, host: str = "127.0.0.1") -> int:
-        cls = _V6Server if ":" in host else _Server
-        srv = cls((host, 0), _Handler)
-        srv.body = body.encode()  # type: ignore[attr-defined]
-        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
-                         daemon=True).start()
-        self.servers.append(srv)
-        return int(srv.server_address[1])
-
-
-@pytest.fixture
-def backends() -> Iterator[Backends]:
-    b = Backends()
-    yield b
-    for srv in b.servers:
-        srv.shutdown()
-        srv.server_close()
+def member(backends: HttpBackends, name: str, body: str, host: str = "127.0.0.1"
+           ) -> MemberView:
+    """Member `name`: a new backend on `host` answering `body`."""
+    return MemberView(name, host, backends.start(body, host).port)
 
 
 @pytest.fixture
@@ -147,14 +94,14 @@ def get(port: int, path: str = "/") -> str:
 
 
 @pytest.fixture
-def site(proxies: Callable[..., HaproxyProcess], backends: Backends) -> Site:
+def site(proxies: Callable[..., HaproxyProcess], http_backends: HttpBackends) -> Site:
     proc = proxies()
     s = Site(
         proc,
         free_port(),
         {
-            "blue": [MemberView("b1", "127.0.0.1", backends.start("blue"))],
-            "green": [MemberView("g1", "127.0.0.1", backends.start("green"))],
+            "blue": [member(http_backends, "b1", "blue")],
+            "green": [member(http_backends, "g1", "green")],
         },
     )
     result = proc.start(s.cfg(), s.map())
@@ -207,10 +154,10 @@ def test_apply_same_config_is_a_no_op_and_map_changes_need_no_reload(site: Site)
     assert proc.show_proc().reloads == before.reloads
 
 
-def test_reload_with_added_member(site: Site, backends: Backends) -> None:
+def test_reload_with_added_member(site: Site, http_backends: HttpBackends) -> None:
     proc = site.proc
     before = proc.show_proc()
-    site.pools["blue"].append(MemberView("b2", "127.0.0.1", backends.start("blue-2")))
+    site.pools["blue"].append(member(http_backends, "b2", "blue-2"))
     result = proc.apply_config(site.cfg(), site.map())
     assert result.config_changed and result.reloaded
     after = proc.show_proc()
@@ -280,9 +227,9 @@ def test_config_that_fails_to_load_is_reverted(site: Site, reason: str) -> None:
     assert proc.server_states()[("be_web:green", "g1")].weight == 7
 
 
-def test_weights_and_maint_survive_a_reload(site: Site, backends: Backends) -> None:
+def test_weights_and_maint_survive_a_reload(site: Site, http_backends: HttpBackends) -> None:
     proc = site.proc
-    site.pools["blue"].append(MemberView("b2", "127.0.0.1", backends.start("blue-2")))
+    site.pools["blue"].append(member(http_backends, "b2", "blue-2"))
     proc.apply_config(site.cfg(), site.map())
     proc.set_weight("be_web:blue", "b1", 7)
     proc.set_state("be_web:blue", "b2", "maint")
@@ -290,7 +237,7 @@ def test_weights_and_maint_survive_a_reload(site: Site, backends: Backends) -> N
     assert states[("be_web:blue", "b1")].weight == 7
     assert states[("be_web:blue", "b2")].admin == "maint"
     assert {get(site.port) for _ in range(4)} == {"blue"}  # b2 in maint takes nothing
-    site.pools["green"].append(MemberView("g2", "127.0.0.1", backends.start("green-2")))
+    site.pools["green"].append(member(http_backends, "g2", "green-2"))
     before = proc.show_proc()
     assert proc.apply_config(site.cfg(), site.map()).reloaded
     assert proc.show_proc().current_worker != before.current_worker
@@ -309,9 +256,9 @@ def test_weights_and_maint_survive_a_reload(site: Site, backends: Backends) -> N
         proc.set_state("be_web:blue", "b1;shutdown sessions", "maint")
 
 
-def test_ipv6_member(proxies: Callable[..., HaproxyProcess], backends: Backends) -> None:
+def test_ipv6_member(proxies: Callable[..., HaproxyProcess], http_backends: HttpBackends) -> None:
     proc = proxies()
-    s = Site(proc, free_port(), {"blue": [MemberView("v6", "::1", backends.start("six", "::1"))]})
+    s = Site(proc, free_port(), {"blue": [member(http_backends, "v6", "six", "::1")]})
     proc.start(s.cfg(), s.map())
     assert "server v6 [::1]:" in s.cfg().decode()
     assert get(s.port) == "six"
@@ -332,12 +279,12 @@ def test_readopt_running_master_after_restart(
 
 
 def test_stale_pid_file_is_not_trusted(proxies: Callable[..., HaproxyProcess],
-                                       backends: Backends) -> None:
+                                       http_backends: HttpBackends) -> None:
     proc = proxies()
     proc.state_dir.mkdir(parents=True)
     proc.pid_path.write_text(f"{os.getpid()}\n")  # alive, but not an haproxy
     assert proc.master_pid() is None and not proc.adopt()
-    s = Site(proc, free_port(), {"blue": [MemberView("b1", "127.0.0.1", backends.start("b"))]})
+    s = Site(proc, free_port(), {"blue": [member(http_backends, "b1", "b")]})
     proc.start(s.cfg(), s.map())
     assert proc.master_pid() == proc.show_proc().master_pid != os.getpid()
     assert get(s.port) == "b"
@@ -357,55 +304,22 @@ def test_external_master(site: Site) -> None:
     assert get(site.port) == "green"
 
 
-@dataclass
-class LoadResult:
-    ok: int = 0
-    failures: list[str] = field(default_factory=list)
-    bodies: set[str] = field(default_factory=set)
-
-
-def _client_load(port: int, stop: threading.Event, out: LoadResult,
-                 max_requests: int = 20000, max_seconds: float = 90.0) -> None:
-    """Keep-alive client: one connection reused until the server closes it; no retries."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-    deadline = time.monotonic() + max_seconds
-    try:
-        for _ in range(max_requests):
-            if stop.is_set() or time.monotonic() > deadline:
-                break
-            try:
-                conn.request("GET", "/")
-                resp = conn.getresponse()
-                body = resp.read().decode()
-                if resp.status != 200:
-                    out.failures.append(f"status {resp.status}: {body[:80]}")
-                else:
-                    out.ok += 1
-                    out.bodies.add(body)
-            except (OSError, http.client.HTTPException) as exc:
-                out.failures.append(repr(exc))
-                conn.close()
-            time.sleep(0.003)
-    finally:
-        conn.close()
-
-
-def test_no_failed_requests_during_flips_and_reloads(site: Site, backends: Backends) -> None:
+def test_no_failed_requests_during_flips_and_reloads(site: Site,
+                                                     http_backends: HttpBackends) -> None:
     proc = site.proc
-    stop = threading.Event()
-    results = [LoadResult() for _ in range(2)]
+    loads = [KeepAliveLoad(site.port, think=0.003) for _ in range(2)]
 
     def served() -> int:
-        return sum(r.ok for r in results)
+        return sum(load.served for load in loads)
 
     def more_served(than: int) -> Callable[[], bool]:
         return lambda: served() > than + 50
 
-    threads = [threading.Thread(target=_client_load, args=(site.port, stop, r)) for r in results]
-    for t in threads:
-        t.start()
+    for load in loads:
+        load.start()
     try:
-        wait_for(lambda: all(r.ok > 20 for r in results), timeout=10, message="load started")
+        wait_for(lambda: all(load.served > 20 for load in loads), timeout=10,
+                 message="load started")
         reloads = 0
         for i in range(10):
             pool = "green" if i % 2 == 0 else "blue"
@@ -413,26 +327,24 @@ def test_no_failed_requests_during_flips_and_reloads(site: Site, backends: Backe
             site.active = pool
             wait_for(more_served(served()), timeout=10, message="traffic after a flip")
             if i % 2 == 1:
-                site.pools["blue"].append(
-                    MemberView(f"extra{i}", "127.0.0.1", backends.start("blue")))
+                site.pools["blue"].append(member(http_backends, f"extra{i}", "blue"))
                 assert proc.apply_config(site.cfg(), site.map()).reloaded
                 reloads += 1
                 wait_for(more_served(served()), timeout=10, message="traffic after a reload")
         assert reloads == 5
     finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=30)
-    failures = [f for r in results for f in r.failures]
+        for load in loads:
+            load.stop()
+    failures = [f for load in loads for f in load.failures]
     assert failures == []
-    assert set().union(*(r.bodies for r in results)) == {"blue", "green"}
+    assert set().union(*(load.ok for load in loads)) == {"blue", "green"}
     assert served() > 15 * 50
 
 
 def test_stop_ends_master_and_workers(proxies: Callable[..., HaproxyProcess],
-                                      backends: Backends) -> None:
+                                      http_backends: HttpBackends) -> None:
     proc = proxies()
-    s = Site(proc, free_port(), {"blue": [MemberView("b1", "127.0.0.1", backends.start("b"))]})
+    s = Site(proc, free_port(), {"blue": [member(http_backends, "b1", "b")]})
     proc.start(s.cfg(), s.map())
     info = proc.show_proc()
     proc.stop()

@@ -14,10 +14,9 @@ import socket
 import struct
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
 
 import pytest
-from helpers import wait_for
+from helpers import NetnsFactory, ip_if, nsexec, pings, wait_for
 
 from reconciler.adapters.netlink import (
     Change,
@@ -35,29 +34,6 @@ from reconciler.errors import NetlinkError
 
 pytestmark = pytest.mark.integration
 
-NetnsFactory = Callable[[], ContainerNetns]
-
-
-def ip_if(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
-    return ipaddress.ip_interface(text)
-
-
-def nsexec(pid: int, *cmd: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["nsenter", "-t", str(pid), "-n", *cmd],
-        capture_output=True,
-        text=True,
-        check=check,
-        timeout=30,
-    )
-
-
-def pings(pid: int | None, addr: str, count: int = 1) -> bool:
-    cmd = ["busybox", "ping", "-c", str(count), "-W", "1", addr]
-    if pid is None:
-        return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
-    return nsexec(pid, *cmd, check=False).returncode == 0
-
 
 def host_ns_inode() -> int:
     return os.stat("/proc/self/ns/net").st_ino
@@ -67,49 +43,6 @@ def host_ns_inode() -> int:
 def octet() -> int:
     """A per-run third octet for 10.77.<octet>.0/24 (low clash risk with other runs)."""
     return 130 + secrets.randbelow(100)
-
-
-@pytest.fixture
-def nl() -> Iterator[NetlinkAdapter]:
-    with NetlinkAdapter() as adapter:
-        yield adapter
-
-
-@pytest.fixture
-def netns_factory() -> Iterator[NetnsFactory]:
-    """Start processes in fresh network namespaces; yields a factory of open handles."""
-    procs: list[subprocess.Popen[bytes]] = []
-    handles: list[ContainerNetns] = []
-    host = host_ns_inode()
-
-    def make() -> ContainerNetns:
-        proc = subprocess.Popen(["unshare", "--net", "sleep", "600"])
-        procs.append(proc)
-        wait_for(
-            lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != host,
-            timeout=10,
-            message="unshare to enter its netns",
-            ignore=(FileNotFoundError,),
-        )
-        ns = ContainerNetns.open(proc.pid, expected_start_time=process_start_time(proc.pid))
-        handles.append(ns)
-        return ns
-
-    yield make
-    for ns in handles:
-        ns.close()
-    for proc in procs:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture
-def cleanup_links() -> Iterator[list[str]]:
-    """Names of host links to delete at teardown (tolerating already-gone)."""
-    names: list[str] = []
-    yield names
-    for name in names:
-        subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
 
 
 def full_spec(cid: str, octet: int) -> InterfaceSpec:
@@ -124,6 +57,17 @@ def full_spec(cid: str, octet: int) -> InterfaceSpec:
             Route(ipaddress.ip_network("10.77.99.0/24"), ipaddress.ip_address(f"10.77.{octet}.2")),
         ),
     )
+
+
+def attach_full(
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str]
+) -> tuple[ContainerNetns, InterfaceSpec]:
+    """A fresh netns with `full_spec` attached (host veth deleted at teardown)."""
+    ns = netns_factory()
+    spec = full_spec(f"test-{secrets.token_hex(4)}", octet)
+    cleanup_links.append(spec.host_veth)
+    nl.ensure_interface(ns, spec)
+    return ns, spec
 
 
 def assert_matches(nl: NetlinkAdapter, ns: ContainerNetns, spec: InterfaceSpec) -> None:
@@ -168,10 +112,7 @@ def test_attach_observe_idempotent_detach(
 def test_drift_is_repaired(
     nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str]
 ) -> None:
-    ns = netns_factory()
-    spec = full_spec(f"test-{secrets.token_hex(4)}", octet)
-    cleanup_links.append(spec.host_veth)
-    nl.ensure_interface(ns, spec)
+    ns, spec = attach_full(nl, netns_factory, octet, cleanup_links)
 
     # address drift: a foreign address added, ours removed
     nsexec(ns.pid, "ip", "addr", "del", f"10.77.{octet}.10/24", "dev", "eth1")
@@ -207,10 +148,7 @@ def test_drift_is_repaired(
 def test_spec_change_flushes_old_addresses_and_routes(
     nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str]
 ) -> None:
-    ns = netns_factory()
-    spec = full_spec(f"test-{secrets.token_hex(4)}", octet)
-    cleanup_links.append(spec.host_veth)
-    nl.ensure_interface(ns, spec)
+    ns, spec = attach_full(nl, netns_factory, octet, cleanup_links)
     smaller = InterfaceSpec(spec.container_id, "eth1", (ip_if(f"10.77.{octet}.11/24"),))
     # both routes go via 10.77.<octet>.x: the kernel drops them with the old address, and
     # the new spec wants none, so only the addresses change

@@ -7,21 +7,16 @@ fresh network namespaces (``unshare --net sleep``); subnets are in 10.77.0.0/16.
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 import subprocess
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import pytest
-from helpers import ovs_vsctl, wait_for
+from helpers import NetnsFactory, ip_if, ovs_vsctl, pings, wait_for
 
-from reconciler.adapters.netlink import (
-    ContainerNetns,
-    InterfaceSpec,
-    NetlinkAdapter,
-    process_start_time,
-)
+from reconciler.adapters.netlink import ContainerNetns, InterfaceSpec, NetlinkAdapter
 from reconciler.adapters.ovs import (
     IFINDEX_KEY,
     NODE_KEY,
@@ -34,19 +29,6 @@ from reconciler.adapters.ovs import (
 from reconciler.errors import OvsError
 
 pytestmark = pytest.mark.integration
-
-NetnsFactory = Callable[[], ContainerNetns]
-
-
-def ip_if(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
-    return ipaddress.ip_interface(text)
-
-
-def pings(pid: int | None, addr: str, count: int = 1) -> bool:
-    cmd = ["busybox", "ping", "-c", str(count), "-W", "1", addr]
-    if pid is not None:
-        cmd = ["nsenter", "-t", str(pid), "-n", *cmd]
-    return subprocess.run(cmd, capture_output=True, timeout=30).returncode == 0
 
 
 def vsctl_get(table: str, record: str, column: str) -> str:
@@ -66,12 +48,6 @@ def ovs() -> Iterator[OvsAdapter]:
 
 
 @pytest.fixture
-def nl() -> Iterator[NetlinkAdapter]:
-    with NetlinkAdapter() as adapter:
-        yield adapter
-
-
-@pytest.fixture
 def bridge(ovs: OvsAdapter) -> Iterator[str]:
     """An owned OVS bridge, unique to the test, removed afterwards."""
     name = f"rto{secrets.token_hex(4)}"
@@ -81,15 +57,7 @@ def bridge(ovs: OvsAdapter) -> Iterator[str]:
 
 
 @pytest.fixture
-def links() -> Iterator[list[str]]:
-    names: list[str] = []
-    yield names
-    for name in names:
-        subprocess.run(["ip", "link", "del", name], capture_output=True, timeout=10)
-
-
-@pytest.fixture
-def veth(links: list[str]) -> Callable[[], str]:
+def veth(cleanup_links: list[str]) -> Callable[[], str]:
     """Make a host veth pair (up) and return the name of one end."""
 
     def make() -> str:
@@ -98,36 +66,10 @@ def veth(links: list[str]) -> Callable[[], str]:
             ["ip", "link", "add", name, "type", "veth", "peer", "name", name + "p"], check=True
         )
         subprocess.run(["ip", "link", "set", name, "up"], check=True)
-        links.append(name)
+        cleanup_links.append(name)
         return name
 
     return make
-
-
-@pytest.fixture
-def netns_factory() -> Iterator[NetnsFactory]:
-    procs: list[subprocess.Popen[bytes]] = []
-    handles: list[ContainerNetns] = []
-    host = os.stat("/proc/self/ns/net").st_ino
-
-    def make() -> ContainerNetns:
-        proc = subprocess.Popen(["unshare", "--net", "sleep", "600"])
-        procs.append(proc)
-        wait_for(
-            lambda: os.stat(f"/proc/{proc.pid}/ns/net").st_ino != host,
-            timeout=10,
-            ignore=(FileNotFoundError,),
-        )
-        ns = ContainerNetns.open(proc.pid, expected_start_time=process_start_time(proc.pid))
-        handles.append(ns)
-        return ns
-
-    yield make
-    for ns in handles:
-        ns.close()
-    for proc in procs:
-        proc.kill()
-        proc.wait(timeout=10)
 
 
 def test_datapath_detection_matches_a_real_probe(ovs: OvsAdapter, ovs_datapath: str) -> None:
@@ -262,54 +204,61 @@ def test_failed_batch_raises_ovs_error(ovs: OvsAdapter, veth: Callable[[], str])
         ovs.ensure_port(f"rtx{secrets.token_hex(4)}", veth(), 1, {})
 
 
-def attach(
-    nl: NetlinkAdapter,
-    ovs: OvsAdapter,
-    ns: ContainerNetns,
-    bridge: str,
-    vlan: int,
-    address: str,
-    links: list[str],
-    gateway: str | None = None,
-) -> InterfaceSpec:
-    spec = InterfaceSpec(
-        f"test-{secrets.token_hex(4)}",
-        "eth1",
-        (ip_if(address),),
-        mtu=1400,
-        gateway=ipaddress.ip_address(gateway) if gateway else None,
-    )
-    links.append(spec.host_veth)
-    nl.ensure_interface(ns, spec)
-    ovs.ensure_port(bridge, spec.host_veth, vlan, {"reconciler-container": spec.container_id})
-    return spec
+@dataclass
+class Rig:
+    """What an attach test needs: both adapters, an owned bridge, fresh network
+    namespaces, host links to delete at teardown and the module's third octet."""
+
+    ovs: OvsAdapter
+    nl: NetlinkAdapter
+    bridge: str
+    netns: NetnsFactory
+    links: list[str]
+    octet: int
+
+    def attach(
+        self, ns: ContainerNetns, vlan: int, address: str, gateway: str | None = None
+    ) -> InterfaceSpec:
+        spec = InterfaceSpec(
+            f"test-{secrets.token_hex(4)}",
+            "eth1",
+            (ip_if(address),),
+            mtu=1400,
+            gateway=ipaddress.ip_address(gateway) if gateway else None,
+        )
+        self.links.append(spec.host_veth)
+        self.nl.ensure_interface(ns, spec)
+        self.ovs.ensure_port(
+            self.bridge, spec.host_veth, vlan, {"reconciler-container": spec.container_id}
+        )
+        return spec
 
 
-def test_vlan_isolation_on_one_bridge(
+@pytest.fixture
+def rig(
     ovs: OvsAdapter,
     nl: NetlinkAdapter,
     bridge: str,
     netns_factory: NetnsFactory,
-    links: list[str],
+    cleanup_links: list[str],
     octet: int,
-) -> None:
-    a, b, c = netns_factory(), netns_factory(), netns_factory()
-    attach(nl, ovs, a, bridge, 10, f"10.77.{octet}.10/24", links)
-    attach(nl, ovs, b, bridge, 20, f"10.77.{octet}.11/24", links)
-    attach(nl, ovs, c, bridge, 10, f"10.77.{octet}.12/24", links)
+) -> Rig:
+    return Rig(ovs, nl, bridge, netns_factory, cleanup_links, octet)
+
+
+def test_vlan_isolation_on_one_bridge(rig: Rig) -> None:
+    octet = rig.octet
+    a, b, c = rig.netns(), rig.netns(), rig.netns()
+    rig.attach(a, 10, f"10.77.{octet}.10/24")
+    rig.attach(b, 20, f"10.77.{octet}.11/24")
+    rig.attach(c, 10, f"10.77.{octet}.12/24")
     assert wait_for(lambda: pings(a.pid, f"10.77.{octet}.12"), timeout=10)  # same VLAN
     assert not pings(a.pid, f"10.77.{octet}.11", count=2)  # same subnet, other VLAN
     assert not pings(b.pid, f"10.77.{octet}.12", count=2)
 
 
-def test_internal_port_gateway_and_recreated_veth(
-    ovs: OvsAdapter,
-    nl: NetlinkAdapter,
-    bridge: str,
-    netns_factory: NetnsFactory,
-    links: list[str],
-    octet: int,
-) -> None:
+def test_internal_port_gateway_and_recreated_veth(rig: Rig) -> None:
+    ovs, nl, bridge, octet = rig.ovs, rig.nl, rig.bridge, rig.octet
     gw_port = f"rtg{secrets.token_hex(4)}"
     assert ovs.ensure_internal_port(bridge, gw_port, 30, {"reconciler-network": "n"}, mtu=1400)
     assert ovs.ensure_internal_port(bridge, gw_port, 30, {"reconciler-network": "n"}, mtu=1400) is (
@@ -319,8 +268,8 @@ def test_internal_port_gateway_and_recreated_veth(
     wait_for(lambda: nl.link_exists(gw_port), timeout=5, message="internal port netdev")
     gw = ip_if(f"10.77.{octet}.1/24")
     nl.ensure_host_address(gw_port, gw)
-    ns = netns_factory()
-    spec = attach(nl, ovs, ns, bridge, 30, f"10.77.{octet}.40/24", links, gateway=str(gw.ip))
+    ns = rig.netns()
+    spec = rig.attach(ns, 30, f"10.77.{octet}.40/24", gateway=str(gw.ip))
     assert wait_for(lambda: pings(None, f"10.77.{octet}.40"), timeout=10)
     assert pings(ns.pid, str(gw.ip))
 
@@ -344,16 +293,10 @@ def test_internal_port_gateway_and_recreated_veth(
     assert wait_for(lambda: pings(None, f"10.77.{octet}.40"), timeout=10)
 
 
-def test_attach_cost_50(
-    ovs: OvsAdapter,
-    nl: NetlinkAdapter,
-    bridge: str,
-    netns_factory: NetnsFactory,
-    links: list[str],
-    octet: int,
-) -> None:
+def test_attach_cost_50(rig: Rig) -> None:
     """50 attaches: netlink per container, the OVS ports in one batch. Printed, and bounded."""
-    handles = [netns_factory() for _ in range(50)]
+    ovs, nl, bridge, octet = rig.ovs, rig.nl, rig.bridge, rig.octet
+    handles = [rig.netns() for _ in range(50)]
     specs = []
     for i in range(50):
         spec = InterfaceSpec(
@@ -363,7 +306,7 @@ def test_attach_cost_50(
             mtu=1400,
         )
         specs.append(spec)
-        links.append(spec.host_veth)
+        rig.links.append(spec.host_veth)
     t0 = time.perf_counter()
     for ns, spec in zip(handles, specs, strict=True):
         nl.ensure_interface(ns, spec)

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import wait_for
+from helpers import HttpBackends, free_port, wait_for
 
 from reconciler.errors import HaproxyError
 from reconciler.model import DesiredState, KVEntry, parse_kv
@@ -28,45 +25,10 @@ pytestmark = pytest.mark.integration
 P = "t/"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:
-        body = self.server.body  # type: ignore[attr-defined]
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass
-
-
 @pytest.fixture
-def backends() -> Iterator[dict[str, int]]:
-    servers = []
-    ports = {}
-    for name in ("blue1", "blue2", "green1"):
-        srv = _Server(("127.0.0.1", 0), _Handler)
-        srv.body = name.encode()  # type: ignore[attr-defined]
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        servers.append(srv)
-        ports[name] = srv.server_address[1]
-    yield ports
-    for srv in servers:
-        srv.shutdown()
-        srv.server_close()
+def backends(http_backends: HttpBackends) -> dict[str, int]:
+    """Three members' backends, each answering its own name: name -> port."""
+    return {name: http_backends.start(name).port for name in ("blue1", "blue2", "green1")}
 
 
 def state(bind: int, ports: dict[str, int], active: bytes = b"blue",

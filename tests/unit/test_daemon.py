@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler.adapters.consul_kv import KVItem, KVSnapshot
 from reconciler.adapters.docker_engine import ContainerEvent, ContainerInfo
 from reconciler.daemon import MEMBERS, OVS_PORTS, PROXY, SWEEP, Daemon, DaemonOptions
 from reconciler.model import DesiredState
@@ -23,23 +24,9 @@ SPEC = json.dumps({"interfaces": [{"name": "eth1", "network": "n", "address": "1
 SVC = json.dumps({"bind": "127.0.0.1:18080"}).encode()
 
 
-@dataclass(frozen=True)
-class Item:
-    key: str
-    value: bytes
-    create_index: int = 1
-    session: str | None = None
-    modify_index: int = 1
-
-
-@dataclass(frozen=True)
-class Raw:
-    index: int
-    items: dict[str, Item]
-
-
 def snap(index: int, **kv: bytes) -> Any:
-    return snapshot_from(P, Raw(index, {P + k: Item(P + k, v) for k, v in kv.items()}))
+    return snapshot_from(P, KVSnapshot(index, {
+        P + k: KVItem(P + k, v, modify_index=1, create_index=1) for k, v in kv.items()}))
 
 
 @dataclass
@@ -82,7 +69,7 @@ class FakeKV:
         self.puts: list[str] = []
 
     def read_prefix(self, prefix: str, **kw: Any) -> Any:
-        return Raw(1, {})
+        return KVSnapshot(1, {})
 
     def session_renew(self, sid: str) -> bool:
         return True

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from reconciler.adapters.consul_kv import KVItem, KVSnapshot
 from reconciler.errors import ConsulUnavailable
 from reconciler.runtime.kvwatch import KVWatcher
 
@@ -14,23 +15,9 @@ P = "reconciler/"
 NET = b'{"subnet":"10.77.1.0/24","bridge":"br-a"}'
 
 
-@dataclass(frozen=True)
-class Item:
-    key: str
-    value: bytes
-    create_index: int = 1
-    session: str | None = None
-    modify_index: int = 1
-
-
-@dataclass(frozen=True)
-class Snap:
-    index: int
-    items: Any
-
-
-def snap(index: int, **kv: bytes) -> Snap:
-    return Snap(index, MappingProxyType({P + k: Item(P + k, v) for k, v in kv.items()}))
+def snap(index: int, **kv: bytes) -> KVSnapshot:
+    return KVSnapshot(index, MappingProxyType(
+        {P + k: KVItem(P + k, v, modify_index=1, create_index=1) for k, v in kv.items()}))
 
 
 @dataclass

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
-from helpers import wait_for
+from helpers import run_in_thread, wait_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -269,20 +267,6 @@ def test_random_sequences_keep_the_invariants(ops: list[tuple[object, ...]]) -> 
 # -- Controller ---------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def running(ctl: Controller[str]) -> Iterator[threading.Event]:
-    """Run the controller in a thread for the block; assert it stops when asked."""
-    stop = threading.Event()
-    t = threading.Thread(target=ctl.run, args=(stop,), daemon=True)
-    t.start()
-    try:
-        yield stop
-    finally:
-        stop.set()
-        t.join(10)
-        assert not t.is_alive(), "controller did not stop"
-
-
 def test_controller_never_runs_one_key_concurrently() -> None:
     lock = threading.Lock()
     active: dict[str, int] = {}
@@ -305,7 +289,7 @@ def test_controller_never_runs_one_key_concurrently() -> None:
             current -= 1
 
     ctl: Controller[str] = Controller(reconcile, workers=4)
-    with running(ctl):
+    with run_in_thread(ctl.run, "controller"):
         for _ in range(50):
             for key in ["a", "b", "c", "d", "e"]:
                 ctl.queue.add(key)
@@ -414,7 +398,7 @@ def test_controller_resync_adds_every_key_periodically(clock: FakeClock) -> None
         reconcile, workers=2, clock=clock, list_keys=list_keys, resync=60
     )
     t0 = clock.now()
-    with running(ctl):
+    with run_in_thread(ctl.run, "controller"):
         wait_for(lambda: len(processed) == 3, timeout=5, message="initial sync")
         assert listed == [t0]
         clock.advance(59)
@@ -439,7 +423,7 @@ def test_controller_resync_listing_failure_retries_soon(clock: FakeClock) -> Non
     ctl: Controller[str] = Controller(
         lambda key: done.set(), clock=clock, list_keys=list_keys, resync=300
     )
-    with running(ctl):
+    with run_in_thread(ctl.run, "controller"):
         wait_for(lambda: len(calls) == 1, timeout=5)
         wait_for(lambda: clock.waiting >= 2, timeout=5)
         clock.advance(1.0)
