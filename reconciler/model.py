@@ -43,6 +43,7 @@ DAEMON_AREAS = ("nodes/", "ipam/", "audit/", "locks/")
 DRIVERS = ("ovs", "linux")
 MODES = ("http", "tcp")
 BALANCES = ("roundrobin", "leastconn", "source")
+MEMBER_STATES = ("ready", "drain", "maint")
 MTU_MIN, MTU_MAX = 576, 9000
 VLAN_MIN, VLAN_MAX = 1, 4094
 WEIGHT_MIN, WEIGHT_MAX = 0, 256
@@ -154,6 +155,7 @@ class Member:
     port: int
     weight: int = 100
     published_by: str | None = None  # Consul session of the node that published it
+    state: Literal["ready", "drain", "maint"] = "ready"
 
 
 @dataclass(frozen=True)
@@ -615,7 +617,7 @@ def _parse_bind(c: _Checker, b: str) -> tuple[str | None, int | None]:
 def parse_member(where: str, name: str, raw: Any, session: str | None = None
                  ) -> tuple[Member | None, list[Problem]]:
     c = _Checker(where)
-    d = c.obj(raw, "", ("address", "port", "weight"), required=("address", "port"))
+    d = c.obj(raw, "", ("address", "port", "weight", "state"), required=("address", "port"))
     if d is None:
         return None, c.problems
     addr = _parse_ip(c, d["address"], "address") if d.get("address") is not None else None
@@ -623,9 +625,13 @@ def parse_member(where: str, name: str, raw: Any, session: str | None = None
         c.add("address", "must be a unicast host address", str(addr))
     port = c.integer(d, "port", "", 1, 65535)
     weight = c.integer(d, "weight", "", WEIGHT_MIN, WEIGHT_MAX)
+    state = c.string(d, "state", "") or "ready"
+    if state not in MEMBER_STATES:
+        c.add("state", f"must be one of {', '.join(MEMBER_STATES)}", state)
     if not c.ok or addr is None or port is None:
         return None, c.problems
-    return Member(name, addr, port, 100 if weight is None else weight, session), []
+    return Member(name, addr, port, 100 if weight is None else weight, session,
+                  state), []  # type: ignore[arg-type]
 
 
 def parse_active(where: str, raw: bytes) -> tuple[str | None, list[Problem]]:

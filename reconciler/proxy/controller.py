@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 def service_view(svc: Service, active: str) -> ServiceView:
     cfg = svc.config
     pools = tuple(
-        PoolView(pname, tuple(MemberView(m.name, str(m.address), m.port, m.weight)
+        PoolView(pname, tuple(MemberView(m.name, str(m.address), m.port, m.weight, m.state)
                               for m in members.values()))
         for pname, members in svc.pools.items())
     return ServiceView(
@@ -187,7 +187,7 @@ class ProxyController:
             self._plan(cfg, map_bytes, digest, active)
             return {"config_hash": digest, "active": active}
         try:
-            runtime = self._apply_weights_at_runtime(config_view(view), cfg)
+            runtime = self._apply_at_runtime(config_view(view), cfg)
             result = self.hap.apply_config(cfg, map_bytes)
         except HaproxyError as e:
             # Never left without a valid config: the adapter kept (or restored) the last
@@ -203,7 +203,7 @@ class ProxyController:
         self.last_active = dict(active)
         self._applied = config_view(view)
         if runtime:
-            log.info("weights changed at runtime, no reload: %s", ", ".join(runtime))
+            log.info("changed at runtime, no reload: %s", ", ".join(runtime))
         self._errors = errors
         self._status = {
             "config_hash": digest, "active": active, "services": len(view.services),
@@ -214,13 +214,14 @@ class ProxyController:
             log.info("haproxy reloaded (config %s, worker %s)", digest, result.worker_pid)
         return self._status
 
-    def _apply_weights_at_runtime(self, new: ProxyView, cfg: bytes) -> list[str]:
-        """If the only difference from the applied config is member weights, set them
-        through the runtime API and stage the config file without a reload."""
+    def _apply_at_runtime(self, new: ProxyView, cfg: bytes) -> list[str]:
+        """If the only differences from the applied config are member weights and states
+        (ready/drain/maint), set them through the runtime API and stage the config file
+        without a reload (the server-state file keeps them across later reloads)."""
         old = self._applied
         if old is None or old.settings != new.settings or not self.hap.is_running():
             return []
-        changed: list[tuple[str, str, int]] = []
+        changed: list[tuple[str, MemberView, MemberView]] = []
         if len(old.services) != len(new.services):
             return []
         for a, b in zip(old.services, new.services, strict=True):
@@ -231,15 +232,21 @@ class ProxyController:
                 if [(m.name, m.address, m.port) for m in pa.members] != \
                         [(m.name, m.address, m.port) for m in pb.members]:
                     return []
-                changed += [(backend_name(b.name, pb.name), mb.name, mb.weight)
+                changed += [(backend_name(b.name, pb.name), ma, mb)
                             for ma, mb in zip(pa.members, pb.members, strict=True)
-                            if ma.weight != mb.weight]
+                            if (ma.weight, ma.state) != (mb.weight, mb.state)]
         if not changed:
             return []
-        for backend, server, weight in changed:
-            self.hap.set_weight(backend, server, weight)
+        done = []
+        for backend, ma, mb in changed:
+            if mb.state != ma.state:
+                self.hap.set_state(backend, mb.name, mb.state)
+                done.append(f"{backend}/{mb.name} {mb.state}")
+            if mb.weight != ma.weight:
+                self.hap.set_weight(backend, mb.name, mb.weight)
+                done.append(f"{backend}/{mb.name} weight {mb.weight}")
         self.hap.stage_config(cfg)
-        return [f"{b}/{s}={w}" for b, s, w in changed]
+        return done
 
     def _plan(self, cfg: bytes, map_bytes: bytes, digest: str, active: dict[str, str]
               ) -> None:

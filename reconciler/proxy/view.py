@@ -32,6 +32,7 @@ IP_CHARS_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
 """Characters of an IPv4/IPv6 literal (no zone index, no brackets)."""
 MODES = ("http", "tcp")
 BALANCES = ("roundrobin", "leastconn", "source")
+MEMBER_STATES = ("ready", "drain", "maint")
 
 # File names inside a state directory. reconciler.adapters.haproxy uses the same names
 # (tests/unit/test_render.py asserts they agree).
@@ -52,6 +53,9 @@ class MemberView:
     """1-65535."""
     weight: int = 100
     """0-256; 0 takes no new traffic."""
+    state: str = "ready"
+    """``ready``, ``drain`` (no new connections; rendered as weight 0) or ``maint``
+    (out of rotation; rendered ``disabled``). Applied at runtime, no reload."""
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,9 @@ def _check_service(problems: list[Problem], svc: ServiceView) -> None:
             _check_ip(problems, mkey, "address", m.address)
             _check_int(problems, mkey, "port", m.port, 1, 65535)
             _check_int(problems, mkey, "weight", m.weight, 0, 256)
+            if m.state not in MEMBER_STATES:
+                problems.append(Problem(mkey, "state", f"must be one of "
+                                        f"{', '.join(MEMBER_STATES)}", _shown(m.state)))
 
 
 def check_view(view: ProxyView) -> None:

@@ -32,16 +32,18 @@ def backends(http_backends: HttpBackends) -> dict[str, int]:
 
 
 def state(bind: int, ports: dict[str, int], active: bytes = b"blue",
-          weights: dict[str, int] | None = None, pools: tuple[str, ...] = ("blue1", "green1")
-          ) -> DesiredState:
+          weights: dict[str, int] | None = None, pools: tuple[str, ...] = ("blue1", "green1"),
+          states: dict[str, str] | None = None) -> DesiredState:
     weights = weights or {}
+    states = states or {}
     items = [KVEntry(P + "services/web/config", json.dumps({"bind": f"127.0.0.1:{bind}"})
                      .encode(), 1),
              KVEntry(P + "services/web/active", active, 2)]
     for i, m in enumerate(pools):
         pool = m.rstrip("0123456789")
         items.append(KVEntry(P + f"services/web/pools/{pool}/{m}", json.dumps(
-            {"address": "127.0.0.1", "port": ports[m], "weight": weights.get(m, 100)})
+            {"address": "127.0.0.1", "port": ports[m], "weight": weights.get(m, 100),
+             "state": states.get(m, "ready")})
             .encode(), 3 + i))
     return parse_kv(P, items)
 
@@ -143,3 +145,38 @@ def test_broken_template_keeps_last_good(tmp_path: Path, backends: dict[str, int
         assert get(bind) == "blue1"
     finally:
         good.hap.stop()
+
+
+def test_drain_and_maint_at_runtime_without_reload(
+        ctl: ProxyController, http_backends: Any) -> None:
+    ports = {n: http_backends.start(n).port for n in ("blue1", "blue2", "green1")}
+    bind = free_port()
+    pools = ("blue1", "blue2", "green1")
+    ctl.set_state(state(bind, ports, pools=pools))
+    ctl.reconcile()
+    wait_for(lambda: {get(bind) for _ in range(4)} == {"blue1", "blue2"}, timeout=10)
+    base = reloads(ctl)
+
+    ctl.set_state(state(bind, ports, pools=pools, states={"blue2": "maint"}))
+    ctl.reconcile()
+    assert reloads(ctl) == base, "maintenance goes through the runtime API"
+    assert ctl.hap.server_states()[("be_web:blue", "blue2")].admin == "maint"
+    assert {get(bind) for _ in range(6)} == {"blue1"}
+    assert b"disabled" in ctl.hap.config_path.read_bytes()
+
+    ctl.set_state(state(bind, ports, pools=pools, states={"blue1": "drain"}))
+    ctl.reconcile()
+    assert reloads(ctl) == base
+    s = ctl.hap.server_states()
+    assert s[("be_web:blue", "blue1")].admin == "drain"
+    assert s[("be_web:blue", "blue2")].admin == "ready"
+    assert {get(bind) for _ in range(6)} == {"blue2"}
+
+    # A reload (a new member) keeps blue1 drained: the staged file and the server-state
+    # file agree with what was set at runtime.
+    ports["blue3"] = http_backends.start("blue3").port
+    ctl.set_state(state(bind, ports, pools=(*pools, "blue3"), states={"blue1": "drain"}))
+    ctl.reconcile()
+    assert reloads(ctl) == base + 1
+    wait_for(lambda: {get(bind) for _ in range(8)} == {"blue2", "blue3"}, timeout=10)
+    assert ctl.hap.server_states()[("be_web:blue", "blue1")].weight == 0

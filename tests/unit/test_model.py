@@ -291,6 +291,9 @@ MEMBER_CASES = [
     ("weight", {"address": "10.77.1.5", "port": 80, "weight": 257},
      "weight: must be between 0 and 256"),
     ("unknown", {"address": "10.77.1.5", "port": 80, "backup": True}, "backup: unknown field"),
+    ("state", {"address": "10.77.1.5", "port": 80, "state": "down"},
+     "state: must be one of ready, drain, maint"),
+    ("state type", {"address": "10.77.1.5", "port": 80, "state": 1}, "state: must be a string"),
 ]
 
 
