@@ -135,6 +135,7 @@ class Daemon:
         self.ready = threading.Event()
         self._acted_digest = ""  # of the user keys of the last snapshot acted on
         self._listed = threading.Event()  # Docker's container list was received once
+        self._stale: set[str] = set()  # containers with Docker events not inspected yet
         netctl.on_ports_pending = lambda: self.controller.queue.add(OVS_PORTS)
         self._resyncs = 0
 
@@ -184,6 +185,7 @@ class Daemon:
         self.controller.queue.add(MEMBERS)
 
     def _on_docker_event(self, ev: ContainerEvent) -> None:
+        self._stale.add(ev.id)  # what Docker says about it may have changed: inspect again
         self.netctl.mark_dirty(ev.id)
         self.controller.queue.add(f"container:{ev.id}")
         if ev.action in ("destroy", "die", "stop", "kill"):
@@ -266,8 +268,13 @@ class Daemon:
             cid = key.split(":", 1)[1]
             with self._lock:
                 cached = self.known.containers.get(cid)
-            if cached is not None and not self.netctl.is_dirty(cid) and _same_process(cached):
-                info: ContainerInfo | None = cached  # resync of a clean container
+            # Docker is asked again only when one of its events concerns the container, or
+            # its process is not the one we know: a change in Desired state, a netns or
+            # OVS event, or a resync only needs to look at the interfaces.
+            stale = cid in self._stale
+            self._stale.discard(cid)
+            if cached is not None and not stale and _same_process(cached):
+                info: ContainerInfo | None = cached
             else:
                 info = self.docker.inspect(cid)
             self._reconcile_container(cid, info)

@@ -259,12 +259,9 @@ class NetworkController:
             res.errors.append(f"{info.name}: {e}")
             return
         watcher = None if self.dry_run else self.netns_watcher
-        if watcher is not None:
-            # Our own changes below must not come back as events (each would cost one
-            # more reconcile): watch again only once they are made. (A restarted
-            # container has a new netns, too.)
-            watcher.remove(info.id)
         try:
+            if watcher is not None:
+                watcher.add(info.id, ns)  # kept across reconciles; replaced after a restart
             reserved = [i.address.ip for s in state.containers.values() for i in s.interfaces
                         if i.address is not None]
             for itf in wanted:
@@ -273,8 +270,6 @@ class NetworkController:
                     self._attach_one(ns, info, itf, net, reserved, res)
                 except (AdapterError, ReconcilerError) as e:
                     res.errors.append(f"{info.name} {itf.name}: {e}")
-            if watcher is not None:
-                watcher.add(info.id, ns)
         finally:
             ns.close()
 

@@ -934,29 +934,39 @@ class NetnsWatcher:
     that namespace. So a changed address, MTU, MAC or route inside a container is noticed
     at once instead of at the next resync, and the resync need not enter every
     namespace. Remove a key when its container stops: the socket keeps the namespace
-    (and the veth inside it) alive.
+    (and the veth inside it) alive. The daemon's own changes come back as events too
+    (one extra, no-op look per change): closing the socket while changing would lose
+    a change someone else makes meanwhile.
     """
 
     def __init__(self) -> None:
         self._socks: dict[str, socket.socket] = {}
+        self._inodes: dict[str, int] = {}
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
 
     def add(self, key: str, ns: ContainerNetns) -> None:
+        """Watch `ns` under `key`; a no-op if it is watched already, and a replacement if
+        `key` watched another namespace (the container restarted)."""
         with self._lock:
-            if key in self._socks:
+            if key in self._socks and self._inodes.get(key) == ns.inode:
                 return
+            old = self._socks.pop(key, None)
             with _translate(f"netns watch of pid {ns.pid}"), _inside(ns.fd):
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 18)
             sock.bind((0, _NETNS_GROUPS))
             sock.setblocking(False)
             self._socks[key] = sock
+            self._inodes[key] = ns.inode
+        if old is not None:
+            old.close()
         os.write(self._wake_w, b"x")
 
     def remove(self, key: str) -> None:
         with self._lock:
             sock = self._socks.pop(key, None)
+            self._inodes.pop(key, None)
         if sock is not None:
             sock.close()
             os.write(self._wake_w, b"x")
