@@ -387,6 +387,8 @@ class ContainerNetns:
                         sock = socket.socket(
                             socket.AF_NETLINK, socket.SOCK_DGRAM, socket.NETLINK_ROUTE
                         )
+                    sock.bind((0, 0))  # so we know its port id (see NetnsWatcher)
+                    OWN_PORTIDS.add(sock.getsockname()[0])
                     self._ipr = IPRoute(fileno=sock.detach())
             return self._ipr
 
@@ -467,6 +469,9 @@ class NetlinkAdapter:
         if self._ipr is None:
             with _translate("open host netlink socket"):
                 self._ipr = IPRoute()
+                # Its port id, for NetnsWatcher (the veth is created from the host).
+                with socket.socket(fileno=os.dup(self._ipr.fileno())) as probe:
+                    OWN_PORTIDS.add(probe.getsockname()[0])
         return self._ipr
 
     def close(self) -> None:
@@ -926,6 +931,44 @@ class LinkWatcher:
 _NETNS_GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
 
 
+class _RecentPorts:
+    """The netlink port ids of this process's own rtnetlink sockets (the most recent
+    4096): a notification carries the port id of the socket whose request caused it."""
+
+    def __init__(self, keep: int = 4096) -> None:
+        self._ids: dict[int, None] = {}
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def add(self, portid: int) -> None:
+        with self._lock:
+            self._ids.pop(portid, None)
+            self._ids[portid] = None
+            while len(self._ids) > self._keep:
+                del self._ids[next(iter(self._ids))]
+
+    def __contains__(self, portid: object) -> bool:
+        return portid in self._ids
+
+
+OWN_PORTIDS = _RecentPorts()
+
+
+def _foreign_change(data: bytes) -> bool:
+    """Whether a batch of rtnetlink notifications holds one caused by someone else: not
+    by our own sockets (our changes would echo back as work), and not by the kernel
+    itself (port id 0: carrier and link-local changes that follow our own actions)."""
+    off = 0
+    while off + 16 <= len(data):
+        length, _, _, _, pid = struct.unpack_from("=IHHII", data, off)
+        if length < 16:
+            return True  # malformed: look rather than guess
+        if pid != 0 and pid not in OWN_PORTIDS:
+            return True
+        off += (length + 3) & ~3
+    return False
+
+
 class NetnsWatcher:
     """Netlink notifications from inside many container namespaces, one socket each.
 
@@ -993,14 +1036,16 @@ class NetnsWatcher:
                     sock = self._socks.get(key)
                 if sock is None:
                     continue
+                foreign = False
                 try:
-                    while sock.recv(1 << 16):
-                        pass
+                    while data := sock.recv(1 << 16):
+                        foreign = foreign or _foreign_change(data)
                 except BlockingIOError:
                     pass
                 except OSError:
-                    pass  # ENOBUFS: lost some, which still means "look again"
-                callback(key)
+                    foreign = True  # ENOBUFS: lost some, which means "look again"
+                if foreign:
+                    callback(key)
 
     def close(self) -> None:
         with self._lock:

@@ -70,3 +70,21 @@ def test_spec_wanted_routes_adds_default() -> None:
 def test_spec_rejects_bad_ifname(ifname: str) -> None:
     with pytest.raises(NetlinkError):
         InterfaceSpec("c", ifname)
+
+
+def test_netns_notifications_from_others_are_foreign() -> None:
+    """The netns watch ignores notifications our own sockets (or the kernel) caused."""
+    import struct
+
+    from reconciler.adapters.netlink import OWN_PORTIDS, _foreign_change
+
+    def msg(pid: int, payload: bytes = b"\0" * 5) -> bytes:
+        body = struct.pack("=IHHII", 16 + len(payload), 16, 0, 1, pid) + payload
+        return body + b"\0" * (-len(body) % 4)  # NLMSG_ALIGN
+
+    OWN_PORTIDS.add(4242)
+    assert not _foreign_change(msg(4242))  # our own change echoing back
+    assert not _foreign_change(msg(0))  # the kernel's (carrier, link-local)
+    assert not _foreign_change(msg(4242) + msg(0) + msg(4242))
+    assert _foreign_change(msg(4242) + msg(31337))  # someone else in the same batch
+    assert _foreign_change(struct.pack("=IHHII", 8, 16, 0, 1, 4242))  # malformed: look
