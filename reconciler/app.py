@@ -20,6 +20,7 @@ from reconciler.adapters.ovs import OvsAdapter
 from reconciler.daemon import Daemon, DaemonOptions, ProxyPart
 from reconciler.ipam import Ipam
 from reconciler.netctl import NetworkController
+from reconciler.proxy.controller import ProxyController
 from reconciler.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -63,12 +64,8 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
     return Parts(kv, docker, nl, ovs, netctl, daemon)
 
 
-def _build_proxy(settings: Settings, kv: Any, dry_run: bool) -> ProxyPart | None:
-    try:
-        from reconciler.proxy.controller import build_proxy_controller
-    except ImportError:
-        return None
-    return build_proxy_controller(settings, kv, dry_run=dry_run)
+def _build_proxy(settings: Settings, kv: Any, dry_run: bool) -> ProxyPart:
+    return ProxyController(settings.proxy, dry_run=dry_run)
 
 
 def run_forever(parts: Parts) -> int:

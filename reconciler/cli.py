@@ -218,11 +218,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _not_yet(args: argparse.Namespace) -> int:
-    print(f"reconciler {args.command_name}: not implemented yet", file=sys.stderr)
-    return EXIT_FAILED
-
-
 # ------------------------------------------------------------------ validate
 
 
@@ -416,10 +411,8 @@ def cmd_cutover(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    try:
-        from reconciler.proxy.controller import render_for_cli
-    except ImportError:
-        return _not_yet(argparse.Namespace(command_name="render"))
+    from reconciler.proxy.controller import render_for_cli
+
     _, st = read_state(args.prefix)
     text, problems = render_for_cli(st, args.service, args.templates, args.state_dir)
     _print_problems(problems)

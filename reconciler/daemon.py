@@ -2,17 +2,22 @@
 
 Owns the wiring and nothing else:
 - one Consul blocking query on the whole prefix (runtime.kvwatch) -> new DesiredState ->
-  every local container key, `proxy` and `sweep` are enqueued (reconciles are level-based
-  and cheap when nothing differs);
+  `proxy` first, then every local container key, `members` and `sweep` (reconciles are
+  level-based and cheap when nothing differs; a change of services only enqueues
+  `proxy` and `members`; a change of daemon-owned keys nothing);
 - Docker events (subscribed before the list, adapters.docker_engine.EventWatcher) ->
-  `container:<id>`;
-- netlink link deletions and OVS port deletions of ours -> the container concerned (drift
-  repair within about a second, not only at the next resync);
+  `container:<id>` (and `members` when one stops);
+- netlink deletions of our host veths, OVS deletions of our ports, and netlink changes
+  made by others inside a container's namespace -> that container, marked dirty (drift
+  repaired at once, not only at the next resync);
 - the work queue (runtime.workqueue): de-duplicated keys, one key never twice at once,
-  per-key exponential backoff, terminal errors reported not retried, periodic resync;
-- node status under a Consul session (status.StatusPublisher).
+  per-key exponential backoff, terminal errors reported not retried, periodic resync
+  (which skips containers that are clean; every DEEP_EVERY-th looks inside all);
+- node status under a Consul session (status.StatusPublisher), members published under
+  the same session (members.py).
 
-Keys: `container:<id>`, `sweep`, `proxy`.
+Keys: `container:<id>`, `ovs-ports` (commit queued OVS ports in one transaction),
+`members`, `proxy`, `sweep`.
 """
 
 from __future__ import annotations
@@ -70,8 +75,6 @@ class ProxyPart(Protocol):
     """What the daemon needs of the HAProxy side (reconciler.proxy.controller)."""
 
     def set_state(self, state: DesiredState) -> None: ...
-    def set_containers(self, containers: Iterable[ContainerInfo],
-                       addresses: dict[str, dict[str, str]]) -> None: ...
     def quiet_delay(self) -> float: ...
     def reconcile(self) -> dict[str, Any]: ...
     def errors(self) -> dict[str, list[str]]: ...
@@ -304,10 +307,6 @@ class Daemon:
             delay = self.proxy.quiet_delay()
             if delay > 0:  # coalesce a burst of changes into one reload
                 return Result(requeue_after=delay)
-            with self._lock:
-                running = list(self.known.containers.values())
-            addrs = {cid: dict(r.addresses) for cid, r in self.netctl.attached.items()}
-            self.proxy.set_containers(running, addrs)
             try:
                 self.status.proxy = self.proxy.reconcile()
             finally:

@@ -36,7 +36,7 @@ from reconciler.proxy.view import (
     backend_name,
     sorted_view,
 )
-from reconciler.settings import ProxySettings, Settings
+from reconciler.settings import ProxySettings
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,6 @@ class ProxyController:
                 if self._first_change is None:
                     self._first_change = now
             self.state = state
-
-    def set_containers(self, containers: Any, addresses: Any) -> None:
-        """Members reach the proxy through KV (members.py); nothing to do here."""
 
     def quiet_delay(self) -> float:
         """Seconds to wait before applying, to coalesce a burst (0: apply now).
@@ -285,7 +282,4 @@ class ProxyController:
         return build_view(self.state, self.globals, self.last_active)
 
 
-def build_proxy_controller(settings: Settings, kv: Any, *, dry_run: bool = False
-                           ) -> ProxyController:
-    return ProxyController(settings.proxy, dry_run=dry_run)
 

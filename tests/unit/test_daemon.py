@@ -88,7 +88,6 @@ class FakeKV:
 def make(proxy: bool = True) -> tuple[Daemon, FakeNetctl]:
     class FakeProxy:
         def set_state(self, state: DesiredState) -> None: ...
-        def set_containers(self, *a: Any) -> None: ...
         def quiet_delay(self) -> float:
             return 0.0
 
