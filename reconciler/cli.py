@@ -216,6 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return EXIT_FAILED
+    except Exception as e:  # a bug of ours: one line for the user, the trace for us
+        log.debug("unexpected error", exc_info=True)
+        print(f"reconciler: unexpected error: {type(e).__name__}: {e} "
+              "(--log-level debug shows where)", file=sys.stderr)
+        return EXIT_FAILED
 
 
 # ------------------------------------------------------------------ validate

@@ -56,6 +56,8 @@ def probe_member(m: Member, health_path: str | None, timeout: float = 2.0) -> Pr
         return Probe(m.name, ok, f"HTTP {status}")
     except OSError as e:
         return Probe(m.name, False, e.strerror or str(e))
+    except (http.client.HTTPException, ValueError) as e:  # e.g. a TLS-only backend
+        return Probe(m.name, False, f"not an HTTP answer ({type(e).__name__})")
 
 
 def audit_prefix(prefix: str, service: str) -> str:
@@ -140,7 +142,9 @@ class Cutover:
             statuses = read_statuses(self.kv, self.prefix)
             lagging = set()
             for node, st in statuses.items():
-                applied = ((st.get("proxy") or {}).get("active") or {}).get(service)
+                proxy = st.get("proxy")
+                act = proxy.get("active") if isinstance(proxy, dict) else None
+                applied = act.get(service) if isinstance(act, dict) else None
                 if applied != to:
                     lagging.add(node)
                 elif reported.get(node) != to:
@@ -173,7 +177,7 @@ class Cutover:
 
     def _previous(self, service: str, current: str | None) -> str:
         for rec in reversed(self.history(service)):
-            if rec.get("to") == current and rec.get("from"):
+            if isinstance(rec, dict) and rec.get("to") == current and rec.get("from"):
                 return str(rec["from"])
         raise CutoverRefused(f"no audit record of a cutover of {service!r} to {current!r}: "
                              "nothing to roll back to")

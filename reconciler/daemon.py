@@ -406,12 +406,13 @@ class Daemon:
             for p in self.snapshot.state.problems:
                 errors.setdefault(p.key, []).append(str(p)[len(p.key):].lstrip(": "))
         with self._lock:
-            for per in self.known.errors.values():
+            for per in list(self.known.errors.values()):
                 for where, msgs in per.items():
                     errors.setdefault(where, []).extend(msgs)
+            attached = list(self.netctl.attached.values())  # workers change the dict
             st.counts = {
-                "containers": sum(1 for r in self.netctl.attached.values() if r.addresses),
-                "interfaces": sum(len(r.addresses) for r in self.netctl.attached.values()),
+                "containers": sum(1 for r in attached if r.addresses),
+                "interfaces": sum(len(r.addresses) for r in attached),
                 "running": len(self.known.containers),
                 "errors": sum(len(v) for v in errors.values()),
             }
@@ -441,6 +442,10 @@ class Daemon:
                     self.publisher.publish(self.build_status())
             except ReconcilerError as e:
                 log.warning("status: %s", e)
+            except Exception:
+                # This thread renews the node's session: if it died, the node's status
+                # and members would expire and its addresses be reclaimed by others.
+                log.exception("status: unexpected error (continuing)")
             stop.wait(0.2)  # at most five status writes a second
 
     # ------------------------------------------------------------------ run

@@ -29,10 +29,12 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")  # IFNAMSIZ 16 incl. NUL
-MAC_RE = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-HEALTH_PATH_RE = re.compile(r"^/[A-Za-z0-9/_.~%!$&'()*+,;=:@?-]{0,255}$")
+# \Z, not $: `$` also matches before a trailing newline ("web\n" would pass).
+NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}\Z")
+IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")  # IFNAMSIZ 16 incl. NUL
+MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
+# The same set the renderer accepts (proxy/view.py): what is valid here must render.
+HEALTH_PATH_RE = re.compile(r"/[A-Za-z0-9/_.~%?=&+-]{0,255}\Z")
 
 DEFAULT_PREFIX = "reconciler/"
 
@@ -345,10 +347,14 @@ def _parse_ip(c: _Checker, v: Any, fld: str) -> IPAddress | None:
         c.add(fld, f"must be an IP address string, not {_typename(v)}", v)
         return None
     try:
-        return ipaddress.ip_address(v)
+        addr = ipaddress.ip_address(v)
     except ValueError:
         c.add(fld, "not a valid IPv4 or IPv6 address", v)
         return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.scope_id is not None:
+        c.add(fld, "must not carry an IPv6 zone (%...)", v)
+        return None
+    return addr
 
 
 def parse_network(where: str, name: str, raw: Any) -> tuple[Network | None, list[Problem]]:
@@ -361,6 +367,8 @@ def parse_network(where: str, name: str, raw: Any) -> tuple[Network | None, list
     s = c.string(d, "subnet", "")
     if s is not None:
         try:
+            if "%" in s:
+                raise ValueError("zone")
             subnet = ipaddress.ip_network(s, strict=True)
         except ValueError as e:
             reason = "host bits set; use the network address" if "host bits" in str(e) \
@@ -482,6 +490,8 @@ def _parse_interface(
             c.add(f"{path}.address", f"must be \"auto\" or a CIDR string, not {_typename(a)}", a)
         else:
             try:
+                if "%" in a:
+                    raise ValueError("an IPv6 zone is not allowed")
                 address = ipaddress.ip_interface(a)
                 if "/" not in a:
                     raise ValueError("no prefix length")
@@ -538,6 +548,8 @@ def _parse_interface(
                 dst = None
                 if dst_s is not None:
                     try:
+                        if "%" in dst_s:
+                            raise ValueError("zone")
                         dst = ipaddress.ip_network(dst_s, strict=True)
                     except ValueError:
                         c.add(f"{rp}.dst", "not a valid CIDR (host bits must be zero)", dst_s)
@@ -891,8 +903,14 @@ def load_state_file(path: str, text: str | None = None) -> tuple[list[RawEntry],
             return [], [Problem(path, "", "file is not UTF-8")]
     try:
         doc = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
-    except (yaml.YAMLError, ValueError) as e:
-        return [], [Problem(path, "", f"cannot parse: {_one_line(str(e))}")]
+        return _file_entries(path, doc)
+    except (yaml.YAMLError, ValueError, TypeError, RecursionError) as e:
+        # YAML can hold what JSON cannot: date keys, recursive aliases, deep nesting.
+        reason = "nested too deeply" if isinstance(e, RecursionError) else _one_line(str(e))
+        return [], [Problem(path, "", f"cannot parse: {reason}")]
+
+
+def _file_entries(path: str, doc: Any) -> tuple[list[RawEntry], list[Problem]]:
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):

@@ -261,7 +261,10 @@ class NetworkController:
         watcher = None if self.dry_run else self.netns_watcher
         try:
             if watcher is not None:
-                watcher.add(info.id, ns)  # kept across reconciles; replaced after a restart
+                try:
+                    watcher.add(info.id, ns)  # kept across reconciles; replaced on restart
+                except NetlinkError as e:  # drift then waits for the deep resync
+                    log.warning("%s: cannot watch its namespace: %s", info.name, e)
             reserved = [i.address.ip for s in state.containers.values() for i in s.interfaces
                         if i.address is not None]
             for itf in wanted:

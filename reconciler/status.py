@@ -160,27 +160,41 @@ def read_statuses(kv: Any, prefix: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _dict(v: Any) -> dict[str, Any]:
+    """Status documents are read from KV: anything else than the expected shape is
+    shown as empty rather than crashing the table."""
+    return v if isinstance(v, dict) else {}
+
+
+def _one_line(text: str) -> str:
+    return "".join(c if c.isprintable() else " " for c in text)[:300]
+
+
 def format_table(statuses: Mapping[str, Mapping[str, Any]], now: float | None = None) -> str:
     now = time.time() if now is None else now
     rows = [("NODE", "INDEX", "AGE", "CONTAINERS", "INTERFACES", "ERRORS", "ACTIVE", "RELOAD")]
     for node in sorted(statuses):
         s = statuses[node]
-        counts = s.get("counts") or {}
-        proxy = s.get("proxy") or {}
-        active = ",".join(f"{k}={v}" for k, v in sorted((proxy.get("active") or {}).items()))
-        age = now - float(s.get("updated") or now)
-        rows.append((node, str(s.get("index", "")), f"{age:.0f}s",
+        counts, proxy = _dict(s.get("counts")), _dict(s.get("proxy"))
+        active = ",".join(f"{k}={v}" for k, v in sorted(_dict(proxy.get("active")).items()))
+        try:
+            age = f"{now - float(s.get('updated') or now):.0f}s"
+        except (TypeError, ValueError):
+            age = "?"
+        rows.append((node, str(s.get("index", "")), age,
                      str(counts.get("containers", 0)), str(counts.get("interfaces", 0)),
-                     str(sum(len(v) for v in (s.get("errors") or {}).values())),
-                     active or "-", str(proxy.get("last_reload") or "-")))
+                     str(sum(len(v) if isinstance(v, list) else 1
+                             for v in _dict(s.get("errors")).values())),
+                     active or "-", _one_line(str(proxy.get("last_reload") or "-"))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
     for node in sorted(statuses):
-        errs = statuses[node].get("errors") or {}
-        for key in sorted(errs):
-            for reason in errs[key]:
-                lines.append(f"  {node}: {key}: {reason}")
+        errs = _dict(statuses[node].get("errors"))
+        for key in sorted(errs, key=str):
+            reasons = errs[key] if isinstance(errs[key], list) else [errs[key]]
+            for reason in reasons:
+                lines.append(_one_line(f"  {node}: {key}: {reason}"))
     if len(rows) == 1:
         lines.append("(no node has reported status)")
     return "\n".join(lines)

@@ -194,6 +194,12 @@ def _write_temp(target: Path, data: bytes) -> Path:
     return tmp
 
 
+def _child_env() -> dict[str, str]:
+    """HAProxy's environment: ours without Consul's settings — the ACL token must not
+    live on in a long-running process (HAProxy's `show env` would print it)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
+
+
 def atomic_write(target: Path, data: bytes) -> None:
     """Replace `target` with `data`: temp file in the same dir, fsync, rename, fsync dir."""
     tmp = _write_temp(target, data)
@@ -410,6 +416,7 @@ class HaproxyProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                env=_child_env(),
                 start_new_session=True,
                 close_fds=True,
             )
@@ -524,6 +531,7 @@ class HaproxyProcess:
             proc = subprocess.run(
                 [self.haproxy_bin, "-c", "-f", str(path)],
                 stdin=subprocess.DEVNULL,
+                env=_child_env(),
                 capture_output=True,
                 timeout=60,
                 check=False,
@@ -570,6 +578,16 @@ class HaproxyProcess:
                 info = self._reload_confirmed()
             except ReloadFailed as exc:
                 self._revert(current, old_map, map_bytes, exc)
+            except HaproxyError as exc:
+                # The master did not even answer (`show proc`): the new file must not
+                # stay on disk looking applied, or the retry would see "same bytes" and
+                # never reload. Put the last good one back; the retry starts over.
+                if current is not None:
+                    atomic_write(self.config_path, current)
+                if old_map != map_bytes:
+                    atomic_write(self.map_path, old_map)
+                raise HaproxyError(f"reload not confirmed ({exc}); config put back") \
+                    from exc
             w = info.current_worker
             return ApplyResult(True, old_map != map_bytes, True, w.pid if w else None,
                                info.reloads)

@@ -32,6 +32,7 @@ import errno
 import fcntl
 import hashlib
 import ipaddress
+import logging
 import os
 import re
 import select
@@ -48,6 +49,8 @@ from pyroute2.netlink.rtnl import RTM_DELLINK, RTM_NEWLINK, RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from reconciler.errors import NetlinkError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "HOST_VETH_PREFIX",
@@ -1020,32 +1023,45 @@ class NetnsWatcher:
 
     def run(self, callback: Callable[[str], None], stop: threading.Event) -> None:
         while not stop.is_set():
-            with self._lock:
-                by_fd = {s.fileno(): k for k, s in self._socks.items()}
             try:
-                ready, _, _ = select.select([self._wake_r, *by_fd], [], [], 0.5)
-            except (OSError, ValueError):
-                continue  # a socket closed under us; take the new set
-            for fd in ready:
-                if fd == self._wake_r:
-                    with contextlib.suppress(BlockingIOError):
-                        os.read(self._wake_r, 4096)
-                    continue
-                key = by_fd[fd]
-                with self._lock:
-                    sock = self._socks.get(key)
-                if sock is None:
-                    continue
-                foreign = False
-                try:
-                    while data := sock.recv(1 << 16):
-                        foreign = foreign or _foreign_change(data)
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    foreign = True  # ENOBUFS: lost some, which means "look again"
-                if foreign:
-                    callback(key)
+                self._poll_once(callback)
+            except Exception:
+                log.exception("netns watch failed (continuing)")
+                stop.wait(0.5)
+
+    def _poll_once(self, callback: Callable[[str], None]) -> None:
+        # poll(2), not select(2): select cannot take descriptors >= 1024 (a host with
+        # about a thousand containers).
+        with self._lock:
+            by_fd = {s.fileno(): k for k, s in self._socks.items()}
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
+        try:
+            ready = [fd for fd, _ in poller.poll(500)]
+        except OSError:
+            return  # a socket closed under us; take the new set
+        for fd in ready:
+            if fd == self._wake_r:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+                continue
+            key = by_fd[fd]
+            with self._lock:
+                sock = self._socks.get(key)
+            if sock is None:
+                continue
+            foreign = False
+            try:
+                while data := sock.recv(1 << 16):
+                    foreign = foreign or _foreign_change(data)
+            except BlockingIOError:
+                pass
+            except OSError:
+                foreign = True  # ENOBUFS: lost some, which means "look again"
+            if foreign:
+                callback(key)
 
     def close(self) -> None:
         with self._lock:
@@ -1057,8 +1073,17 @@ class NetnsWatcher:
 
 
 def watch_links(callback: Callable[[LinkEvent], None], stop: threading.Event) -> None:
-    """Call `callback` for every host link event until `stop` is set (checked every 0.5 s)."""
-    with LinkWatcher() as watcher:
-        while not stop.is_set():
-            for event in watcher.read(timeout=0.5):
-                callback(event)
+    """Call `callback` for every host link event until `stop` is set (checked every 0.5 s).
+    Survives errors (logged; the socket is reopened after a pause, and an "overflow"
+    event tells the caller to look at everything again)."""
+    while not stop.is_set():
+        try:
+            with LinkWatcher() as watcher:
+                while not stop.is_set():
+                    for event in watcher.read(timeout=0.5):
+                        callback(event)
+        except Exception:
+            log.exception("host link watch failed; reopening")
+            stop.wait(1.0)
+            if not stop.is_set():
+                callback(LinkEvent("overflow"))

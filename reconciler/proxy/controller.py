@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -166,8 +167,23 @@ class ProxyController:
                 self.hap.stop(graceful=True)
             return self._status
         try:
-            cfg = self.renderer.render(config_view(view))
-            map_bytes = render_map(view)
+            try:
+                cfg = self.renderer.render(config_view(view))
+                map_bytes = render_map(view)
+            except ValidationError as e:
+                # Leave out only the services the renderer refused (named in the
+                # problems); the others keep being served and updated.
+                for p in e.problems:
+                    errors.setdefault(p.key, []).append(str(p)[len(p.key):].lstrip(": "))
+                bad = {m.group(1) for p in e.problems
+                       if (m := re.match(r"services/([^/]+)/", p.key))}
+                kept = tuple(sv for sv in view.services if sv.name not in bad)
+                if not bad or not kept:
+                    raise
+                log.error("haproxy: leaving out service(s) %s: %s", ", ".join(sorted(bad)), e)
+                view = replace(view, services=kept)
+                cfg = self.renderer.render(config_view(view))
+                map_bytes = render_map(view)
         except ValidationError as e:
             for p in e.problems:
                 errors.setdefault(p.key, []).append(str(p)[len(p.key):].lstrip(": "))

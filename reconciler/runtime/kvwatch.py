@@ -106,7 +106,10 @@ class KVWatcher:
         while not stop.is_set():
             try:
                 snap = self.poll()
-            except ConsulError as e:
+            except Exception as e:  # ConsulError, and anything odd (never die: we'd go stale)
+                if not isinstance(e, ConsulError):
+                    log.exception("consul watch: unexpected error")
+                    e = ConsulError(f"unexpected error: {e}")
                 self.healthy.clear()
                 failures += 1
                 delay = min(self.max_backoff, 0.5 * 2 ** min(failures, 10))

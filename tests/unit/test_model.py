@@ -267,6 +267,10 @@ SERVICE_CASES = [
      "health.path: must start with /"),
     ("health hash", {"bind": "127.0.0.1:80", "health": {"path": "/h#c"}},
      "health.path: must start with /"),
+    ("health trailing newline", {"bind": "127.0.0.1:80", "health": {"path": "/h\n"}},
+     "health.path: must start with /"),
+    ("health colon", {"bind": "127.0.0.1:80", "health": {"path": "/health:ready"}},
+     "health.path: must start with /"),
     ("health interval", {"bind": "127.0.0.1:80", "health": {"path": "/", "interval_ms": 5}},
      "health.interval_ms: must be between 100"),
     ("unknown", {"bind": "127.0.0.1:80", "timeout": 3}, "timeout: unknown field"),
@@ -286,6 +290,8 @@ MEMBER_CASES = [
     ("address hostname", {"address": "web1", "port": 80}, "address: not a valid IPv4 or IPv6"),
     ("address injection", {"address": "10.0.0.1 check\n", "port": 80}, "not a valid"),
     ("address unspecified", {"address": "0.0.0.0", "port": 80}, "must be a unicast"),
+    ("address zone", {"address": "fe80::1%x;shutdown sessions", "port": 80},
+     "must not carry an IPv6 zone"),
     ("port", {"address": "10.77.1.5", "port": 0}, "port: must be between 1 and 65535"),
     ("port string", {"address": "10.77.1.5", "port": "80"}, "port: must be an integer"),
     ("weight", {"address": "10.77.1.5", "port": 80, "weight": 257},
@@ -350,6 +356,15 @@ def test_undecodable_values(raw: bytes, expected: str) -> None:
     assert got[0].startswith("reconciler/networks/n")
 
 
+def test_names_with_a_trailing_newline_are_refused() -> None:
+    # `$` matches before a final newline; the name rules must not.
+    assert "invalid name" in str(classify_key("services/u\n/config"))
+    assert "invalid name" in str(classify_key("networks/n\n"))
+    got = problems(("networks/vnet1", NET1), ("containers/c", {"interfaces": [
+        iface(name="eth1\n")]}))
+    assert any("interfaces[0].name: must be 1-15" in g for g in got), got
+
+
 def test_key_layout() -> None:
     assert classify_key("nodes/h1/status") is None
     assert classify_key("ipam/vnet1/10.77.1.100") is None
@@ -412,7 +427,12 @@ services:
     assert f"{f}: services.web.pools.blue.w: weight: must be between 0 and 256 (got -1)" in got
 
 
-@pytest.mark.parametrize("text", ["{", "- a\n- b", "networks: [1]", "a: b: c"])
+@pytest.mark.parametrize("text", [
+    "{", "- a\n- b", "networks: [1]", "a: b: c",
+    "networks: {n: {2024-01-01: x}}",  # a date key: no JSON equivalent
+    "networks: {n: &a {x: *a}}",  # a recursive alias
+    "networks: {n: " + "[" * 3000 + "]" * 3000 + "}",  # nested too deeply
+])
 def test_state_file_unparseable(tmp_path: Any, text: str) -> None:
     f = tmp_path / "bad.yaml"
     f.write_text(text)

@@ -1,0 +1,28 @@
+"""`reconciler status` renders whatever nodes wrote, never crashes on an odd document."""
+
+from __future__ import annotations
+
+from reconciler.status import NodeStatus, format_table, parse_status
+
+
+def test_table_from_real_documents() -> None:
+    doc = parse_status(NodeStatus("h1", index=42, updated=100.0,
+                                  counts={"containers": 3, "interfaces": 4},
+                                  errors={"reconciler/networks/x": ["vlan: bad"]},
+                                  proxy={"active": {"web": "green"}, "last_reload": "ok"})
+                       .to_json())
+    assert doc is not None
+    out = format_table({"h1": doc}, now=103.0).splitlines()
+    assert out[0].split() == ["NODE", "INDEX", "AGE", "CONTAINERS", "INTERFACES", "ERRORS",
+                              "ACTIVE", "RELOAD"]
+    assert out[1].split() == ["h1", "42", "3s", "3", "4", "1", "web=green", "ok"]
+    assert out[2] == "  h1: reconciler/networks/x: vlan: bad"
+
+
+def test_odd_documents_do_not_crash_the_table() -> None:
+    odd = {"a": {"updated": "x", "counts": [1], "proxy": "x", "errors": {"k": "v\nforged"}},
+           "b": {"errors": [], "proxy": {"active": "web"}}, "c": {}}
+    out = format_table(odd, now=0.0)
+    assert "forged" in out and "\nforged" not in out  # one line per error
+    assert format_table({}) .endswith("(no node has reported status)")
+    assert parse_status(b"not json") is None and parse_status(b"[1]") is None
