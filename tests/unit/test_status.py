@@ -22,8 +22,9 @@ def test_table_from_real_documents() -> None:
 
 
 def test_odd_documents_do_not_crash_the_table() -> None:
-    odd: dict[str, dict[str, Any]] = {"a": {"updated": "x", "counts": [1], "proxy": "x", "errors": {"k": "v\nforged"}},
-           "b": {"errors": [], "proxy": {"active": "web"}}, "c": {}}
+    odd: dict[str, dict[str, Any]] = {
+        "a": {"updated": "x", "counts": [1], "proxy": "x", "errors": {"k": "v\nforged"}},
+        "b": {"errors": [], "proxy": {"active": "web"}}, "c": {}}
     out = format_table(odd, now=0.0)
     assert "forged" in out and "\nforged" not in out  # one line per error
     assert format_table({}) .endswith("(no node has reported status)")
