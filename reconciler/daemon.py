@@ -288,12 +288,12 @@ class Daemon:
                 # until re-attached; found by test_orphans_swept_after_crash). The list
                 # enqueues the sweep again when it arrives.
                 return None
-            with self._lock:
-                running = list(self.known.containers.values())
-            done = self.netctl.sweep(running)
-            if done:
-                log.info("sweep removed %s", _summarize(done))
-                log.debug("sweep removed: %s", ", ".join(done))
+            q = self.controller.queue
+            if any(k.startswith("container:") for k in q.in_flight() | q.pending()):
+                # A container being attached right now may own a fresh veth/port that
+                # the sweep's "running" list does not know yet: sweep when it is quiet.
+                return Result(requeue_after=1.0)
+            self._sweep()
         elif key == OVS_PORTS:
             self.netctl.flush_ports()
         elif key == MEMBERS:
@@ -314,6 +314,14 @@ class Daemon:
                 self.status.proxy = self.proxy.status()
         self._status_dirty.set()
         return None
+
+    def _sweep(self) -> None:
+        with self._lock:
+            running = list(self.known.containers.values())
+        done = self.netctl.sweep(running)
+        if done:
+            log.info("sweep removed %s", _summarize(done))
+            log.debug("sweep removed: %s", ", ".join(done))
 
     def member_addresses(self) -> dict[str, dict[str, str]]:
         """container id -> {network -> address/prefix} of its reconciled interfaces."""
@@ -515,6 +523,8 @@ class Daemon:
                 elif key.startswith("container:"):
                     cid = key.split(":", 1)[1]
                     self._reconcile_container(cid, listed[cid])  # inspected by the list
+                elif key == SWEEP:
+                    self._sweep()  # sequential here: nothing can be attaching meanwhile
                 else:
                     self._reconcile(key)
                 self._on_success(key)

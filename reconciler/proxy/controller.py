@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from reconciler.adapters.haproxy import HaproxyProcess
+from reconciler.adapters.haproxy import HaproxyProcess, parse_map
 from reconciler.errors import ConfigurationError, HaproxyError, Problem, ValidationError
 from reconciler.model import DesiredState, Service
 from reconciler.proxy.render import Renderer, render_map
@@ -35,6 +35,7 @@ from reconciler.proxy.view import (
     ProxyView,
     ServiceView,
     backend_name,
+    parse_backend_name,
     sorted_view,
 )
 from reconciler.settings import ProxySettings
@@ -115,7 +116,9 @@ class ProxyController:
         self.globals = GlobalView.for_state_dir(settings.state_dir)
         self.renderer = Renderer(settings.templates_dir)
         self.state = DesiredState()
-        self.last_active: dict[str, str] = {}
+        # What was applied before a daemon restart is in the persisted map: while an
+        # `active` key is missing or invalid, that pool keeps serving (not the first one).
+        self.last_active: dict[str, str] = self._persisted_active()
         self._errors: dict[str, list[str]] = {}
         self._status: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -123,6 +126,18 @@ class ProxyController:
         self._applied: ProxyView | None = None  # config view last applied
         self._last_change = 0.0
         self.planned: list[str] = []
+
+    def _persisted_active(self) -> dict[str, str]:
+        try:
+            text = self.hap.map_path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            return {}
+        out = {}
+        for service, backend in parse_map(text).items():
+            sp = parse_backend_name(backend)
+            if sp is not None and sp[0] == service:
+                out[service] = sp[1]
+        return out
 
     # -- inputs -----------------------------------------------------------------------
 

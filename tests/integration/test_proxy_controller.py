@@ -114,6 +114,25 @@ def test_invalid_active_keeps_last_pool(ctl: ProxyController,
     assert get(bind) == "green1"
 
 
+def test_restart_keeps_last_pool_while_active_is_invalid(
+        tmp_path: Path, backends: dict[str, int]) -> None:
+    bind = free_port()
+    first = ProxyController(ProxySettings(state_dir=str(tmp_path / "s")))
+    try:
+        first.set_state(state(bind, backends, active=b"green"))
+        first.reconcile()
+        wait_for(lambda: get(bind) == "green1", timeout=10)
+        # The daemon restarts while `active` holds garbage: green must keep serving,
+        # not the alphabetically first pool (blue).
+        again = ProxyController(ProxySettings(state_dir=str(tmp_path / "s")))
+        assert again.last_active == {"web": "green"}
+        again.set_state(state(bind, backends, active=b"gr!een"))
+        assert again.reconcile()["active"] == {"web": "green"}
+        assert {get(bind) for _ in range(4)} == {"green1"}
+    finally:
+        first.hap.stop()
+
+
 def test_broken_template_keeps_last_good(tmp_path: Path, backends: dict[str, int]) -> None:
     bind = free_port()
     good = ProxyController(ProxySettings(state_dir=str(tmp_path / "s")))
