@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from reconciler.errors import ConsulError
+from reconciler.errors import ConsulError, Problem
 from reconciler.model import DesiredState, KVEntry, parse_kv
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,15 @@ def _user_keys(prefix: str, items: tuple[KVEntry, ...]) -> int:
     return sum(1 for i in items if not i.key.startswith(daemon))
 
 
-def snapshot_from(prefix: str, raw: object) -> Snapshot:
-    """Parse a `KVSnapshot` (adapter) into a `Snapshot` (model)."""
+def snapshot_from(prefix: str, raw: object,
+                  last_valid: dict[str, KVEntry] | None = None) -> Snapshot:
+    """Parse a `KVSnapshot` (adapter) into a `Snapshot` (model).
+
+    `last_valid` (updated in place) holds the last value each key had while it was valid.
+    A key that exists and was valid before but is invalid now keeps its last valid value
+    in the model, and its problems are reported with "keeping its last valid value": a
+    typo in `consul kv put` never tears down what the key describes (the network's
+    attachments, the service's frontend). A deleted key is gone: that is intended."""
     index = int(getattr(raw, "index"))  # noqa: B009
     rows = getattr(raw, "items")  # noqa: B009
     items = tuple(sorted(
@@ -59,7 +66,35 @@ def snapshot_from(prefix: str, raw: object) -> Snapshot:
     h = hashlib.sha256()
     for e in items:
         h.update(e.key.encode() + b"\0" + e.value + b"\0" + (e.session or "").encode() + b"\0")
-    return Snapshot(index, parse_kv(prefix, items), items, h.hexdigest())
+    state = parse_kv(prefix, items)
+    if last_valid is not None:
+        state = _with_last_valid(prefix, items, state, last_valid)
+    return Snapshot(index, state, items, h.hexdigest())
+
+
+def _with_last_valid(prefix: str, items: tuple[KVEntry, ...], state: DesiredState,
+                     last_valid: dict[str, KVEntry]) -> DesiredState:
+    present = {e.key for e in items}
+    bad = state.invalid_keys
+    swap = {k: last_valid[k] for k in bad if k in last_valid and k in present}
+    if swap:
+        held = [last_valid[e.key] if e.key in swap else e for e in items]
+        kept = parse_kv(prefix, held)
+        # A swapped key whose own value did not change was only invalid through a key it
+        # depends on, which is held now: what the held state says about it is the truth.
+        changed = {e.key for e in items if e.key in swap and e.value != swap[e.key].value}
+        notes = [Problem(p.key, p.field, f"{p.reason}; keeping its last valid value",
+                         p.value) for p in state.problems if p.key in changed]
+        rest = [p for p in kept.problems if p.key not in changed]
+        state = DesiredState(kept.networks, kept.containers, kept.services,
+                             tuple(sorted(set(notes) | set(rest))))
+    for e in items:
+        if e.key not in bad:
+            last_valid[e.key] = e
+    for k in list(last_valid):
+        if k not in present:
+            del last_valid[k]
+    return state
 
 
 class KVWatcher:
@@ -76,6 +111,7 @@ class KVWatcher:
         self.min_interval = min_interval
         self.max_backoff = max_backoff
         self.last: Snapshot | None = None
+        self.last_valid: dict[str, KVEntry] = {}
         self.index = 0
         self.healthy = threading.Event()
 
@@ -84,7 +120,7 @@ class KVWatcher:
         raw = self.kv.read_prefix(self.prefix, index=self.index if self.index > 1 else None,
                                   wait=self.wait if self.index > 1 else None,
                                   consistent=consistent)
-        snap = snapshot_from(self.prefix, raw)
+        snap = snapshot_from(self.prefix, raw, self.last_valid)
         if snap.index < self.index:
             log.info("consul index went backwards (%d -> %d): resetting", self.index, snap.index)
             self.index = 0

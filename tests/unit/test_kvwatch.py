@@ -91,3 +91,39 @@ def test_unreachable_consul_keeps_last_state_and_retries() -> None:
     assert len(changes) == 1 and len(errors) == 2
     assert w.last is not None and "a" in w.last.state.networks
     assert not w.healthy.is_set()
+
+
+SPEC = b'{"interfaces":[{"name":"eth1","network":"a","address":"10.77.1.5/24"}]}'
+SVC = b'{"bind":"127.0.0.1:18080"}'
+
+
+def test_a_key_turned_invalid_keeps_its_last_valid_value() -> None:
+    # A typo in `consul kv put` must not tear down what the key describes.
+    r = ScriptedReader([
+        snap(1, **{"networks/a": NET, "containers/c": SPEC, "services/web/config": SVC}),
+        snap(2, **{"networks/a": b'{"subnet":"10.77.1.0/24","bridge":"br-a","vlan":0}',
+                   "containers/c": SPEC, "services/web/config": b'{"bind":"nope"}',
+                   "networks/new": b"{"}),
+        snap(3, **{"containers/c": SPEC, "services/web/config": SVC}),
+    ])
+    w = KVWatcher(r, P, lambda s: None)
+    w.poll()
+    s = w.poll()
+    assert s is not None
+    st = s.state
+    assert "a" in st.networks and st.networks["a"].vlan is None  # the last valid value
+    assert "c" in st.containers  # its dependent stays valid too
+    assert "web" in st.services and st.services["web"].config.bind_port == 18080
+    msgs = [str(p) for p in st.problems]
+    assert "reconciler/networks/a: vlan: must be between 1 and 4094; keeping its last " \
+        "valid value (got 0)" in msgs
+    assert not any(m.startswith("reconciler/containers/c") for m in msgs), msgs
+    assert any(m.startswith("reconciler/services/web/config: bind:") and
+               "keeping its last valid value" in m for m in msgs)
+    # A key that never was valid has nothing to keep.
+    assert any(m.startswith("reconciler/networks/new: invalid JSON") and
+               "keeping" not in m for m in msgs)
+    # A deleted key is gone (intended), and its dependents with it.
+    s3 = w.poll()
+    assert s3 is not None and "a" not in s3.state.networks
+    assert "c" not in s3.state.containers
