@@ -319,8 +319,10 @@ class Daemon:
         with self._lock:
             running = list(self.known.containers.values())
         done = self.netctl.sweep(running)
+        for cid in self.netctl.dirty_ids():  # e.g. an address lost while we were away
+            self.controller.queue.add(f"container:{cid}")
         if done:
-            log.info("sweep removed %s", _summarize(done))
+            log.info("sweep: %s", _summarize(done))
             log.debug("sweep removed: %s", ", ".join(done))
 
     def member_addresses(self) -> dict[str, dict[str, str]]:

@@ -43,7 +43,7 @@ from reconciler.model import AddressPool, IPAddress, Network
 
 log = logging.getLogger(__name__)
 
-DEFAULT_RECLAIM_GRACE = 600.0
+DEFAULT_RECLAIM_GRACE = 3600.0
 """Seconds a node must have been gone before `reclaim_dead_nodes` frees its addresses."""
 
 
@@ -217,6 +217,14 @@ class Ipam:
             if a.container == container and a.interface == interface:
                 return a
         return None
+
+    def reassert(self, network: str, address: IPAddress, container: str, interface: str
+                 ) -> bool:
+        """Re-create the key of an address this node has configured but whose key is
+        gone (reclaimed while the node was away). False: someone else holds it now."""
+        value = json.dumps({"node": self.node, "container": container, "interface": interface,
+                            "allocated_at": int(time.time())}, sort_keys=True).encode()
+        return self.kv.put(allocation_key(self.prefix, network, address), value, cas=0)
 
     def claim(self, net: Network, address: IPAddress, container: str, interface: str
               ) -> Allocation | None:

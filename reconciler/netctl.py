@@ -24,7 +24,7 @@ from typing import Any
 from reconciler.adapters import netlink
 from reconciler.adapters.docker_engine import ContainerInfo
 from reconciler.errors import AdapterError, NetlinkError, ReconcilerError
-from reconciler.ipam import Allocation, Ipam
+from reconciler.ipam import DEFAULT_RECLAIM_GRACE, Allocation, Ipam
 from reconciler.model import ContainerSpec, DesiredState, InterfaceSpec, IPAddress, Network
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class NetworkController:
 
     def __init__(self, *, node: str, prefix: str, nl: netlink.NetlinkAdapter, ovs: Any,
                  ipam: Ipam, inspect: Callable[[str], ContainerInfo | None],
-                 dry_run: bool = False, reclaim_grace: float = 600.0,
+                 dry_run: bool = False, reclaim_grace: float = DEFAULT_RECLAIM_GRACE,
                  netns_watcher: netlink.NetnsWatcher | None = None) -> None:
         self.node = node
         self.prefix = prefix
@@ -199,6 +199,9 @@ class NetworkController:
 
     def mark_all_dirty(self) -> None:
         self._dirty.update(self._clean)
+
+    def dirty_ids(self) -> list[str]:
+        return list(self._dirty)
 
     def is_dirty(self, cid: str) -> bool:
         return cid in self._dirty or cid not in self._clean
@@ -390,6 +393,31 @@ class NetworkController:
                 log.debug("announce %s %s: %s", p.container[:12], p.ifname, e)
         return [p.name for p in pending.values()]
 
+    def _reassert(self, running: list[ContainerInfo],
+                  held: dict[tuple[str, str, str], IPAddress]) -> list[str]:
+        """Addresses configured on running containers whose allocation key is gone
+        (e.g. reclaimed while this daemon was away longer than the grace period): create
+        the key again; if another container holds the address now, re-address ours."""
+        out: list[str] = []
+        for info in running:
+            res = self.attached.get(info.id)
+            if res is None:
+                continue
+            for itf in self.wanted(info):
+                cidr = res.addresses.get(itf.name)
+                if cidr is None or (info.id, itf.network, itf.name) in held:
+                    continue
+                ip = ipaddress.ip_interface(cidr).ip
+                if self.ipam.reassert(itf.network, ip, info.id, itf.name):
+                    held[(info.id, itf.network, itf.name)] = ip
+                    out.append(f"re-asserted allocation {itf.network}/{ip}")
+                else:
+                    log.error("%s %s: address %s was reclaimed and is now held by another "
+                              "container: re-addressing", info.name, itf.name, ip)
+                    self._dirty.add(info.id)
+                    out.append(f"lost allocation {itf.network}/{ip}")
+        return out
+
     def pending_ports(self) -> int:
         with self._lock:
             return len(self._pending_ports)
@@ -504,6 +532,7 @@ class NetworkController:
             # Rebuilt from this consistent read: an allocation removed behind our back
             # is noticed within one resync, and ours are known without a read per attach.
             self._addr_cache = cache
+            done += self._reassert(running, cache)
         if self.dry_run:
             self.planned += [f"remove orphan {what}" for what in done]
         elif done:

@@ -72,6 +72,24 @@ def test_allocation_is_stable_for_container_and_interface(kv: ConsulKV, prefix: 
     assert len(kv.read_prefix(f"{prefix}ipam/").items) == 2
 
 
+def test_reassert_recreates_a_lost_key_unless_someone_holds_it(
+        kv: ConsulKV, prefix: str) -> None:
+    net = network("vnet1", 41, 10, 20)
+    a = Ipam(kv, prefix, "node-a")
+    ip = a.allocate(net, "c1", "eth1")
+    key = f"{prefix}ipam/vnet1/{ip}"
+    kv.delete(key)  # reclaimed while node-a was away
+    assert a.reassert("vnet1", ip, "c1", "eth1")
+    item = kv.get(key)
+    assert item is not None and json.loads(item.value)["container"] == "c1"
+    kv.delete(key)
+    b = Ipam(kv, prefix, "node-b")
+    assert b.claim(net, ip, "c9", "eth1") is None  # taken by another container meanwhile
+    assert not a.reassert("vnet1", ip, "c1", "eth1")
+    item = kv.get(key)
+    assert item is not None and json.loads(item.value)["container"] == "c9"
+
+
 def test_distinct_in_pool_never_gateway_or_reserved_then_exhausted(
     kv: ConsulKV, prefix: str
 ) -> None:

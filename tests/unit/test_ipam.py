@@ -290,13 +290,15 @@ def test_reclaim_forgets_a_node_that_came_back() -> None:
     ]
 
 
-def test_reclaim_default_grace_is_ten_minutes() -> None:
+def test_reclaim_default_grace_is_an_hour() -> None:
+    # Long: a daemon that is merely away (upgrade, crash loop) must not lose addresses
+    # its containers still use; it also re-asserts its keys when back.
     kv = FakeKV()
     ipam = Ipam(kv, P, "me")
     _held(kv, "dead", "10.77.1.2")
     assert ipam.reclaim_dead_nodes(now=0.0) == []
-    assert ipam.reclaim_dead_nodes(now=600.0) == []
-    assert len(ipam.reclaim_dead_nodes(now=600.1)) == 1
+    assert ipam.reclaim_dead_nodes(now=3600.0) == []
+    assert len(ipam.reclaim_dead_nodes(now=3600.1)) == 1
 
 
 def test_status_key_shapes() -> None:
