@@ -219,8 +219,10 @@ class ProxyController:
             result = self.hap.apply_config(cfg, map_bytes)
         except HaproxyError as e:
             # Never left without a valid config: the adapter kept (or restored) the last
-            # good one and the old worker keeps serving.
+            # good one and the old worker keeps serving. Pool switches still apply on
+            # top of it (one service that cannot load must not freeze every cutover).
             log.error("haproxy: %s", e)
+            self._apply_map_only(map_bytes)
             self._errors = {"haproxy": [str(e)]}
             self._status = dict(self._status, last_reload=f"failed: {e}",
                                 config_hash_wanted=digest)
@@ -241,6 +243,13 @@ class ProxyController:
         if result.reloaded:
             log.info("haproxy reloaded (config %s, worker %s)", digest, result.worker_pid)
         return self._status
+
+    def _apply_map_only(self, map_bytes: bytes) -> None:
+        try:
+            running = self.hap.config_path.read_bytes()
+            self.hap.apply_config(running, map_bytes)  # same bytes: `set map` only
+        except (OSError, HaproxyError) as e:
+            log.warning("haproxy: could not apply the pool switches either: %s", e)
 
     def _apply_at_runtime(self, new: ProxyView, cfg: bytes) -> list[str]:
         """If the only differences from the applied config are member weights and states

@@ -199,3 +199,29 @@ def test_drain_and_maint_at_runtime_without_reload(
     assert reloads(ctl) == base + 1
     wait_for(lambda: {get(bind) for _ in range(8)} == {"blue2", "blue3"}, timeout=10)
     assert ctl.hap.server_states()[("be_web:blue", "blue1")].weight == 0
+
+
+def test_flip_applies_while_another_service_cannot_load(
+        ctl: ProxyController, backends: dict[str, int]) -> None:
+    bind = free_port()
+    ctl.set_state(state(bind, backends, active=b"blue"))
+    ctl.reconcile()
+    wait_for(lambda: get(bind) == "blue1", timeout=10)
+    base = ctl.hap.config_path.read_bytes()
+    # A second service bound to an address this host does not have: `haproxy -c` passes,
+    # the reload fails and is reverted. Meanwhile web is switched to green.
+    items = [KVEntry(P + "services/web/config",
+                     json.dumps({"bind": f"127.0.0.1:{bind}"}).encode(), 1),
+             KVEntry(P + "services/web/active", b"green", 2),
+             KVEntry(P + "services/web/pools/blue/blue1", json.dumps(
+                 {"address": "127.0.0.1", "port": backends["blue1"]}).encode(), 3),
+             KVEntry(P + "services/web/pools/green/green1", json.dumps(
+                 {"address": "127.0.0.1", "port": backends["green1"]}).encode(), 4),
+             KVEntry(P + "services/far/config",
+                     json.dumps({"bind": "198.18.255.1:18099"}).encode(), 5)]
+    broken = parse_kv(P, items)
+    ctl.set_state(broken)
+    with pytest.raises(HaproxyError):
+        ctl.reconcile()
+    assert ctl.hap.config_path.read_bytes() == base  # reverted
+    assert {get(bind) for _ in range(4)} == {"green1"}  # but the flip went through
