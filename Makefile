@@ -58,7 +58,7 @@ test:
 	$(MAKE) pytest
 
 bench:
-	@shopt -s nullglob; scripts=(bench/*.py); \
+	@shopt -s nullglob; scripts=(bench/[!_]*.py); \
 	if [ $${#scripts[@]} -eq 0 ]; then echo "bench: no bench/*.py yet"; exit 0; fi; \
 	failed=(); \
 	for s in "$${scripts[@]}"; do \

@@ -30,7 +30,6 @@ import ctypes
 import ipaddress
 import json
 import os
-import platform
 import secrets
 import shutil
 import signal
@@ -45,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _machine import describe  # bench/_machine.py (they run as scripts)
 from pyroute2 import IPRoute
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
@@ -389,18 +389,7 @@ class Bench:
 
 
 def machine() -> str:
-    mem = "?"
-    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
-        mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.1f} GiB"
-    model = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    ovs = sh("ovs-vsctl", "--version", check=False).stdout.splitlines()[:1]
-    return (f"{os.cpu_count()} CPUs ({model}), {mem} RAM, kernel {platform.release()}, "
-            f"{ovs[0] if ovs else 'ovs ?'}, Python {platform.python_version()}")
+    return describe("ovs-vsctl", "--version")
 
 
 def report(figs: Sequence[Figures]) -> None:

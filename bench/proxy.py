@@ -40,7 +40,6 @@ import contextlib
 import http.client
 import json
 import os
-import platform
 import random
 import re
 import secrets
@@ -55,6 +54,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from _machine import describe  # bench/_machine.py (they run as scripts)
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
 from reconciler.errors import ConsulError
@@ -751,18 +752,7 @@ def run_setup(s: Setup, p: Params, extra: list[Backend]) -> Figures:
 
 
 def machine() -> str:
-    mem = "?"
-    with contextlib.suppress(OSError), open("/proc/meminfo", encoding="ascii") as f:
-        mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.1f} GiB"
-    model = "?"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    hap = sh("haproxy", "-v", check=False).stdout.splitlines()[:1]
-    return (f"{os.cpu_count()} CPUs ({model}), {mem} RAM, kernel {platform.release()}, "
-            f"{hap[0] if hap else 'haproxy ?'}, Python {platform.python_version()}")
+    return describe("haproxy", "-v")
 
 
 def report(p: Params, figs: Sequence[Figures]) -> None:
