@@ -72,14 +72,14 @@ def test_plan_dry_run_then_apply(env: dict[str, Any],
     assert dry.returncode == 0, dry.stderr
     assert f"eth5: attach 10.77.{o}.20/24 on lnet" in dry.stdout
     # Nothing was changed by either.
-    assert not link_exists(env["bridge"]) and not link_exists(veth)
+    assert not link_exists(env["bridge"]) and not link_exists(veth), dry.stdout
 
     once = cli(env, "run", "--once")
     assert once.returncode == 0, once.stderr
-    assert link_exists(veth) and link_exists(env["bridge"])
+    assert link_exists(veth) and link_exists(env["bridge"]), once.stdout + once.stderr
     inside = ctr.exec_run(["ip", "-o", "addr", "show", "eth5"]).output.decode()
-    assert f"10.77.{o}.20/24" in inside and "mtu 1400" in ctr.exec_run(
-        ["ip", "-o", "link", "show", "eth5"]).output.decode()
+    link = ctr.exec_run(["ip", "-o", "link", "show", "eth5"]).output.decode()
+    assert f"10.77.{o}.20/24" in inside and "mtu 1400" in link, (inside, link, once.stderr)
     ping = subprocess.run(["busybox", "ping", "-c1", "-W2", f"10.77.{o}.20"],
                           capture_output=True, text=True, check=False)
     assert ping.returncode == 0, ping.stdout + ping.stderr
@@ -92,5 +92,6 @@ def test_plan_dry_run_then_apply(env: dict[str, Any],
     drift = cli(env, "plan")
     assert "eth5: attach" in drift.stdout or "repair" in drift.stdout, drift.stdout
     assert not link_exists(veth)
-    assert cli(env, "run", "--once").returncode == 0
-    assert link_exists(veth)
+    repaired = cli(env, "run", "--once")
+    assert repaired.returncode == 0, repaired.stderr
+    assert link_exists(veth), repaired.stdout + repaired.stderr
