@@ -65,7 +65,7 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
 
 
 def _build_proxy(settings: Settings, kv: Any, dry_run: bool) -> ProxyPart:
-    return ProxyController(settings.proxy, dry_run=dry_run)
+    return ProxyController(settings.proxy, dry_run=dry_run, prefix=settings.prefix)
 
 
 def run_forever(parts: Parts) -> int:

@@ -43,6 +43,10 @@ from reconciler.settings import ProxySettings
 log = logging.getLogger(__name__)
 
 
+# "Binding [...haproxy.cfg:24] for frontend fe_far: cannot bind socket (...) for [ip:port]"
+_UNLOADABLE_RE = re.compile(r"frontend fe_([A-Za-z0-9_.-]+): cannot bind socket")
+
+
 def service_view(svc: Service, active: str) -> ServiceView:
     cfg = svc.config
     pools = tuple(
@@ -107,7 +111,8 @@ class ProxyController:
     """Runs in the daemon under the `proxy` work key."""
 
     def __init__(self, settings: ProxySettings, *, dry_run: bool = False,
-                 haproxy: HaproxyProcess | None = None) -> None:
+                 haproxy: HaproxyProcess | None = None, prefix: str = "") -> None:
+        self.prefix = prefix  # error keys name the KV key, like every other status key
         self.settings = settings
         self.dry_run = dry_run
         self.hap = haproxy or HaproxyProcess(
@@ -124,6 +129,7 @@ class ProxyController:
         self._lock = threading.Lock()
         self._first_change: float | None = None
         self._applied: ProxyView | None = None  # config view last applied
+        self._unloadable: dict[str, tuple[ServiceView, str]] = {}  # left out, and why
         self._last_change = 0.0
         self.planned: list[str] = []
 
@@ -174,6 +180,12 @@ class ProxyController:
             self._first_change = None
         errors: dict[str, list[str]] = {}
         view = build_view(state, self.globals, self.last_active)
+        # Still unloadable (same definition as when it failed): keep it out; changed:
+        # try it again.
+        self._unloadable = {n: (sv, why) for n, (sv, why) in self._unloadable.items()
+                            if any(v == sv for v in view.services)}
+        if self._unloadable and len(self._unloadable) < len(view.services):
+            view = self._hold_back(view, set(self._unloadable))
         if not view.services:
             self._status = {"services": 0, "active": {}, "last_reload": "no services"}
             self._errors = {}
@@ -189,7 +201,8 @@ class ProxyController:
                 # Leave out only the services the renderer refused (named in the
                 # problems); the others keep being served and updated.
                 for p in e.problems:
-                    errors.setdefault(p.key, []).append(str(p)[len(p.key):].lstrip(": "))
+                    errors.setdefault(self.prefix + p.key, []).append(
+                        str(p)[len(p.key):].lstrip(": "))
                 bad = {m.group(1) for p in e.problems
                        if (m := re.match(r"services/([^/]+)/", p.key))}
                 kept = tuple(sv for sv in view.services if sv.name not in bad)
@@ -201,7 +214,8 @@ class ProxyController:
                 map_bytes = render_map(view)
         except ValidationError as e:
             for p in e.problems:
-                errors.setdefault(p.key, []).append(str(p)[len(p.key):].lstrip(": "))
+                errors.setdefault(self.prefix + p.key, []).append(
+                    str(p)[len(p.key):].lstrip(": "))
             self._errors = errors
             self._status = dict(self._status, last_reload=f"render refused: {e}")
             return self._status
@@ -215,8 +229,32 @@ class ProxyController:
             self._plan(cfg, map_bytes, digest, active)
             return {"config_hash": digest, "active": active}
         try:
-            runtime = self._apply_at_runtime(config_view(view), cfg)
-            result = self.hap.apply_config(cfg, map_bytes)
+            try:
+                runtime = self._apply_at_runtime(config_view(view), cfg)
+                result = self.hap.apply_config(cfg, map_bytes)
+            except HaproxyError as e:
+                # A service HAProxy could not load (its bind: an address the host lacks,
+                # a port someone else holds) is named in the alert: leave it out,
+                # remembered until its definition changes, and apply everything else.
+                bad = set(_UNLOADABLE_RE.findall(str(e)))
+                kept = tuple(sv for sv in view.services if sv.name not in bad)
+                if not bad or not kept or len(kept) == len(view.services):
+                    raise
+                for sv in view.services:
+                    if sv.name in bad:
+                        self._unloadable[sv.name] = (sv, str(e))
+                log.error("haproxy: service(s) %s cannot load; keeping their last loaded "
+                          "definition (or leaving them out): %s", ", ".join(sorted(bad)), e)
+                view = self._hold_back(view, bad)
+                cfg = self.renderer.render(config_view(view))
+                map_bytes = render_map(view)
+                digest = hashlib.sha256(cfg).hexdigest()[:16]
+                active = {sv.name: sv.active for sv in view.services}
+                runtime = []
+                result = self.hap.apply_config(cfg, map_bytes)
+            for name, (_, why) in self._unloadable.items():
+                errors.setdefault(f"{self.prefix}services/{name}/config", []).append(
+                    f"cannot load; kept at its last loaded definition, if any: {why}")
         except HaproxyError as e:
             # Never left without a valid config: the adapter kept (or restored) the last
             # good one and the old worker keeps serving. Pool switches still apply on
@@ -243,6 +281,19 @@ class ProxyController:
         if result.reloaded:
             log.info("haproxy reloaded (config %s, worker %s)", digest, result.worker_pid)
         return self._status
+
+    def _hold_back(self, view: ProxyView, names: set[str]) -> ProxyView:
+        """`view` with the services `names` at their last loaded definition (with their
+        last applied pool), or without them if they were never loaded."""
+        applied = {sv.name: sv for sv in self._applied.services} if self._applied else {}
+        out = []
+        for sv in view.services:
+            if sv.name not in names:
+                out.append(sv)
+            elif sv.name in applied:
+                old = applied[sv.name]
+                out.append(replace(old, active=self.last_active.get(sv.name, old.active)))
+        return replace(view, services=tuple(out))
 
     def _apply_map_only(self, map_bytes: bytes) -> None:
         try:

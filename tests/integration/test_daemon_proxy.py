@@ -467,7 +467,9 @@ def test_reload_failure_reverted_old_services_keep_serving(env: Env) -> None:
             env.put("services/web2/config", {"bind": f"198.18.255.1:{port2}", "mode": "http"})
 
             def reported() -> list[str] | None:
-                msgs = env.errors().get("haproxy") or []
+                # The failure is attributed to the service that cannot load; it is held
+                # out (never loaded), and everything else keeps being applied.
+                msgs = env.errors().get(f"{env.prefix}services/web2/config") or []
                 return msgs if any("198.18.255.1" in m for m in msgs) else None
 
             msgs = wait_for(reported, timeout=30, message="status error for the failed reload")

@@ -201,7 +201,7 @@ def test_drain_and_maint_at_runtime_without_reload(
     assert ctl.hap.server_states()[("be_web:blue", "blue1")].weight == 0
 
 
-def test_flip_applies_while_another_service_cannot_load(
+def test_a_service_that_cannot_load_is_held_out_the_rest_applies(
         ctl: ProxyController, backends: dict[str, int]) -> None:
     bind = free_port()
     ctl.set_state(state(bind, backends, active=b"blue"))
@@ -219,9 +219,47 @@ def test_flip_applies_while_another_service_cannot_load(
                  {"address": "127.0.0.1", "port": backends["green1"]}).encode(), 4),
              KVEntry(P + "services/far/config",
                      json.dumps({"bind": "198.18.255.1:18099"}).encode(), 5)]
-    broken = parse_kv(P, items)
-    ctl.set_state(broken)
-    with pytest.raises(HaproxyError):
-        ctl.reconcile()
-    assert ctl.hap.config_path.read_bytes() == base  # reverted
-    assert {get(bind) for _ in range(4)} == {"green1"}  # but the flip went through
+    ctl.set_state(parse_kv(P, items))
+    st = ctl.reconcile()  # the reload with `far` fails; `far` is held out, the rest applies
+    assert ctl.hap.config_path.read_bytes() == base  # web's config is unchanged
+    assert b"fe_far" not in base
+    assert st["active"] == {"web": "green"}
+    assert {get(bind) for _ in range(4)} == {"green1"}  # the flip went through
+    errs = ctl.errors()["services/far/config"]
+    assert any("cannot bind socket" in m for m in errs), errs
+    # While `far` stays as it is, it is not tried again: a new member of web costs
+    # exactly one (successful) reload.
+    before = reloads(ctl)
+    items.append(KVEntry(P + "services/web/pools/green/blue2", json.dumps(
+        {"address": "127.0.0.1", "port": backends["blue2"]}).encode(), 6))
+    ctl.set_state(parse_kv(P, items))
+    ctl.reconcile()
+    assert reloads(ctl) == before + 1
+    assert {get(bind) for _ in range(6)} == {"green1", "blue2"}
+    assert "services/far/config" in ctl.errors()
+
+
+def test_a_served_service_changed_to_an_unloadable_bind_keeps_its_last_definition(
+        ctl: ProxyController, backends: dict[str, int]) -> None:
+    web, api = free_port(), free_port()
+
+    def items(api_bind: str) -> list[KVEntry]:
+        return [KVEntry(P + "services/web/config",
+                        json.dumps({"bind": f"127.0.0.1:{web}"}).encode(), 1),
+                KVEntry(P + "services/web/active", b"blue", 2),
+                KVEntry(P + "services/web/pools/blue/blue1", json.dumps(
+                    {"address": "127.0.0.1", "port": backends["blue1"]}).encode(), 3),
+                KVEntry(P + "services/api/config", json.dumps({"bind": api_bind}).encode(), 4),
+                KVEntry(P + "services/api/active", b"green", 5),
+                KVEntry(P + "services/api/pools/green/green1", json.dumps(
+                    {"address": "127.0.0.1", "port": backends["green1"]}).encode(), 6)]
+
+    ctl.set_state(parse_kv(P, items(f"127.0.0.1:{api}")))
+    ctl.reconcile()
+    wait_for(lambda: get(web) == "blue1" and get(api) == "green1", timeout=10)
+    ctl.set_state(parse_kv(P, items("198.18.255.1:18098")))  # an address the host lacks
+    ctl.reconcile()
+    assert get(api) == "green1", "the last loaded definition keeps serving"
+    assert get(web) == "blue1"
+    assert b"198.18.255.1" not in ctl.hap.config_path.read_bytes()
+    assert "services/api/config" in ctl.errors()
