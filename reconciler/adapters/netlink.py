@@ -646,10 +646,13 @@ class NetlinkAdapter:
     @staticmethod
     def _ensure_sysctls(ns: ContainerNetns, spec: InterfaceSpec) -> bool:
         changed = False
-        path = f"net/ipv4/conf/{spec.ifname}/arp_notify"
-        if ns.read_sysctl(path) != "1":
-            ns.write_sysctl(path, "1")
-            changed = True
+        # arp_notify: announce on link-up; promote_secondaries: deleting one address of a
+        # subnet (someone else's, being replaced by ours) must not take ours with it.
+        for knob in ("arp_notify", "promote_secondaries"):
+            path = f"net/ipv4/conf/{spec.ifname}/{knob}"
+            if ns.read_sysctl(path) != "1":
+                ns.write_sysctl(path, "1")
+                changed = True
         if spec.tx_checksum is not None \
                 and ns.tx_checksum(spec.ifname, spec.tx_checksum) != spec.tx_checksum:
             changed = True
@@ -663,26 +666,40 @@ class NetlinkAdapter:
 
     @staticmethod
     def _ensure_addresses(ipr: Any, index: int, wanted: tuple[IpInterface, ...]) -> bool:
-        have = _addresses(ipr, index)
         want = frozenset(wanted)
-        # Delete before adding: with promote_secondaries off, deleting a subnet's primary
-        # address also deletes its secondaries, which a new address added first would be.
-        for extra in have - want:
-            ipr.addr("del", index=index, address=str(extra.ip), prefixlen=extra.network.prefixlen)
-        for missing in want - have:
-            kw: dict[str, Any] = {}
-            if missing.version == 6:
-                kw["flags"] = _IFA_F_NODAD  # usable at once; we own the address plan
-            else:
-                kw["broadcast"] = True
-            ipr.addr(
-                "add",
-                index=index,
-                address=str(missing.ip),
-                prefixlen=missing.network.prefixlen,
-                **kw,
-            )
-        return have != want
+        changed = False
+        # Someone may change the addresses while we do (and the kernel's side effects of
+        # our own requests come back under our port id, which the netns watcher ignores):
+        # read back after changing, and go again until they hold (a few rounds at most).
+        for _ in range(4):
+            have = _addresses(ipr, index)
+            if have == want:
+                return changed
+            changed = True
+            # Delete before adding: deleting a subnet's primary address deletes its
+            # secondaries too where promote_secondaries is off (it is set on, see
+            # _ensure_sysctls, but not every namespace lets it be).
+            for extra in have - want:
+                with contextlib.suppress(_PyrNetlinkError):  # may be gone already
+                    ipr.addr("del", index=index, address=str(extra.ip),
+                             prefixlen=extra.network.prefixlen)
+            for missing in want - _addresses(ipr, index):
+                kw: dict[str, Any] = {}
+                if missing.version == 6:
+                    kw["flags"] = _IFA_F_NODAD  # usable at once; we own the address plan
+                else:
+                    kw["broadcast"] = True
+                with contextlib.suppress(_PyrNetlinkError):  # read back above; next round
+                    ipr.addr(
+                        "add",
+                        index=index,
+                        address=str(missing.ip),
+                        prefixlen=missing.network.prefixlen,
+                        **kw,
+                    )
+        if _addresses(ipr, index) != want:
+            raise NetlinkError("addresses keep changing under us; will retry")
+        return changed
 
     @staticmethod
     def _ensure_routes(ipr: Any, index: int, wanted: frozenset[Route]) -> bool:

@@ -145,6 +145,28 @@ def test_drift_is_repaired(
     assert_matches(nl, ns, spec)
 
 
+def test_our_address_survives_when_a_foreign_primary_is_removed(
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str]
+) -> None:
+    """Someone adds an address of the same subnet just before ours is put back: theirs is
+    the primary, ours a secondary. Removing theirs must not take ours with it (the
+    kernel's deletion would come back under our own port id, unseen by the watcher)."""
+    ns, spec = attach_full(nl, netns_factory, octet, cleanup_links)
+    ours, theirs = f"10.77.{octet}.10/24", f"10.77.{octet}.55/24"
+    assert nsexec(ns.pid, "sysctl", "-n", "net.ipv4.conf.eth1.promote_secondaries"
+                  ).stdout.strip() == "1"
+    # With promotion switched off again, the read-back must still catch the loss.
+    for promote in ("1", "0"):
+        nsexec(ns.pid, "sysctl", "-w", f"net.ipv4.conf.eth1.promote_secondaries={promote}")
+        nsexec(ns.pid, "ip", "-4", "addr", "flush", "dev", "eth1")
+        nsexec(ns.pid, "ip", "addr", "add", theirs, "dev", "eth1")
+        nsexec(ns.pid, "ip", "addr", "add", ours, "dev", "eth1")  # a secondary now
+        assert "secondary" in nsexec(ns.pid, "ip", "addr", "show", "dev", "eth1").stdout
+        assert Change.ADDRESSES in nl.ensure_interface(ns, spec)
+        assert nl.observe(ns, spec.container_id, "eth1").addresses == set(spec.addresses)
+        assert ip_if(ours) in spec.addresses
+
+
 def test_spec_change_flushes_old_addresses_and_routes(
     nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str]
 ) -> None:
