@@ -175,13 +175,26 @@ class Daemon:
             # behind them, and competed with them for the GIL; found by bench/proxy.py).
             # The periodic resync still looks at every one.
             keys = [k for k in keys if k != SWEEP and not k.startswith("container:")]
+        else:
+            self._preallocate()
         for key in keys:
             self.controller.queue.add(key)
+
+    def _preallocate(self) -> None:
+        """Many containers may need addresses at once (a spec put for 200 replicas):
+        allocate them in a few transactions before their keys are reconciled."""
+        with self._lock:
+            running = list(self.known.containers.values())
+        n = self.netctl.preallocate(running)
+        if n:
+            log.debug("allocated %d address(es) in a batch", n)
 
     def _on_docker_list(self, containers: list[ContainerInfo]) -> None:
         with self._lock:
             self.known.containers = {c.id: c for c in containers if c.running}
         self._listed.set()
+        if self.snapshot is not None:
+            self._preallocate()
         for c in containers:
             self.controller.queue.add(f"container:{c.id}")
         self.controller.queue.add(SWEEP)

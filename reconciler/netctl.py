@@ -23,6 +23,7 @@ from typing import Any
 
 from reconciler.adapters import netlink
 from reconciler.adapters.docker_engine import ContainerInfo
+from reconciler.adapters.ovs import NewPort
 from reconciler.errors import AdapterError, NetlinkError, ReconcilerError
 from reconciler.ipam import DEFAULT_RECLAIM_GRACE, Allocation, Ipam
 from reconciler.model import ContainerSpec, DesiredState, InterfaceSpec, IPAddress, Network
@@ -66,17 +67,18 @@ class AttachResult:
 
 @dataclass(frozen=True)
 class PendingPort:
-    """An OVS port to commit with the next batch."""
+    """An OVS port to commit with the next batch, and whom to announce after."""
 
-    bridge: str
-    name: str
-    vlan: int | None
-    ids: dict[str, str] = field(hash=False)
-    ifindex: int | None
+    port: NewPort
     container: str
     ifname: str
     pid: int
     announce: bool
+    addresses: tuple[netlink.IpInterface, ...] = field(default=(), hash=False)
+
+
+_ANNOUNCE_AFTER = frozenset({netlink.Change.CREATED, netlink.Change.RECREATED,
+                             netlink.Change.ADDRESSES, netlink.Change.MAC})
 
 
 class AddressConflict(ReconcilerError):
@@ -319,7 +321,9 @@ class NetworkController:
             # veth leaves to "hardware": TCP from the container would be dropped (ping
             # works, TCP does not). So the container computes them itself there.
             tx_checksum=False if net.driver == "ovs" and self.ovs.datapath == "netdev"
-            else None)
+            else None,
+            # Announced below, once the host end is on its switch: before that nobody hears.
+            announce=False)
         res.addresses[itf.name] = str(addr)
         if self.dry_run:
             obs = self.nl.observe(ns, info.id, itf.name)
@@ -337,35 +341,38 @@ class NetworkController:
             return
         changed = self.nl.ensure_interface(ns, spec)
         res.changes += [f"{itf.name} {c}" for c in changed]
+        # Neighbours (the host's gateway too) must learn a new address or MAC: announce
+        # (a gratuitous ARP) once the port is on the switch.
+        readdressed = any(c in _ANNOUNCE_AFTER for c in changed)
         if net.driver == "ovs":
             # The ifindex lets ensure_port notice a veth recreated under the same name:
             # the userspace datapath keeps reading the dead device until the port is
             # re-added (seen with datapath_type=netdev).
             ifindex = self.nl.link_index(spec.host_veth)
-            port = PendingPort(net.bridge, spec.host_veth, net.vlan, self._ids(
-                container=info.id, interface=itf.name, network=net.name), ifindex,
-                info.id, itf.name, info.pid, bool(changed))
-            if self.ovs.port_differs(port.bridge, port.name, port.vlan, port.ids, ifindex):
+            new = NewPort(net.bridge, spec.host_veth, net.vlan, self._ids(
+                container=info.id, interface=itf.name, network=net.name), ifindex)
+            if self.ovs.port_differs(new.bridge, new.name, new.vlan, new.external_ids, ifindex):
                 # Queued, and committed with every other port queued meanwhile in ONE
                 # OVSDB transaction (flush_ports): vswitchd reconfigures the bridge once
                 # per transaction, at a cost that grows with its port count, so one port
                 # per transaction made attaching N containers O(N^2) (bench/attach.py).
                 with self._lock:
-                    self._pending_ports[port.name] = port
+                    self._pending_ports[new.name] = PendingPort(
+                        new, info.id, itf.name, info.pid, bool(changed), spec.addresses)
                 if self.on_ports_pending is not None:
                     self.on_ports_pending()
                 else:
                     self.flush_ports()
                 res.changes.append(f"{itf.name} port")
-            return
+                return
+            attached = False
         else:
             attached = self.nl.enslave(spec.host_veth, net.bridge)
             if attached:
                 res.changes.append(f"{itf.name} bridge")
-        if attached and changed:
-            # Neighbours (the host's gateway too) learn the MAC only once the port is on
-            # the switch: announce again after (re)attaching.
-            self.nl.announce(ns, itf.name)
+        if (attached and changed) or readdressed:
+            self.nl.announce(ns, itf.name, spec.mac, spec.addresses)
+            res.changes.append(f"{itf.name} garp")
 
     def flush_ports(self) -> list[str]:
         """Commit every queued OVS port in one transaction; announce the containers whose
@@ -374,9 +381,18 @@ class NetworkController:
             pending = dict(self._pending_ports)
         if not pending:
             return []
+        # New ports (the common case: containers scaled out) go in one transaction sent
+        # straight to ovsdb-server; anything else (a port to fix, a race) goes through
+        # the replica, which compares and repairs.
+        fresh = [p.port for p in pending.values() if not self.ovs.port_exists(p.port.name)]
+        if not (fresh and self.ovs.add_ports(fresh)):
+            fresh = []
         with self.ovs.transaction():
             for p in pending.values():
-                self.ovs.ensure_port(p.bridge, p.name, p.vlan, p.ids, ifindex=p.ifindex)
+                if p.port not in fresh:
+                    n = p.port
+                    self.ovs.ensure_port(n.bridge, n.name, n.vlan, n.external_ids,
+                                         ifindex=n.ifindex)
         with self._lock:
             for name, p in pending.items():
                 if self._pending_ports.get(name) is p:
@@ -388,10 +404,10 @@ class NetworkController:
             # the switch: announce again now. The container may be gone meanwhile.
             try:
                 with netlink.ContainerNetns.open(p.pid, container_id=p.container) as ns:
-                    self.nl.announce(ns, p.ifname)
+                    self.nl.announce(ns, p.ifname, addresses=p.addresses or None)
             except NetlinkError as e:
                 log.debug("announce %s %s: %s", p.container[:12], p.ifname, e)
-        return [p.name for p in pending.values()]
+        return [p.port.name for p in pending.values()]
 
     def _reassert(self, running: list[ContainerInfo],
                   held: dict[tuple[str, str, str], IPAddress]) -> list[str]:
@@ -442,6 +458,38 @@ class NetworkController:
             ip = self.ipam.allocate(net, cid, ifname, reserved, known=self.ipam_view)
             self._addr_cache[ck] = ip
         return ip
+
+    def preallocate(self, containers: Iterable[ContainerInfo]) -> int:
+        """Allocate the `auto` addresses of many containers in a few Consul transactions
+        (up to 64 addresses each), before their reconciles run: with 200 replicas
+        scaled out at once, one create round trip each was the largest cost of attaching
+        (bench/attach.py). Best effort: whatever it leaves (a lost race, an error) is
+        allocated one by one by the reconcile. Returns how many it allocated."""
+        view = self.ipam_view
+        if self.dry_run or view is None:
+            return 0
+        state = self.state
+        wants: list[tuple[Network, str, str]] = []
+        for info in containers:
+            if not info.running:
+                continue
+            for itf in self.wanted(info):
+                net = state.networks.get(itf.network)
+                if itf.address is not None or net is None or net.pool is None \
+                        or (info.id, net.name, itf.name) in self._addr_cache:
+                    continue
+                wants.append((net, info.id, itf.name))
+        if len(wants) < 2:
+            return 0  # one alone: the reconcile's own allocation costs the same
+        reserved = [i.address.ip for s in state.containers.values() for i in s.interfaces
+                    if i.address is not None]
+        try:
+            got = self.ipam.allocate_many(wants, reserved, view)
+        except (AdapterError, ReconcilerError) as e:
+            log.warning("batch address allocation failed (one by one instead): %s", e)
+            return 0
+        self._addr_cache.update(got)
+        return len(got)
 
     def _forget(self, cid: str) -> None:
         for ck in [k for k in self._addr_cache if k[0] == cid]:

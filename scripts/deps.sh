@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
-PKGS=(docker.io openvswitch-switch haproxy busybox-static iptables wrk docker-compose
-      curl iproute2 hey python3-venv procps make util-linux)
+PKGS=(docker.io openvswitch-switch python3-openvswitch haproxy busybox-static iptables wrk
+      docker-compose curl iproute2 hey python3-venv procps make util-linux)
 
 need=()
 for p in "${PKGS[@]}" consul; do
@@ -75,5 +75,25 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/pip install -q --upgrade pip >/dev/null
   .venv/bin/pip install -q -e '.[dev]'
   touch "$stamp"
+fi
+
+# The OVSDB client (PyPI's `ovs`, under ovsdbapp) parses JSON in pure Python unless its C
+# parser `ovs._json` was built, which needs libopenvswitch headers Debian does not ship:
+# every update ovs-vswitchd sends was lexed character by character (most of the daemon's
+# CPU when 200 ports were added; bench/attach.py). Debian's python3-openvswitch has that
+# module built for the system Python; link it in when the ABI tag matches ours.
+if ! .venv/bin/python -c 'import ovs._json' 2>/dev/null; then
+  suffix=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+  site=$(.venv/bin/python -c 'import os, ovs; print(os.path.dirname(ovs.__file__))')
+  so=/usr/lib/python3/dist-packages/ovs/_json$suffix
+  if [ -f "$so" ]; then
+    ln -sf "$so" "$site/_json$suffix"
+  fi
+  if .venv/bin/python -c 'import ovs._json' 2>/dev/null; then
+    echo "deps: ovs JSON parser: C (from python3-openvswitch)"
+  else
+    rm -f "$site/_json$suffix"
+    echo "deps: ovs JSON parser: pure Python (no C parser for $suffix; slower OVSDB updates)"
+  fi
 fi
 echo "deps: ok"

@@ -512,6 +512,18 @@ class ConsulKV:
             ok = self._client.kv.delete(key, recurse=recurse or None, cas=cas)
         return ok is True
 
+    def create_many(self, entries: Sequence[tuple[str, bytes]]) -> bool:
+        """Create every key of `entries` ((key, value), at most `MAX_TXN_OPS`) in one
+        transaction, each only if absent: all of them, or — when any exists — none
+        (False). Other failures raise as `txn` does."""
+        if len(entries) > MAX_TXN_OPS:
+            raise ValueError(f"create_many takes at most {MAX_TXN_OPS} keys")
+        try:
+            self.txn([TxnOp.cas(key, value, 0) for key, value in entries])
+        except CasConflict:
+            return False
+        return True
+
     def txn(self, ops: Sequence[TxnOp]) -> None:
         """Apply `ops` with Consul transactions, in order, chunked to `MAX_TXN_OPS` (64)
         operations and `MAX_TXN_BYTES` of request body.

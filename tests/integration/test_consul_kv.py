@@ -204,6 +204,21 @@ def test_txn_chunks_by_size_too(kv: ConsulKV, prefix: str) -> None:
     assert all(item.value == big for item in snap.items.values())
 
 
+def test_create_many_is_all_or_nothing(kv: ConsulKV, prefix: str) -> None:
+    first = [(f"{prefix}ipam/a/{i}", f"v{i}".encode()) for i in range(64)]
+    assert kv.create_many(first) is True
+    snap = kv.read_prefix(f"{prefix}ipam/a/", consistent=True)
+    assert {k: v.value for k, v in snap.items.items()} == dict(first)
+    # One key of the next batch exists: none of the others is created, nothing changes.
+    second = [(f"{prefix}ipam/b/{i}", b"new") for i in range(10)] + [(first[3][0], b"x")]
+    assert kv.create_many(second) is False
+    assert kv.read_prefix(f"{prefix}ipam/b/", consistent=True).items == {}
+    item = kv.get(first[3][0], consistent=True)
+    assert item is not None and item.value == b"v3"
+    with pytest.raises(ValueError, match="at most 64"):
+        kv.create_many([(f"{prefix}ipam/c/{i}", b"") for i in range(65)])
+
+
 def test_put_cas_success_and_conflict(kv: ConsulKV, prefix: str) -> None:
     key = prefix + "cas"
     assert kv.put(key, b"first", cas=0) is True

@@ -99,6 +99,12 @@ def test_attach_observe_idempotent_detach(
     assert f"default via 10.77.{octet}.1 dev eth1" in routes
     assert f"10.77.99.0/24 via 10.77.{octet}.2 dev eth1" in routes
     assert spec.host_veth in nl.list_owned_host_veths()
+    # The host end is a switch port, up, with no IPv6 address (no addrconf work for it).
+    host = subprocess.run(["ip", "-o", "addr", "show", "dev", spec.host_veth],
+                          capture_output=True, text=True, check=True).stdout
+    assert "inet" not in host, host
+    assert "addrgenmode none" in subprocess.run(
+        ["ip", "-d", "link", "show", spec.host_veth], capture_output=True, text=True).stdout
 
     assert nl.ensure_interface(ns, spec) == ()
 

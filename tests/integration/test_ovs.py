@@ -22,6 +22,7 @@ from reconciler.adapters.ovs import (
     NODE_KEY,
     OWNER,
     OWNER_KEY,
+    NewPort,
     OvsAdapter,
     PortEvent,
     detect_datapath,
@@ -197,6 +198,34 @@ def test_batched_ports(ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) ->
         for p in ports:
             ovs.delete_port(p)
     assert not [p for p in ovs.list_owned_ports() if p.bridge == bridge]
+
+
+def test_add_ports_in_one_transaction_like_ensure_port(
+        ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
+    ports = [veth() for _ in range(30)]
+    ids = {NODE_KEY: "n1", "reconciler-container": "c"}
+    new = [NewPort(bridge, p, 300 + i if i else None, ids, ifindex=1000 + i)
+           for i, p in enumerate(ports)]
+    assert ovs.add_ports(new) is True
+    # Applied by vswitchd when it returns: every port is open (ofport) and in the replica.
+    owned = {p.name: p for p in ovs.list_owned_ports(node="n1") if p.bridge == bridge}
+    assert set(owned) == set(ports)
+    assert owned[ports[0]].tag is None and owned[ports[5]].tag == 305
+    assert all((o.ofport or 0) > 0 for o in owned.values()), owned
+    assert owned[ports[3]].external_ids[IFINDEX_KEY] == "1003"
+    assert vsctl_get("Interface", ports[3], "external_ids:reconciler-owner") == OWNER
+    assert vsctl_get("Port", ports[5], "tag") == "305"
+    # What ensure_port would write: nothing left to change.
+    with ovs.transaction():
+        assert not any(ovs.ensure_port(bridge, n.name, n.vlan, ids, ifindex=n.ifindex)
+                       for n in new)
+    # Not for existing ports, nor missing bridges: False, and nothing is written.
+    extra = veth()
+    assert ovs.add_ports([NewPort(bridge, extra, 5, ids), new[0]]) is False
+    assert ovs.add_ports([NewPort(f"rto{secrets.token_hex(4)}", extra, 5, ids)]) is False
+    assert ovs.get_port(extra) is None
+    with pytest.raises(OvsError, match="vlan 5000 out of range"):
+        ovs.add_ports([NewPort(bridge, extra, 5000, ids)])
 
 
 def test_failed_batch_raises_ovs_error(ovs: OvsAdapter, veth: Callable[[], str]) -> None:

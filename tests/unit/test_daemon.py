@@ -37,9 +37,14 @@ class FakeNetctl:
     ipam_view: Any = None
     on_ports_pending: Any = None
     reconciled: list[str] = field(default_factory=list)
+    preallocated: list[list[str]] = field(default_factory=list)
 
     def set_state(self, state: DesiredState) -> None:
         self.state = state
+
+    def preallocate(self, containers: Any) -> int:
+        self.preallocated.append(sorted(c.id for c in containers))
+        return 0
 
     def mark_dirty(self, cid: str) -> None:
         self.dirty.add(cid)
@@ -146,6 +151,23 @@ def test_services_only_change_skips_containers_and_sweep() -> None:
     d._on_snapshot(snap(6, **{"networks/n": NET, "services/web/config": SVC,
                               "services/web/active": b"green"}))
     assert set(drain(d)) == {PROXY, MEMBERS}
+
+
+def test_container_changes_preallocate_for_every_running_container_first() -> None:
+    d, nc = make()
+    d._on_docker_list([ContainerInfo("a", "ca", running=True, pid=1),
+                       ContainerInfo("b", "cb", running=True, pid=2),
+                       ContainerInfo("z", "cz", running=False)])
+    assert nc.preallocated == []  # nothing desired known yet
+    drain(d)
+    d._on_snapshot(snap(5, **{"networks/n": NET, "containers/c": SPEC}))
+    assert nc.preallocated == [["a", "b"]]  # before the keys were reconciled
+    drain(d)
+    d._on_snapshot(snap(6, **{"networks/n": NET, "containers/c": SPEC,
+                              "services/web/config": SVC}))
+    assert nc.preallocated == [["a", "b"]]  # services only: no container can differ
+    d._on_docker_list([ContainerInfo("a", "ca", running=True, pid=1)])
+    assert nc.preallocated == [["a", "b"], ["a"]]
 
 
 def test_members_wait_for_dockers_first_list() -> None:

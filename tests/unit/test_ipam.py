@@ -8,7 +8,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -46,6 +46,7 @@ class FakeKV:
         self._index = itertools.count(10)
         self.puts = 0
         self.steal: set[str] = set()  # keys "another host" creates just before our put
+        self.txns = 0
 
     def read_prefix(self, prefix: str, *, consistent: bool = False) -> FakeSnapshot:
         return FakeSnapshot({k: v for k, v in self.data.items() if k.startswith(prefix)})
@@ -71,6 +72,17 @@ class FakeKV:
 
     def raw_put(self, key: str, value: bytes) -> None:
         self.data[key] = FakeItem(key, value, next(self._index))
+
+    def create_many(self, entries: Sequence[tuple[str, bytes]]) -> bool:
+        self.txns += 1
+        for key in self.steal & {k for k, _ in entries}:
+            self.steal.discard(key)
+            self.raw_put(key, b'{"node":"thief","container":"c","interface":"i"}')
+        if any(k in self.data for k, _ in entries):
+            return False  # atomic: none of them
+        for key, value in entries:
+            self.raw_put(key, value)
+        return True
 
 
 def pool(start: str, end: str) -> AddressPool:
@@ -178,6 +190,53 @@ def test_allocate_is_stable_and_skips_gateway_and_reserved() -> None:
     doc = json.loads(kv.data[f"{P}ipam/vnet1/{a}"].value)
     assert (doc["node"], doc["container"], doc["interface"]) == ("node-a", "c1", "eth1")
     assert isinstance(doc["allocated_at"], int)
+
+
+def test_allocate_many_batches_distinct_addresses_that_allocate_then_keeps() -> None:
+    kv = FakeKV()
+    ipam = Ipam(kv, P, "node-a")
+    n = net(start="10.77.1.1", end="10.77.1.200", gateway="10.77.1.1")
+    kv.raw_put(f"{P}ipam/vnet1/10.77.1.7", alloc_value("node-b", "held", "eth1"))
+    wants = [(n, f"c{i}", "eth1") for i in range(150)] + [(n, "held", "eth1")]
+    got = ipam.allocate_many(wants, [ip("10.77.1.2")], kv.data)
+    assert kv.txns == 3 and kv.puts == 0  # 64 + 64 + 22 creates, no single puts
+    assert len(got) == 150 and ("held", "vnet1", "eth1") not in got
+    addrs = set(got.values())
+    assert len(addrs) == 150
+    assert not addrs & {ip("10.77.1.1"), ip("10.77.1.2"), ip("10.77.1.7")}
+    assert all(a in n.pool for a in addrs)  # type: ignore[operator]
+    for (c, _, i), a in list(got.items())[:5]:  # stable: `allocate` finds the same key
+        assert ipam.allocate(n, c, i, known=kv.data) == a
+        doc = json.loads(kv.data[f"{P}ipam/vnet1/{a}"].value)
+        assert (doc["node"], doc["container"], doc["interface"]) == ("node-a", c, i)
+    assert kv.puts == 0
+
+
+def test_allocate_many_leaves_a_lost_batch_to_allocate() -> None:
+    kv = FakeKV()
+    ipam = Ipam(kv, P, "node-a")
+    n = net(start="10.77.1.1", end="10.77.1.200", gateway=None)
+    wants = [(n, f"c{i}", "eth1") for i in range(100)]
+    # Which addresses the first batch will try (the order is seeded by node and network).
+    tried = sorted(Ipam(FakeKV(), P, "node-a").allocate_many(wants[:64], [], {}).values())
+    # Another host takes one of them just before our transaction: the batch is created
+    # whole or not at all, and the allocations left go one by one.
+    kv.steal = {f"{P}ipam/vnet1/{tried[0]}"}
+    got = ipam.allocate_many(wants, [], {})
+    assert got == {} and kv.txns == 1
+    assert not any("node-a" in v.value.decode() for v in kv.data.values())
+    singles = {ipam.allocate(n, c, i) for _, c, i in wants}
+    assert len(singles) == 100 and tried[0] not in singles
+
+
+def test_allocate_many_stops_at_a_full_pool() -> None:
+    kv = FakeKV()
+    ipam = Ipam(kv, P, "node-a")
+    n = net(start="10.77.1.1", end="10.77.1.4", gateway="10.77.1.1")
+    got = ipam.allocate_many([(n, f"c{i}", "eth1") for i in range(5)], [], {})
+    assert set(got.values()) == {ip("10.77.1.2"), ip("10.77.1.3"), ip("10.77.1.4")}
+    with pytest.raises(PoolExhausted):
+        ipam.allocate(n, "c4", "eth1", known=kv.data)
 
 
 def test_no_pool_is_exhausted() -> None:
