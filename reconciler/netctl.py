@@ -278,6 +278,12 @@ class NetworkController:
                     self._attach_one(ns, info, itf, net, reserved, res)
                 except (AdapterError, ReconcilerError) as e:
                     res.errors.append(f"{info.name} {itf.name}: {e}")
+            if watcher is not None:
+                # From now on the kernel's own reports of these links (MTU, MAC, up/down
+                # changed by anyone) are compared with this.
+                watcher.expect(info.id, {itf.name: netlink.LinkExpect(
+                    mtu=itf.mtu or state.networks[itf.network].mtu, mac=itf.mac)
+                    for itf in wanted})
         finally:
             ns.close()
 

@@ -45,7 +45,7 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +57,7 @@ from reconciler.adapters.rtnl import (
     Link,
     Rtnl,
     RtnlError,
+    parse_link,
     parse_link_events,
 )
 from reconciler.errors import NetlinkError
@@ -73,6 +74,7 @@ __all__ = [
     "IpInterface",
     "IpNetwork",
     "LinkEvent",
+    "LinkExpect",
     "LinkWatcher",
     "NetlinkAdapter",
     "NetnsWatcher",
@@ -924,6 +926,7 @@ class LinkWatcher:
         self.close()
 
 
+_RTM_DELLINK = 17
 # Link, IPv4/IPv6 address and route changes: what drift inside a container looks like.
 _NETNS_GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
 
@@ -951,17 +954,41 @@ class _RecentPorts:
 OWN_PORTIDS = _RecentPorts()
 
 
-def _foreign_change(data: bytes) -> bool:
-    """Whether a batch of rtnetlink notifications holds one caused by someone else: not
-    by our own sockets (our changes would echo back as work), and not by the kernel
-    itself (port id 0: carrier and link-local changes that follow our own actions)."""
+@dataclass(frozen=True)
+class LinkExpect:
+    """How a watched container link should look (None: any), see `NetnsWatcher.expect`."""
+
+    mtu: int | None = None
+    mac: str | None = None
+    up: bool = True
+
+    def differs(self, link: Link) -> bool:
+        return (self.mtu is not None and link.mtu != self.mtu) \
+            or (self.mac is not None and (link.mac or "").lower() != self.mac.lower()) \
+            or (self.up and not link.up)
+
+
+def _foreign_change(data: bytes, expected: Mapping[str, LinkExpect] | None = None) -> bool:
+    """Whether a batch of rtnetlink notifications holds one caused by someone else.
+
+    A notification carries the port id of the socket whose request caused it: ours are
+    ignored (they would echo back as work). Port id 0 is the kernel's own report of a
+    link change — an MTU, MAC or up/down change made by anyone, or carrier and link-local
+    changes that follow our own actions: it counts when it shows a link of `expected`
+    gone or different from what is expected of it."""
     off = 0
     while off + 16 <= len(data):
-        length, _, _, _, pid = struct.unpack_from("=IHHII", data, off)
+        length, kind, _, _, pid = struct.unpack_from("=IHHII", data, off)
         if length < 16:
             return True  # malformed: look rather than guess
-        if pid != 0 and pid not in OWN_PORTIDS:
-            return True
+        if pid != 0:
+            if pid not in OWN_PORTIDS:
+                return True
+        elif expected and kind in (RTM_NEWLINK, _RTM_DELLINK) and length >= 32:
+            link = parse_link(data, off + 16, off + length)
+            want = expected.get(link.name)
+            if want is not None and (kind == _RTM_DELLINK or want.differs(link)):
+                return True
         off += (length + 3) & ~3
     return False
 
@@ -982,8 +1009,14 @@ class NetnsWatcher:
     def __init__(self) -> None:
         self._socks: dict[str, socket.socket] = {}
         self._inodes: dict[str, int] = {}
+        self._keys: dict[int, str] = {}  # fd -> key
+        self._expect: dict[str, dict[str, LinkExpect]] = {}
         self._lock = threading.Lock()
-        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # epoll, kept across waits: sockets come and go while the watcher waits, and
+        # rebuilding a poll set of every namespace at each wake-up cost more than the
+        # events themselves with 200 containers (bench/attach.py). (Not select(2)
+        # either: it cannot take descriptors >= 1024.)
+        self._ep = select.epoll()
 
     def add(self, key: str, ns: ContainerNetns) -> None:
         """Watch `ns` under `key`; a no-op if it is watched already, and a replacement if
@@ -991,25 +1024,42 @@ class NetnsWatcher:
         with self._lock:
             if key in self._socks and self._inodes.get(key) == ns.inode:
                 return
-            old = self._socks.pop(key, None)
             with _translate(f"netns watch of pid {ns.pid}"), _inside(ns.fd):
                 sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 18)
             sock.bind((0, _NETNS_GROUPS))
             sock.setblocking(False)
+            old = self._drop(key)
             self._socks[key] = sock
             self._inodes[key] = ns.inode
+            self._keys[sock.fileno()] = key
+            self._ep.register(sock.fileno(), select.EPOLLIN)
         if old is not None:
             old.close()
-        os.write(self._wake_w, b"x")
+
+    def expect(self, key: str, links: Mapping[str, LinkExpect]) -> None:
+        """What `key`'s links should look like now that they were reconciled: the kernel's
+        own link reports (MTU, MAC, up/down changes by anyone) then count as changes when
+        they differ from it."""
+        with self._lock:
+            if key in self._socks:
+                self._expect[key] = dict(links)
+
+    def _drop(self, key: str) -> socket.socket | None:
+        sock = self._socks.pop(key, None)
+        self._inodes.pop(key, None)
+        self._expect.pop(key, None)
+        if sock is not None:
+            self._keys.pop(sock.fileno(), None)
+            with contextlib.suppress(OSError):
+                self._ep.unregister(sock.fileno())
+        return sock
 
     def remove(self, key: str) -> None:
         with self._lock:
-            sock = self._socks.pop(key, None)
-            self._inodes.pop(key, None)
+            sock = self._drop(key)
         if sock is not None:
             sock.close()
-            os.write(self._wake_w, b"x")
 
     def keys(self) -> set[str]:
         with self._lock:
@@ -1024,32 +1074,21 @@ class NetnsWatcher:
                 stop.wait(0.5)
 
     def _poll_once(self, callback: Callable[[str], None]) -> None:
-        # poll(2), not select(2): select cannot take descriptors >= 1024 (a host with
-        # about a thousand containers).
-        with self._lock:
-            by_fd = {s.fileno(): k for k, s in self._socks.items()}
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        for fd in by_fd:
-            poller.register(fd, select.POLLIN)
         try:
-            ready = [fd for fd, _ in poller.poll(500)]
+            ready = self._ep.poll(0.5)
         except OSError:
-            return  # a socket closed under us; take the new set
-        for fd in ready:
-            if fd == self._wake_r:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self._wake_r, 4096)
-                continue
-            key = by_fd[fd]
+            return
+        for fd, _ in ready:
             with self._lock:
-                sock = self._socks.get(key)
-            if sock is None:
-                continue
+                key = self._keys.get(fd)
+                sock = self._socks.get(key) if key is not None else None
+                expected = self._expect.get(key) if key is not None else None
+            if key is None or sock is None:
+                continue  # removed meanwhile
             foreign = False
             try:
                 while data := sock.recv(1 << 16):
-                    foreign = foreign or _foreign_change(data)
+                    foreign = foreign or _foreign_change(data, expected)
             except BlockingIOError:
                 pass
             except OSError:
@@ -1060,10 +1099,11 @@ class NetnsWatcher:
     def close(self) -> None:
         with self._lock:
             socks, self._socks = list(self._socks.values()), {}
+            self._keys.clear()
+            self._inodes.clear()
         for sock in socks:
             sock.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._ep.close()
 
 
 def watch_links(callback: Callable[[LinkEvent], None], stop: threading.Event) -> None:

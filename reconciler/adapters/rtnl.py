@@ -35,6 +35,7 @@ __all__ = [
     "RouteEntry",
     "Rtnl",
     "RtnlError",
+    "parse_link",
     "parse_link_events",
 ]
 
@@ -240,6 +241,12 @@ def _parse_route(data: bytes, off: int, end: int) -> RouteEntry:
         elif t == _RTA_TABLE:
             table = struct.unpack("=I", v[:4])[0]
     return RouteEntry(family, dst, dst_len, table, oif, gw)
+
+
+def parse_link(data: bytes, off: int, end: int) -> Link:
+    """The link of an RTM_NEWLINK/RTM_DELLINK message whose body (after the netlink
+    header) is data[off:end]."""
+    return _parse_link(data, off, end)
 
 
 def parse_link_events(data: bytes) -> list[tuple[int, int, str]]:

@@ -419,11 +419,20 @@ def test_drift_deleted_veth_and_changed_address_are_repaired(
     wait_for(lambda: netns_addrs(pid, "eth1") == [addr], timeout=10, interval=0.05,
              message="address restored")
     addr_s = time.monotonic() - t1
-    print(f"drift repaired: deleted veth in {veth_s:.2f}s, changed address in {addr_s:.2f}s")
-    # Both are watched (host link deletions, and netlink inside the container's netns):
+
+    # 3) the interface is set down inside (reported by the kernel itself, port id 0).
+    run(["nsenter", "-t", str(pid), "-n", "ip", "link", "set", "eth1", "down"])
+    t2 = time.monotonic()
+    wait_for(lambda: netns_up_with(pid, "eth1", addr), timeout=10, interval=0.05,
+             message="eth1 up again")
+    down_s = time.monotonic() - t2
+    print(f"drift repaired: deleted veth in {veth_s:.2f}s, changed address in {addr_s:.2f}s, "
+          f"link down in {down_s:.2f}s")
+    # All are watched (host link deletions, and netlink inside the container's netns):
     # repaired within the 2 s, not at the (deep) resync.
     assert veth_s < 2.0, veth_s
     assert addr_s < 2.0, addr_s
+    assert down_s < 2.0, down_s
 
 
 # --------------------------------------------------------------------------- 8. orphan sweep

@@ -25,6 +25,8 @@ from reconciler.adapters.netlink import (
     LinkEvent,
     LinkWatcher,
     NetlinkAdapter,
+    LinkExpect,
+    NetnsWatcher,
     Route,
     host_veth_name,
     process_start_time,
@@ -365,3 +367,60 @@ def test_attach_cost(
     print(f"netlink attach: {per_attach:.1f} ms each; idempotent re-check {per_check:.1f} ms")
     assert per_attach < 100
     assert host_veth_name(specs[0].container_id, "eth1") in nl.list_owned_host_veths()
+
+
+def test_netns_watcher_reports_foreign_changes_only(
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str]
+) -> None:
+    ns, spec = attach_full(nl, netns_factory, octet, cleanup_links)
+    other = netns_factory()
+    seen: list[str] = []
+    got = threading.Event()
+
+    def on_change(key: str) -> None:
+        seen.append(key)
+        got.set()
+
+    watcher = NetnsWatcher()
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(on_change, stop), daemon=True)
+    thread.start()
+    try:
+        watcher.add("c1", ns)
+        watcher.add("c1", ns)  # the same namespace again: no second socket
+        watcher.add("c2", other)
+        assert watcher.keys() == {"c1", "c2"}
+        # Someone else changes c1's address: reported, under c1 only.
+        nsexec(ns.pid, "ip", "addr", "add", f"10.77.{octet}.77/24", "dev", "eth1")
+        wait_for(got.is_set, timeout=5, interval=0.01, message="foreign change reported")
+        assert set(seen) == {"c1"}
+        # Our own repair (this process's sockets) is not reported back as work.
+        seen.clear()
+        got.clear()
+        assert Change.ADDRESSES in nl.ensure_interface(ns, spec)
+        nsexec(other.pid, "ip", "addr", "add", "127.0.0.2/8", "dev", "lo")  # a marker
+        wait_for(got.is_set, timeout=5, interval=0.01, message="marker reported")
+        assert seen == ["c2"]
+        # MTU and up/down changes are reported by the kernel itself (port id 0): they
+        # count once the watcher knows what the link should look like.
+        watcher.expect("c1", {"eth1": LinkExpect(mtu=1400, mac=spec.mac)})
+        for change in (["mtu", "1300"], ["down"]):
+            seen.clear()
+            got.clear()
+            nsexec(ns.pid, "ip", "link", "set", "eth1", *change)
+            wait_for(got.is_set, timeout=5, interval=0.01, message=f"{change} reported")
+            assert set(seen) == {"c1"}
+            nl.ensure_interface(ns, spec)
+        # Removed: changes there are no longer reported.
+        watcher.remove("c2")
+        got.clear()
+        seen.clear()
+        nsexec(other.pid, "ip", "addr", "del", "127.0.0.2/8", "dev", "lo")
+        nsexec(ns.pid, "ip", "link", "set", "eth1", "address", "02:00:00:00:ee:01")
+        wait_for(got.is_set, timeout=5, interval=0.01, message="c1 still watched")
+        assert set(seen) == {"c1"}
+        assert watcher.keys() == {"c1"}
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        watcher.close()
