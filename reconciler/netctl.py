@@ -7,8 +7,10 @@ time, so a missed event is repaired by the next one or by the periodic resync.
 
 Ownership: every OVS port the daemon creates carries external_ids (owner, node, container,
 container interface, network) written in the transaction that creates it; host veths are
-named `rv<hash>` (netlink.host_veth_name); Linux bridges carry ifalias `reconciler:<net>`;
-gateway ports are `rg<hash>`. Nothing without those marks is ever touched.
+named `rv<hash>` (netlink.host_veth_name); OVS bridges carry external_ids (owner, node,
+network) and Linux bridges ifalias `reconciler:<net>@<node>`; gateway ports are `rg<hash>`.
+Nothing without those marks is ever touched; a bridge is deleted only by the daemon of the
+node that made it, once no network names it and nothing is plugged into it.
 """
 
 from __future__ import annotations
@@ -148,7 +150,7 @@ class NetworkController:
         if net.gateway is not None:
             gw_cidr = ipaddress.ip_interface(f"{net.gateway}/{net.subnet.prefixlen}")
         if net.driver == "ovs":
-            if self.ovs.ensure_bridge(net.bridge):
+            if self.ovs.ensure_bridge(net.bridge, external_ids=self._ids(network=net.name)):
                 changes.append(f"bridge {net.bridge} created")
             if gw_cidr is not None:
                 port = gateway_port_name(net.name)
@@ -159,7 +161,7 @@ class NetworkController:
                 changes += [f"gateway {c}" for c in self.nl.ensure_host_address(port, gw_cidr)]
         else:
             changes += [f"bridge {c}" for c in self.nl.ensure_linux_bridge(
-                net.bridge, net.name, net.mtu)]
+                net.bridge, net.name, net.mtu, node=self.node)]
             if gw_cidr is not None:
                 changes += [f"gateway {c}" for c in self.nl.ensure_host_address(
                     net.bridge, gw_cidr)]
@@ -430,6 +432,24 @@ class NetworkController:
                 log.debug("announce %s %s: %s", p.container[:12], p.ifname, e)
         return [p.port.name for p in pending.values()] + sorted(deletes)
 
+    def _sweep_bridges(self, state: DesiredState) -> list[str]:
+        """Bridges this node's daemon created for networks that no longer exist, once
+        nothing is plugged into them (ours were just swept; anyone else's keeps the
+        bridge). A bridge another network still names is kept, whoever made it."""
+        used = {n.bridge for n in state.networks.values()}
+        done: list[str] = []
+        for br in self.ovs.list_owned_bridges(node=self.node):
+            if br not in used and not self.ovs.bridge_port_names(br):
+                done.append(f"bridge {br}")
+                if not self.dry_run:
+                    self.ovs.delete_bridge(br)
+        for br in self.nl.list_owned_bridges(node=self.node):
+            if br not in used and not self.nl.bridge_has_ports(br):
+                done.append(f"bridge {br}")
+                if not self.dry_run:
+                    self.nl.delete_linux_bridge(br)
+        return done
+
     def _reassert(self, running: list[ContainerInfo],
                   held: dict[tuple[str, str, str], IPAddress]) -> list[str]:
         """Addresses configured on running containers whose allocation key is gone
@@ -591,6 +611,7 @@ class NetworkController:
                 done.append(f"veth {v}")
                 if not self.dry_run:
                     self.nl.delete_host_veth(v)
+        done += self._sweep_bridges(state)
         if not self.dry_run:
             for a in self.ipam.reclaim_dead_nodes(self.reclaim_grace):
                 done.append(f"reclaimed {a.network}/{a.address} of node {a.node}")

@@ -771,9 +771,10 @@ class NetlinkAdapter:
     # ---------------------------------------------------------------- Linux bridges
 
     def ensure_linux_bridge(
-        self, name: str, network: str, mtu: int | None = None
+        self, name: str, network: str, mtu: int | None = None, node: str | None = None
     ) -> tuple[Change, ...]:
-        """Create bridge `name` (owned by `network`) if missing; set MTU; bring it up.
+        """Create bridge `name` (owned by `network`, made by `node`'s daemon) if missing;
+        set MTU; bring it up. Its ifalias records both: ``reconciler:<network>@<node>``.
 
         A pre-existing bridge that is not ours is used as it is and never re-labelled.
         """
@@ -788,7 +789,8 @@ class NetlinkAdapter:
                     raise NetlinkError(f"bridge {name} vanished after creation")
                 # Pin the MAC: otherwise the bridge takes the lowest port MAC and changes it
                 # as ports come and go, breaking neighbours' ARP entries for the gateway.
-                ipr.set_link(link.index, mac=link.mac, alias=OWNER_ALIAS_PREFIX + network)
+                alias = OWNER_ALIAS_PREFIX + network + (f"@{node}" if node else "")
+                ipr.set_link(link.index, mac=link.mac, alias=alias)
                 changes.append(Change.CREATED)
             elif link.kind != "bridge":
                 raise NetlinkError(f"{name} exists and is not a bridge ({link.kind})")
@@ -804,20 +806,26 @@ class NetlinkAdapter:
         """The network that owns Linux bridge `name`, or None if absent / not ours."""
         with self._lock, _translate(f"get link {name}"):
             link = self._host().get_link(name)
-        if link is None:
-            return None
-        alias = link.alias or ""
-        return alias[len(OWNER_ALIAS_PREFIX) :] if alias.startswith(OWNER_ALIAS_PREFIX) else None
+        owner = _bridge_alias(link.alias) if link is not None else None
+        return owner[0] if owner is not None else None
 
-    def list_owned_bridges(self) -> dict[str, str]:
-        """{bridge name: network} for every Linux bridge reconciler created."""
+    def list_owned_bridges(self, node: str | None = None) -> dict[str, str]:
+        """{bridge name: network} for every Linux bridge reconciler created (with `node`:
+        that node's daemon created)."""
         with self._lock, _translate("list bridges"):
             out = {}
             for link in self._host().links():
-                alias = link.alias or ""
-                if link.kind == "bridge" and alias.startswith(OWNER_ALIAS_PREFIX):
-                    out[link.name] = alias[len(OWNER_ALIAS_PREFIX) :]
+                owner = _bridge_alias(link.alias) if link.kind == "bridge" else None
+                if owner is not None and (node is None or owner[1] == node):
+                    out[link.name] = owner[0]
             return out
+
+    def bridge_has_ports(self, name: str) -> bool:
+        """Whether any link has Linux bridge `name` as its master."""
+        with self._lock, _translate(f"list ports of {name}"):
+            ipr = self._host()
+            br = ipr.get_link(name)
+            return br is not None and any(lk.master == br.index for lk in ipr.links())
 
     def delete_linux_bridge(self, name: str) -> bool:
         """Delete bridge `name` if reconciler created it; False if absent or not ours."""
@@ -863,6 +871,15 @@ class NetlinkAdapter:
                 return False
             ipr.del_addr(link.index, str(cidr.ip), cidr.network.prefixlen)
             return True
+
+
+def _bridge_alias(alias: str | None) -> tuple[str, str | None] | None:
+    """(network, node) from an owned bridge's ifalias (node None: made before it was
+    recorded); None when the bridge is not ours."""
+    if not alias or not alias.startswith(OWNER_ALIAS_PREFIX):
+        return None
+    network, _, node = alias[len(OWNER_ALIAS_PREFIX):].partition("@")
+    return network, node or None
 
 
 def _family(addr: IpAddress) -> int:

@@ -518,13 +518,22 @@ class OvsAdapter:
             br = _find(api, "Bridge", name)
             return None if br is None else str(br.datapath_type)
 
-    def list_owned_bridges(self) -> list[str]:
+    def list_owned_bridges(self, node: str | None = None) -> list[str]:
+        """Bridges reconciler created (with `node`: that node's daemon created)."""
         with self._read("list bridges") as api:
             return sorted(
                 str(br.name)
                 for br in api.tables["Bridge"].rows.values()
                 if dict(br.external_ids).get(OWNER_KEY) == OWNER
+                and (node is None or dict(br.external_ids).get(NODE_KEY) == node)
             )
+
+    def bridge_port_names(self, name: str) -> list[str]:
+        """The ports of bridge `name`, but its own local port; [] if it does not exist."""
+        with self._read(f"list ports of {name}") as api:
+            br = _find(api, "Bridge", name)
+            return [] if br is None else sorted(
+                str(p.name) for p in br.ports if str(p.name) != name)
 
     # ---------------------------------------------------------------- ports
 

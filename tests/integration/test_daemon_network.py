@@ -435,6 +435,55 @@ def test_drift_deleted_veth_and_changed_address_are_repaired(
     assert down_s < 2.0, down_s
 
 
+def _br_exists(name: str) -> bool:
+    return run(["ovs-vsctl", "--timeout=10", "br-exists", name], check=False).returncode == 0
+
+
+def test_bridges_of_removed_networks_go_only_when_ours(
+        env: Env, container_factory: ContainerFactory, ovs_datapath: str) -> None:
+    rid = secrets.token_hex(3)
+    obr, lbr, foreign = f"rtx{rid}", f"rty{rid}", f"rtz{rid}"
+    x, y = free_subnet_octets(2, int(rid, 16), (env.o, env.l1, env.l2, env.p))
+    # Made by "another node's" daemon: not ours to delete, even when no network uses it.
+    run(["ovs-vsctl", "--timeout=10", "add-br", foreign, "--", "set", "bridge", foreign,
+         f"datapath_type={ovs_datapath}", "external_ids:reconciler-owner=reconciler",
+         "external_ids:reconciler-node=some-other-node"])
+    name = f"rt-{env.run_id}-brs"
+    try:
+        env.put(f"networks/go-{rid}", {"subnet": f"10.77.{x}.0/24", "bridge": obr,
+                                       "driver": "ovs", "vlan": 77,
+                                       "gateway": f"10.77.{x}.1",
+                                       "pool": {"start": f"10.77.{x}.10",
+                                                "end": f"10.77.{x}.20"}})
+        env.put(f"networks/gl-{rid}", {"subnet": f"10.77.{y}.0/24", "bridge": lbr,
+                                       "driver": "linux", "gateway": f"10.77.{y}.1",
+                                       "pool": {"start": f"10.77.{y}.10",
+                                                "end": f"10.77.{y}.20"}})
+        ctr = container_factory(name=name)
+        env.put(f"containers/{name}", {"interfaces": [
+            {"name": "eth1", "network": f"go-{rid}", "address": "auto"},
+            {"name": "eth2", "network": f"gl-{rid}", "address": "auto"}]})
+        _wait_attached(ctr, "eth1")
+        _wait_attached(ctr, "eth2")
+        assert _br_exists(obr) and host_link_exists(lbr)
+
+        # Spec and Linux network removed: that bridge goes once its veth is gone; the OVS
+        # network still exists, so its bridge stays.
+        env.delete(f"containers/{name}")
+        env.delete(f"networks/gl-{rid}")
+        wait_for(lambda: not host_link_exists(lbr), timeout=15, interval=0.1,
+                 message="the Linux bridge of the removed network deleted")
+        assert _br_exists(obr)  # its network is still there
+        env.delete(f"networks/go-{rid}")
+        wait_for(lambda: not _br_exists(obr), timeout=15, interval=0.1,
+                 message="the OVS bridge of the removed network deleted")
+        assert _br_exists(foreign)
+    finally:
+        for br in (obr, foreign):
+            run(["ovs-vsctl", "--timeout=10", "--if-exists", "del-br", br], check=False)
+        run(["ip", "link", "del", "dev", lbr], check=False)
+
+
 # --------------------------------------------------------------------------- 8. orphan sweep
 
 

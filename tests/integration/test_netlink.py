@@ -252,10 +252,13 @@ def test_linux_bridge_with_host_gateway(
     bridge = f"rtlb{secrets.token_hex(4)}"
     cleanup_links.append(bridge)
     network = f"net-{bridge}"
-    assert Change.CREATED in nl.ensure_linux_bridge(bridge, network, mtu=1400)
-    assert nl.ensure_linux_bridge(bridge, network, mtu=1400) == ()
+    assert Change.CREATED in nl.ensure_linux_bridge(bridge, network, mtu=1400, node="n1")
+    assert nl.ensure_linux_bridge(bridge, network, mtu=1400, node="n1") == ()
     assert nl.bridge_owner(bridge) == network
     assert nl.list_owned_bridges()[bridge] == network
+    assert nl.list_owned_bridges(node="n1")[bridge] == network
+    assert bridge not in nl.list_owned_bridges(node="n2")
+    assert nl.bridge_has_ports(bridge) is False
     gw = ip_if(f"10.77.{octet}.1/24")
     assert Change.ADDRESSES in nl.ensure_host_address(bridge, gw)
     assert nl.ensure_host_address(bridge, gw) == ()
@@ -272,6 +275,7 @@ def test_linux_bridge_with_host_gateway(
     nl.ensure_interface(ns, spec)
     assert nl.enslave(spec.host_veth, bridge) is True
     assert nl.enslave(spec.host_veth, bridge) is False
+    assert nl.bridge_has_ports(bridge) is True
     assert nl.observe(ns, spec.container_id, "eth1").host_master == bridge
 
     assert wait_for(lambda: pings(None, f"10.77.{octet}.30"), timeout=10)

@@ -83,6 +83,11 @@ def test_datapath_detection_matches_a_real_probe(ovs: OvsAdapter, ovs_datapath: 
 def test_bridge_ownership(ovs: OvsAdapter, bridge: str) -> None:
     assert ovs.ensure_bridge(bridge) is False
     assert ovs.bridge_owned(bridge)
+    assert ovs.bridge_port_names(bridge) == []  # its own local port does not count
+    assert bridge not in ovs.list_owned_bridges(node="n1")
+    assert ovs.ensure_bridge(bridge, external_ids={NODE_KEY: "n1"}) is True  # ids merged
+    assert bridge in ovs.list_owned_bridges(node="n1")
+    assert bridge not in ovs.list_owned_bridges(node="n2")
     assert ovs.bridge_datapath(bridge) == ovs.datapath
     assert bridge in ovs.list_owned_bridges()
     assert vsctl_get("Bridge", bridge, f"external_ids:{OWNER_KEY}") == OWNER
@@ -190,6 +195,7 @@ def test_batched_ports(ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) ->
     assert results == [True] * 20
     owned = {p.name: p for p in ovs.list_owned_ports() if p.bridge == bridge}
     assert {n: owned[n].tag for n in ports} == {p: 200 + i for i, p in enumerate(ports)}
+    assert ovs.bridge_port_names(bridge) == sorted(ports)
     with ovs.transaction():
         assert [ovs.ensure_port(bridge, p, 200 + i, {}) for i, p in enumerate(ports)] == [
             False
