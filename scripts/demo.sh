@@ -25,7 +25,10 @@ cleanup() {
   say "cleaning up"
   [ -n "$DAEMON" ] && kill "$DAEMON" 2>/dev/null && wait "$DAEMON" 2>/dev/null || true
   docker rm -f demo-blue-1 demo-blue-2 demo-green-1 demo-green-2 >/dev/null 2>&1 || true
-  $R run --once --node "$NODE" --state-dir "$STATE" >/dev/null 2>&1 || true  # sweep
+  curl -sf -X DELETE "http://127.0.0.1:8500/v1/kv/demo/?recurse" >/dev/null || true
+  # With nothing desired any more, one pass sweeps the demo's ports, veths, addresses
+  # and the bridge it made; then its status key goes too.
+  $R run --once --node "$NODE" --state-dir "$STATE" >/dev/null 2>&1 || true
   curl -sf -X DELETE "http://127.0.0.1:8500/v1/kv/demo/?recurse" >/dev/null || true
   if [ -f "$STATE/haproxy.pid" ]; then kill "$(cat "$STATE/haproxy.pid")" 2>/dev/null || true; fi
   rm -rf "$STATE"
