@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -162,7 +163,25 @@ def _find(api: Any, table: str, name: str) -> Any | None:
     return idlutils.row_by_value(api.idl, table, "name", name, None)
 
 
-def _bridge_of(api: Any, port: Any) -> Any | None:
+# Port -> bridge, per replica, rebuilt when the replica changed (its change_seqno): the
+# scan converts every bridge's port list to rows, which per attached container made a
+# burst of N attachments O(N^2) (bench/attach.py).
+_PORT_BRIDGES: weakref.WeakKeyDictionary[Any, tuple[int, dict[Any, Any]]] = \
+    weakref.WeakKeyDictionary()
+
+
+def _bridge_of(api: Any, port: Any, *, replica: bool = False) -> Any | None:
+    """The bridge holding `port`. `replica=True` (reads outside a transaction, under the
+    connection lock): from the per-replica index; inside a transaction, whose pending
+    changes the index does not know, by a scan."""
+    if replica:
+        idl = api.idl
+        hit = _PORT_BRIDGES.get(idl)
+        if hit is None or hit[0] != idl.change_seqno:
+            hit = (idl.change_seqno, {p.uuid: br for br in api.tables["Bridge"].rows.values()
+                                      for p in br.ports})
+            _PORT_BRIDGES[idl] = hit
+        return hit[1].get(port.uuid)
     for br in api.tables["Bridge"].rows.values():
         if any(p.uuid == port.uuid for p in br.ports):
             return br
@@ -315,7 +334,7 @@ def _ensure_port(api: Any, txn: Any | None, w: _PortWanted) -> bool:
             br.addvalue("ports", port)
         return True
     changed = False
-    owner = _bridge_of(api, port)
+    owner = _bridge_of(api, port, replica=txn is None)
     if owner is None or owner.uuid != br.uuid:
         changed = True
         if txn is not None:
@@ -704,7 +723,7 @@ class OvsAdapter:
             port = _find(api, "Port", name)
             if port is None or dict(port.external_ids).get(OWNER_KEY) != OWNER:
                 return None
-            br = _bridge_of(api, port)
+            br = _bridge_of(api, port, replica=True)
             return _owned_port(port, "" if br is None else str(br.name))
 
     def list_owned_ports(self, owner: str = OWNER, node: str | None = None) -> list[OwnedPort]:
