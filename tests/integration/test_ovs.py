@@ -151,6 +151,24 @@ def test_port_lifecycle_and_drift(ovs: OvsAdapter, bridge: str, veth: Callable[[
     assert [p.name for p in ovs.list_owned_ports(node="node-a") if p.bridge == bridge] == [port]
     assert not [p for p in ovs.list_owned_ports(node="node-b") if p.bridge == bridge]
 
+    # moved to another bridge by hand (the same row): seen, and moved back
+    other = f"rto{secrets.token_hex(4)}"
+    assert ovs.ensure_bridge(other) is True
+    try:
+        uuid = ovs_vsctl("get", "Port", port, "_uuid").stdout.strip()
+        ovs_vsctl("remove", "Bridge", bridge, "ports", uuid, "--",
+                  "add", "Bridge", other, "ports", uuid)
+        wait_for(lambda: (p := ovs.get_port(port)) is not None and p.bridge == other,
+                 timeout=5, message="the move seen in the replica")
+        assert ovs.port_differs(bridge, port, 102, ids) is True
+        assert ovs.ensure_port(bridge, port, 102, ids) is True
+        assert ovs_vsctl("port-to-br", port).stdout.strip() == bridge
+        got = ovs.get_port(port)
+        assert got is not None and got.bridge == bridge
+        assert ovs.port_differs(bridge, port, 102, ids) is False
+    finally:
+        ovs_vsctl("--if-exists", "del-br", other, check=False)
+
     assert ovs.delete_port(port) is True
     assert ovs.delete_port(port) is False
     assert ovs_vsctl("port-to-br", port, check=False).returncode != 0
