@@ -2,6 +2,9 @@
 # Stop what scripts/services.sh started (and only that), as recorded in its state
 # directory: the Consul agent and dockerd by pid file, OVS by its marker file.
 # Services that were already running before `make services` are left alone.
+# The blackhole routes services.sh installs stay: they are harmless (any more specific
+# route wins), `ip route replace` re-installs them idempotently, and a test run that is
+# still using the ranges must not start leaking them through the default route.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/services-lib.sh

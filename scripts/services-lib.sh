@@ -7,6 +7,11 @@ STATE_DIR=${RECONCILER_SERVICES_DIR:-/var/lib/reconciler-services}
 CONSUL_HTTP=${CONSUL_HTTP_ADDR:-127.0.0.1:8500}
 CONSUL_HTTP=${CONSUL_HTTP#http://}
 TEST_IMAGE=${RECONCILER_TEST_IMAGE:-reconciler-test/busybox:latest}
+# Address ranges tests and benchmarks use: 10.77.0.0/16, and 198.18.0.0/15 (RFC 2544,
+# benchmarking). services.sh blackholes them so that such an address that is not on a
+# bridge a test made never leaves through the default route; the connected route of a
+# bridge a test addresses (a /24) is more specific and still wins.
+BLACKHOLE_NETS=(10.77.0.0/16 198.18.0.0/15)
 
 log() { printf '%-8s %s\n' "$1:" "${*:2}"; }
 

@@ -5,6 +5,7 @@
 #  - Open vSwitch (ovsdb-server + ovs-vswitchd via ovs-ctl; no kernel module here,
 #    so bridges need datapath_type=netdev)
 #  - the local image reconciler-test/busybox:latest (scripts/image.sh)
+#  - blackhole routes for the test/benchmark ranges 10.77.0.0/16 and 198.18.0.0/15
 # Reuses whatever already answers; starts only what does not, and records what it
 # started in $STATE_DIR so scripts/services-down.sh stops only that. Tolerates
 # leftovers of an earlier boot (stale pid files, sockets).
@@ -132,12 +133,25 @@ start_ovs() {
     "$(ovs-vsctl --timeout=2 get Open_vSwitch . datapath_types))"
 }
 
+# ---------------------------------------------------------------- routes
+# `replace`, not `add`: a blackhole left by an earlier run (or boot) is fine. These are
+# not removed by services-down.sh: they only catch what no more specific route does,
+# and another user of the test ranges may still rely on them.
+ensure_blackhole_routes() {
+  local net
+  for net in "${BLACKHOLE_NETS[@]}"; do
+    ip route replace blackhole "$net" || die routes "ip route replace blackhole $net failed"
+  done
+  log routes "blackhole ${BLACKHOLE_NETS[*]}"
+}
+
 # ---------------------------------------------------------------- haproxy
 check_haproxy() {
   command -v haproxy >/dev/null || die haproxy "haproxy binary not found (run make deps)"
   log haproxy "binary ok ($(haproxy -v | head -n1 | cut -d' ' -f1-3))"
 }
 
+ensure_blackhole_routes
 start_consul
 start_docker
 start_ovs
