@@ -18,7 +18,7 @@ help:
 	@echo "make deps           install Debian packages, consul, .venv (idempotent)"
 	@echo "make services       start/reuse Consul, dockerd, OVS; build the test image"
 	@echo "make services-down  stop only what 'make services' started"
-	@echo "make lint           ruff check + mypy --strict"
+	@echo "make lint           ruff check + mypy --strict + lint-imports (import contracts)"
 	@echo "make unit           unit tests (no services needed)"
 	@echo "make integration    integration tests (needs make services)"
 	@echo "make test           deps, services, lint, all tests (what CI runs)"
@@ -40,6 +40,7 @@ image:
 lint:
 	$(RUFF) check .
 	$(MYPY) reconciler $(wildcard tests bench/*.py)
+	$(VENV)/bin/lint-imports --no-logo
 
 # pytest exits 5 when it collects nothing: that fails the target like any error.
 unit:
@@ -74,4 +75,4 @@ demo:
 	bash scripts/demo.sh
 
 clean:
-	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache

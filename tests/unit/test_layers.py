@@ -1,5 +1,6 @@
 """Layering contract (like kopf's import-linter rules): each external system's client
-library is imported by its adapter module only, and adapters never import the model."""
+library is imported by its adapter module only, and adapters never import the model.
+`lint-imports` (make lint; [tool.importlinter] in pyproject.toml) enforces these too."""
 
 from __future__ import annotations
 
