@@ -18,9 +18,11 @@ from reconciler.errors import (
     CasConflict,
     ConfigurationError,
     ConsulError,
+    CutoverRefused,
     Problem,
     ReconcilerError,
 )
+from reconciler.kvlayout import NAME_RE, kv_entries, normalize_prefix
 from reconciler.settings import (
     NetworkSettings,
     ProxySettings,
@@ -174,7 +176,7 @@ def _daemon_args(p: argparse.ArgumentParser) -> None:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     node = args.node or default_node()
-    if not model.NAME_RE.match(node):
+    if not NAME_RE.match(node):
         raise ConfigurationError(f"--node {node!r}: 1-63 characters of [A-Za-z0-9_.-]")
     if bool(getattr(args, "haproxy_master_socket", None)) != bool(
             getattr(args, "haproxy_config", None)):
@@ -194,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args.prefix = model.normalize_prefix(args.prefix) if args.prefix is not None \
+    args.prefix = normalize_prefix(args.prefix) if args.prefix is not None \
         else env_prefix()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
@@ -299,9 +301,7 @@ def read_state(prefix: str) -> tuple[int, model.DesiredState]:
 
     kv = ConsulKV(ConsulSettings.from_env())
     snap = kv.read_prefix(prefix, consistent=True)
-    entries = [model.KVEntry(i.key, i.value, i.create_index, i.session)
-               for i in snap.items.values()]
-    return snap.index, model.parse_kv(prefix, entries)
+    return snap.index, model.parse_kv(prefix, kv_entries(snap.items.values()))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -396,9 +396,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_cutover(args: argparse.Namespace) -> int:
     from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
-    from reconciler.cutover import Cutover, CutoverRefused
+    from reconciler.cutover import Cutover
 
-    if not model.NAME_RE.match(args.service) or (args.to and not model.NAME_RE.match(args.to)):
+    if not NAME_RE.match(args.service) or (args.to and not NAME_RE.match(args.to)):
         print("reconciler cutover: SERVICE and POOL are 1-63 characters of [A-Za-z0-9_.-]",
               file=sys.stderr)
         return EXIT_USAGE

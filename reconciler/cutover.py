@@ -22,15 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.errors import CasConflict, ReconcilerError
-from reconciler.model import KVEntry, Member, Service, parse_kv
+from reconciler.errors import CasConflict, CutoverRefused
+from reconciler.kvlayout import Layout, kv_entries
+from reconciler.model import Member, Service, parse_kv
 from reconciler.status import read_statuses
 
 AUDIT_KEEP = 50
-
-
-class CutoverRefused(ReconcilerError):
-    """The cutover was refused before anything changed."""
 
 
 @dataclass(frozen=True)
@@ -60,10 +57,6 @@ def probe_member(m: Member, health_path: str | None, timeout: float = 2.0) -> Pr
         return Probe(m.name, False, f"not an HTTP answer ({type(e).__name__})")
 
 
-def audit_prefix(prefix: str, service: str) -> str:
-    return f"{prefix}audit/{service}/"
-
-
 @dataclass
 class Cutover:
     kv: Any
@@ -71,11 +64,13 @@ class Cutover:
     out: Callable[[str], None] = print
     prober: Callable[[Member, str | None], Probe] = probe_member
 
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.prefix)
+
     def _service(self) -> tuple[dict[str, Any], Any]:
-        snap = self.kv.read_prefix(f"{self.prefix}services/", consistent=True)
-        items = [KVEntry(i.key, i.value, i.create_index, i.session)
-                 for i in snap.items.values()]
-        return snap.items, parse_kv(self.prefix, items)
+        snap = self.kv.read_prefix(self.layout.services_prefix(), consistent=True)
+        return snap.items, parse_kv(self.prefix, kv_entries(snap.items.values()))
 
     def run(self, service: str, to: str | None, *, timeout: float = 30.0,
             min_healthy: int | None = None, rollback: bool = False,
@@ -83,10 +78,10 @@ class Cutover:
         raw, state = self._service()
         svc: Service | None = state.services.get(service)
         if svc is None:
-            why = [str(p) for p in state.problems if f"/services/{service}/" in p.key]
+            why = [str(p) for p in state.problems if self.layout.service_of(p.key) == service]
             raise CutoverRefused(f"service {service!r} does not exist or is invalid: "
                                  f"{'; '.join(why) or 'no config'}")
-        active_key = f"{self.prefix}services/{service}/active"
+        active_key = self.layout.service_active(service)
         item = raw.get(active_key)
         current = item.value.decode(errors="replace").strip() if item is not None else None
         index = item.modify_index if item is not None else 0
@@ -158,15 +153,15 @@ class Cutover:
                rollback: bool) -> None:
         record = {"time": round(at, 3), "who": _who(), "host": socket.gethostname(),
                   "from": frm, "to": to, "outcome": outcome, "rollback": rollback}
-        key = f"{audit_prefix(self.prefix, service)}{int(at * 1e6):020d}"
+        key = self.layout.audit_record(service, at)
         self.kv.put(key, json.dumps(record, sort_keys=True).encode())
-        snap = self.kv.read_prefix(audit_prefix(self.prefix, service))
+        snap = self.kv.read_prefix(self.layout.audit_prefix(service))
         keys = sorted(snap.items)
         for old in keys[:-AUDIT_KEEP]:
             self.kv.delete(old)
 
     def history(self, service: str) -> list[dict[str, Any]]:
-        snap = self.kv.read_prefix(audit_prefix(self.prefix, service), consistent=True)
+        snap = self.kv.read_prefix(self.layout.audit_prefix(service), consistent=True)
         out = []
         for key in sorted(snap.items):
             try:

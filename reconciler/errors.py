@@ -14,6 +14,8 @@
     │   └── HaproxyError
     │       ├── ConfigInvalid      `haproxy -c` refused a rendered config
     │       └── ReloadFailed       the master reported a failed reload
+    ├── PoolExhausted              every address of a network's pool is taken (retried)
+    ├── CutoverRefused             `reconciler cutover` refused before changing anything
     └── ConfigurationError         bad command-line / environment settings
 
 Adapters (the only modules importing a client library) raise these and nothing else.
@@ -62,6 +64,15 @@ class ValidationError(ReconcilerError):
 
 class ConfigurationError(ReconcilerError):
     """Bad command-line options, environment variables or settings."""
+
+
+class PoolExhausted(ReconcilerError):
+    """Every address of a network's pool is taken. Reported for the container, retried
+    later (an address may be released)."""
+
+
+class CutoverRefused(ReconcilerError):
+    """The cutover was refused before anything changed."""
 
 
 class AdapterError(ReconcilerError):

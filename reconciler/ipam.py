@@ -30,7 +30,6 @@ Rules worth knowing:
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import logging
 import time
@@ -38,18 +37,14 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from reconciler.errors import CasConflict, ReconcilerError
+from reconciler.errors import CasConflict, PoolExhausted
+from reconciler.kvlayout import Layout
 from reconciler.model import AddressPool, IPAddress, Network
 
 log = logging.getLogger(__name__)
 
 DEFAULT_RECLAIM_GRACE = 3600.0
 """Seconds a node must have been gone before `reclaim_dead_nodes` frees its addresses."""
-
-
-class PoolExhausted(ReconcilerError):
-    """Every address of a network's pool is taken. Reported for the container, retried
-    later (an address may be released)."""
 
 
 @dataclass(frozen=True)
@@ -87,35 +82,14 @@ class KVStore(Protocol):
     def create_many(self, entries: Sequence[tuple[str, bytes]]) -> bool: ...
 
 
-def ipam_prefix(prefix: str, network: str) -> str:
-    return f"{prefix}ipam/{network}/"
-
-
-def allocation_key(prefix: str, network: str, address: IPAddress) -> str:
-    return f"{ipam_prefix(prefix, network)}{address}"
-
-
-def _address_of_key(prefix: str, key: str) -> tuple[str, IPAddress] | None:
-    """(network, address) of an `ipam/<network>/<address>` key, or None."""
-    base = f"{prefix}ipam/"
-    if not key.startswith(base):
-        return None
-    parts = key[len(base):].split("/")
-    if len(parts) != 2 or not parts[0]:
-        return None
-    try:
-        return parts[0], ipaddress.ip_address(parts[1])
-    except ValueError:
-        return None
-
-
 def parse_allocations(prefix: str, items: Mapping[str, object]) -> list[Allocation]:
     """Allocations among KV items (`KVItem`-like: .value, .modify_index). Keys that are
     not `ipam/<network>/<address>` or whose value is not an allocation document are
     skipped (never raises)."""
+    layout = Layout(prefix)
     out: list[Allocation] = []
     for key, item in items.items():
-        where = _address_of_key(prefix, key)
+        where = layout.parse_allocation(key)
         if where is None:
             continue
         try:
@@ -153,6 +127,7 @@ class Ipam:
     def __init__(self, kv: KVStore, prefix: str, node: str) -> None:
         self.kv = kv
         self.prefix = prefix
+        self.layout = Layout(prefix)
         self.node = node
         self._absent_since: dict[str, float] = {}  # node -> first seen without status
 
@@ -161,7 +136,7 @@ class Ipam:
 
     def allocations(self, network: str | None = None) -> list[Allocation]:
         """Every allocation (of every node), or only those of `network`."""
-        base = ipam_prefix(self.prefix, network) if network else f"{self.prefix}ipam/"
+        base = self.layout.ipam_prefix(network or None)
         return parse_allocations(self.prefix, self._items(base))
 
     def allocate(self, net: Network, container: str, interface: str,
@@ -178,7 +153,7 @@ class Ipam:
         blocked = {a for a in reserved if a.version == pool.start.version}
         if net.gateway is not None:
             blocked.add(net.gateway)
-        base = ipam_prefix(self.prefix, net.name)
+        base = self.layout.ipam_prefix(net.name)
         # `known`: the allocations as the daemon's watch last saw them, which spares a
         # consistent read per allocation (bench/attach.py: 12 ms of 60 per attach). A stale
         # view is safe: creates are check-and-set, and the first lost create re-reads.
@@ -196,14 +171,14 @@ class Ipam:
             log.info("releasing %s/%s of %s %s: no longer in the pool or now reserved",
                      net.name, a.address, container[:12], interface)
             self.release(a)
-        taken = {w[1] for k in items if (w := _address_of_key(self.prefix, k))} | blocked
+        taken = {w[1] for k in items if (w := self.layout.parse_allocation(k))} | blocked
         value = json.dumps({"node": self.node, "container": container, "interface": interface,
                             "allocated_at": int(time.time())}, sort_keys=True).encode()
         fresh = known is None
         for addr in candidates(pool, taken, f"{self.node}/{container}/{interface}"):
             if addr in taken:
                 continue  # learnt from a re-read below
-            if self.kv.put(allocation_key(self.prefix, net.name, addr), value, cas=0):
+            if self.kv.put(self.layout.allocation(net.name, addr), value, cas=0):
                 return addr
             # Lost the race for this address to another host (or our view was stale):
             # learn what is taken now, once, and go on with the next free candidates.
@@ -235,10 +210,10 @@ class Ipam:
             net = group[0][0]
             pool = net.pool
             assert pool is not None
-            base = ipam_prefix(self.prefix, name)
+            base = self.layout.ipam_prefix(name)
             items = {k: v for k, v in known.items() if k.startswith(base)}
             holders = {(a.container, a.interface) for a in parse_allocations(self.prefix, items)}
-            taken = {at[1] for k in items if (at := _address_of_key(self.prefix, k))}
+            taken = {at[1] for k in items if (at := self.layout.parse_allocation(k))}
             taken |= {a for a in reserved if a.version == pool.start.version}
             if net.gateway is not None:
                 taken.add(net.gateway)
@@ -254,7 +229,7 @@ class Ipam:
                     chunk.append((container, interface, addr))
                 if not chunk:
                     break
-                entries = [(allocation_key(self.prefix, name, addr), json.dumps(
+                entries = [(self.layout.allocation(name, addr), json.dumps(
                     {"node": self.node, "container": c, "interface": i, "allocated_at": now},
                     sort_keys=True).encode()) for c, i, addr in chunk]
                 if self.kv.create_many(entries):
@@ -277,7 +252,7 @@ class Ipam:
         gone (reclaimed while the node was away). False: someone else holds it now."""
         value = json.dumps({"node": self.node, "container": container, "interface": interface,
                             "allocated_at": int(time.time())}, sort_keys=True).encode()
-        return self.kv.put(allocation_key(self.prefix, network, address), value, cas=0)
+        return self.kv.put(self.layout.allocation(network, address), value, cas=0)
 
     def claim(self, net: Network, address: IPAddress, container: str, interface: str
               ) -> Allocation | None:
@@ -288,11 +263,11 @@ class Ipam:
         running containers is a conflict: one keeps it, the others report an error".
         Allocations this interface held at other addresses (the spec changed) are
         released first."""
-        key = allocation_key(self.prefix, net.name, address)
+        key = self.layout.allocation(net.name, address)
         for _ in range(3):
             holder = None
             for a in parse_allocations(self.prefix,
-                                       self._items(ipam_prefix(self.prefix, net.name))):
+                                       self._items(self.layout.ipam_prefix(net.name))):
                 if a.address == address:
                     holder = a
                 elif a.container == container and a.interface == interface:
@@ -318,15 +293,14 @@ class Ipam:
         value = json.dumps({"node": self.node, "container": a.container,
                             "interface": a.interface, "allocated_at": int(time.time())},
                            sort_keys=True).encode()
-        key = a.key or allocation_key(self.prefix, a.network, a.address)
+        key = a.key or self.layout.allocation(a.network, a.address)
         if not self.kv.put(key, value, cas=a.modify_index):
             raise CasConflict(f"allocation {key} changed while node {self.node!r} adopted it")
 
     def release(self, allocation: Allocation) -> bool:
         """Delete the allocation's key, only if it was not rewritten since it was read.
         True when the key is gone."""
-        key = allocation.key or allocation_key(self.prefix, allocation.network,
-                                               allocation.address)
+        key = allocation.key or self.layout.allocation(allocation.network, allocation.address)
         return self.kv.delete(key, cas=allocation.modify_index or None)
 
     def release_container(self, container: str) -> int:
@@ -339,12 +313,11 @@ class Ipam:
 
     def alive_nodes(self) -> set[str]:
         """Nodes whose `<prefix>nodes/<node>/status` key exists."""
-        base = f"{self.prefix}nodes/"
         alive: set[str] = set()
-        for key in self._items(base):
-            parts = key[len(base):].split("/")
-            if len(parts) == 2 and parts[1] == "status" and parts[0]:
-                alive.add(parts[0])
+        for key in self._items(self.layout.nodes_prefix()):
+            node = self.layout.parse_node_status(key)
+            if node is not None:
+                alive.add(node)
         return alive
 
     def reclaim_dead_nodes(self, grace: float = DEFAULT_RECLAIM_GRACE,

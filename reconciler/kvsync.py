@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from reconciler.model import KeyRef, RawEntry, classify_key, entry_kv_value, key_for
+from reconciler.kvlayout import KeyRef, Layout
+from reconciler.model import RawEntry, entry_kv_value
 
 _RANK = {"network": 0, "container": 1, "service_config": 2, "member": 3, "service_active": 4}
 
@@ -43,7 +44,8 @@ class Change:
 
 
 def desired_kv(entries: list[RawEntry], prefix: str) -> dict[str, tuple[KeyRef, bytes]]:
-    return {key_for(e.ref, prefix): (e.ref, entry_kv_value(e)) for e in entries}
+    layout = Layout(prefix)
+    return {layout.key(e.ref): (e.ref, entry_kv_value(e)) for e in entries}
 
 
 def diff_kv(
@@ -61,12 +63,13 @@ def diff_kv(
             writes.append((_RANK[ref.kind], Change("update", key, value, cur.modify_index)))
     deletes: list[tuple[int, Change]] = []
     if prune:
+        layout = Layout(prefix)
         for key, cur in current.items():
-            if key in desired or not key.startswith(prefix):
+            if key in desired:
                 continue
-            found = classify_key(key[len(prefix):])
-            if not isinstance(found, KeyRef):
-                continue  # daemon-owned, or not part of the layout: never pruned
+            found = layout.parse(key)
+            if found is None:  # daemon-owned, not part of the layout, outside the prefix
+                continue  # never pruned
             if found.kind == "member" and cur.session:
                 continue  # published by a node; it goes away with the node's session
             deletes.append((-_RANK[found.kind], Change("delete", key, b"", cur.modify_index)))

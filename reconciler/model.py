@@ -1,7 +1,8 @@
 """The desired-state model: frozen dataclasses parsed and validated once at the boundary.
 
-Owns the KV layout (which key holds what), the parsing of KV values and state files into
-`DesiredState`, and every validation rule of the contract (../docs/kv-layout.md lists them).
+Owns the parsing of KV values and state files into `DesiredState`, and every validation
+rule of the contract (../docs/kv-layout.md lists them). Which key holds what is
+reconciler.kvlayout's (re-exported here: NAME_RE, KeyRef, classify_key, KVEntry, ...).
 
 Parsing never raises for bad input: each invalid key becomes one or more `Problem`s naming
 the key (or file location), the field, the bad value and the reason, and only that key
@@ -24,23 +25,23 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from reconciler.errors import Problem
+from reconciler.kvlayout import DEFAULT_PREFIX as DEFAULT_PREFIX
+from reconciler.kvlayout import NAME_RE as NAME_RE
+from reconciler.kvlayout import KeyRef as KeyRef
+from reconciler.kvlayout import KVEntry as KVEntry
+from reconciler.kvlayout import Layout
+from reconciler.kvlayout import classify_key as classify_key
+from reconciler.kvlayout import normalize_prefix as normalize_prefix
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 
 # \Z, not $: `$` also matches before a trailing newline ("web\n" would pass).
-NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}\Z")
 IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")  # IFNAMSIZ 16 incl. NUL
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 # The same set the renderer accepts (proxy/view.py): what is valid here must render.
 HEALTH_PATH_RE = re.compile(r"/[A-Za-z0-9/_.~%?=&+-]{0,255}\Z")
-
-DEFAULT_PREFIX = "reconciler/"
-
-# Daemon-owned areas under the prefix (see docs/kv-layout.md). User commands never
-# write or prune these; the model ignores them.
-DAEMON_AREAS = ("nodes/", "ipam/", "audit/", "locks/")
 
 DRIVERS = ("ovs", "linux")
 MODES = ("http", "tcp")
@@ -185,64 +186,6 @@ class DesiredState:
 
     def problems_for(self, key: str) -> list[Problem]:
         return [p for p in self.problems if p.key == key]
-
-
-# ------------------------------------------------------------------- key layout
-
-
-@dataclass(frozen=True)
-class KeyRef:
-    """What a key under the prefix is: kind plus the names in its path."""
-
-    kind: Literal["network", "container", "service_config", "service_active", "member"]
-    name: str
-    pool: str = ""
-    member: str = ""
-
-
-def classify_key(rel: str) -> KeyRef | str | None:
-    """Map a key relative to the prefix to a KeyRef; None for daemon-owned keys; a reason
-    string for a key that is not part of the layout."""
-    if rel.startswith(DAEMON_AREAS):
-        return None
-    parts = rel.split("/")
-    bad = [p for p in parts if not NAME_RE.match(p)]
-    kind = parts[0]
-    if kind == "networks" and len(parts) == 2 and not bad:
-        return KeyRef("network", parts[1])
-    if kind == "containers" and len(parts) == 2 and not bad:
-        return KeyRef("container", parts[1])
-    if kind == "services" and not bad:
-        if len(parts) == 3 and parts[2] == "config":
-            return KeyRef("service_config", parts[1])
-        if len(parts) == 3 and parts[2] == "active":
-            return KeyRef("service_active", parts[1])
-        if len(parts) == 5 and parts[2] == "pools":
-            return KeyRef("member", parts[1], parts[3], parts[4])
-    if bad and kind in ("networks", "containers", "services"):
-        return (
-            f"invalid name {bad[-1]!r}: names are 1-63 characters of [A-Za-z0-9_.-]"
-        )
-    if rel.endswith("/") and kind in ("networks", "containers", "services"):
-        return None  # a "folder" key created by some UIs; carries nothing
-    return "not part of the layout (networks/, containers/, services/)"
-
-
-def key_for(ref: KeyRef, prefix: str = DEFAULT_PREFIX) -> str:
-    if ref.kind == "network":
-        return f"{prefix}networks/{ref.name}"
-    if ref.kind == "container":
-        return f"{prefix}containers/{ref.name}"
-    if ref.kind == "service_config":
-        return f"{prefix}services/{ref.name}/config"
-    if ref.kind == "service_active":
-        return f"{prefix}services/{ref.name}/active"
-    return f"{prefix}services/{ref.name}/pools/{ref.pool}/{ref.member}"
-
-
-def normalize_prefix(prefix: str) -> str:
-    prefix = prefix.strip("/")
-    return f"{prefix}/" if prefix else ""
 
 
 # ------------------------------------------------------------------- validation
@@ -847,28 +790,13 @@ def _first_member_where(ents: list[RawEntry], service: str) -> str:
 # ------------------------------------------------------------------ from KV
 
 
-@dataclass(frozen=True)
-class KVEntry:
-    """What the model needs of one KV pair (adapter-neutral)."""
-
-    key: str
-    value: bytes
-    create_index: int = 0
-    session: str | None = None
-    modify_index: int = 0
-
-
 def parse_kv(prefix: str, items: Iterable[KVEntry]) -> DesiredState:
     """Parse every key under `prefix` (already normalised, ending in '/')."""
+    layout = Layout(prefix)
     entries: list[RawEntry] = []
     extra: list[Problem] = []
     for it in items:
-        if not it.key.startswith(prefix):
-            continue
-        rel = it.key[len(prefix):]
-        if not rel:
-            continue
-        ref = classify_key(rel)
+        ref = layout.classify(it.key)
         if ref is None:
             continue
         if isinstance(ref, str):

@@ -26,6 +26,7 @@ from typing import Any
 
 from reconciler.adapters.haproxy import HaproxyProcess, parse_map
 from reconciler.errors import ConfigurationError, HaproxyError, Problem, ValidationError
+from reconciler.kvlayout import Layout
 from reconciler.model import DesiredState, Service
 from reconciler.proxy.render import Renderer, render_map
 from reconciler.proxy.view import (
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # "Binding [...haproxy.cfg:24] for frontend fe_far: cannot bind socket (...) for [ip:port]"
 _UNLOADABLE_RE = re.compile(r"frontend fe_([A-Za-z0-9_.-]+): cannot bind socket")
+_VIEW_KEYS = Layout("")  # the renderer's problems name keys relative to the prefix
 
 
 def service_view(svc: Service, active: str) -> ServiceView:
@@ -113,6 +115,7 @@ class ProxyController:
     def __init__(self, settings: ProxySettings, *, dry_run: bool = False,
                  haproxy: HaproxyProcess | None = None, prefix: str = "") -> None:
         self.prefix = prefix  # error keys name the KV key, like every other status key
+        self.layout = Layout(prefix)
         self.settings = settings
         self.dry_run = dry_run
         self.hap = haproxy or HaproxyProcess(
@@ -203,8 +206,7 @@ class ProxyController:
                 for p in e.problems:
                     errors.setdefault(self.prefix + p.key, []).append(
                         str(p)[len(p.key):].lstrip(": "))
-                bad = {m.group(1) for p in e.problems
-                       if (m := re.match(r"services/([^/]+)/", p.key))}
+                bad = {s for p in e.problems if (s := _VIEW_KEYS.service_of(p.key))}
                 kept = tuple(sv for sv in view.services if sv.name not in bad)
                 if not bad or not kept:
                     raise
@@ -253,7 +255,7 @@ class ProxyController:
                 runtime = []
                 result = self.hap.apply_config(cfg, map_bytes)
             for name, (_, why) in self._unloadable.items():
-                errors.setdefault(f"{self.prefix}services/{name}/config", []).append(
+                errors.setdefault(self.layout.service_config(name), []).append(
                     f"cannot load; kept at its last loaded definition, if any: {why}")
         except HaproxyError as e:
             # Never left without a valid config: the adapter kept (or restored) the last

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field, replace
 
 from reconciler.errors import Problem, ValidationError
+from reconciler.kvlayout import Layout
 
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}\Z")
 """Service, pool and member names (CONTRACT.md)."""
@@ -33,6 +34,8 @@ IP_CHARS_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
 MODES = ("http", "tcp")
 BALANCES = ("roundrobin", "leastconn", "source")
 MEMBER_STATES = ("ready", "drain", "maint")
+_KEYS = Layout("")
+"""Problems name the service/pool/member by its KV key relative to the prefix."""
 
 # File names inside a state directory. reconciler.adapters.haproxy uses the same names
 # (tests/unit/test_render.py asserts they agree).
@@ -240,8 +243,8 @@ def _check_settings(problems: list[Problem], g: GlobalView) -> None:
 
 def _check_service(problems: list[Problem], svc: ServiceView) -> None:
     sname = _safe_key(svc.name)
-    key = f"services/{sname}/config"
-    _check_name(problems, f"services/{sname}", "service name", svc.name)
+    key = _KEYS.service_config(sname)
+    _check_name(problems, _KEYS.service(sname), "service name", svc.name)
     if not (svc.bind_host == "*" or _is_ip(svc.bind_host)):
         problems.append(
             Problem(key, "bind host", "must be an IP literal or *", _shown(svc.bind_host))
@@ -261,18 +264,18 @@ def _check_service(problems: list[Problem], svc: ServiceView) -> None:
             )
         )
     _check_int(problems, key, "health.interval_ms", svc.health_interval_ms, 100, 3_600_000)
-    _check_name(problems, f"services/{sname}/active", "active", svc.active)
+    _check_name(problems, _KEYS.service_active(sname), "active", svc.active)
     seen_pools: set[str] = set()
     for pool in svc.pools:
         pname = _safe_key(pool.name)
-        pkey = f"services/{sname}/pools/{pname}"
+        pkey = _KEYS.pool(sname, pname)
         if _check_name(problems, pkey, "pool name", pool.name):
             if pool.name in seen_pools:
                 problems.append(Problem(pkey, "pool name", "duplicate pool", _shown(pool.name)))
             seen_pools.add(pool.name)
         seen_members: set[str] = set()
         for m in pool.members:
-            mkey = f"{pkey}/{_safe_key(m.name)}"
+            mkey = _KEYS.member(sname, pname, _safe_key(m.name))
             if _check_name(problems, mkey, "member name", m.name):
                 if m.name in seen_members:
                     problems.append(
@@ -297,7 +300,7 @@ def check_view(view: ProxyView) -> None:
         _check_service(problems, svc)
         if svc.name in seen:
             problems.append(
-                Problem(f"services/{_safe_key(svc.name)}", "service name", "duplicate service")
+                Problem(_KEYS.service(_safe_key(svc.name)), "service name", "duplicate service")
             )
         seen.add(svc.name)
         bind = (str(svc.bind_host), svc.bind_port)
@@ -305,7 +308,7 @@ def check_view(view: ProxyView) -> None:
         if other is not None and other != svc.name:
             problems.append(
                 Problem(
-                    f"services/{_safe_key(svc.name)}/config",
+                    _KEYS.service_config(_safe_key(svc.name)),
                     "bind",
                     f"already used by service {_safe_key(other)}",
                     _shown(f"{bind[0]}:{bind[1]}"),

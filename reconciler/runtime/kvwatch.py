@@ -14,7 +14,6 @@ Owns the blocking-query loop and its index discipline (consul-template's lessons
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import threading
@@ -23,7 +22,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from reconciler.errors import ConsulError, Problem
-from reconciler.model import DesiredState, KVEntry, parse_kv
+from reconciler.kvlayout import KVEntry, Layout, kv_digest, kv_entries
+from reconciler.model import DesiredState, parse_kv
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,8 @@ class PrefixReader(Protocol):
 
 
 def _user_keys(prefix: str, items: tuple[KVEntry, ...]) -> int:
-    daemon = tuple(f"{prefix}{a}" for a in ("nodes/", "ipam/", "audit/", "locks/"))
-    return sum(1 for i in items if not i.key.startswith(daemon))
+    layout = Layout(prefix)
+    return sum(1 for i in items if not layout.is_daemon_owned(i.key))
 
 
 def snapshot_from(prefix: str, raw: object,
@@ -59,17 +59,11 @@ def snapshot_from(prefix: str, raw: object,
     attachments, the service's frontend). A deleted key is gone: that is intended."""
     index = int(getattr(raw, "index"))  # noqa: B009
     rows = getattr(raw, "items")  # noqa: B009
-    items = tuple(sorted(
-        (KVEntry(i.key, i.value, i.create_index, i.session, i.modify_index)
-         for i in rows.values()),
-        key=lambda e: e.key))
-    h = hashlib.sha256()
-    for e in items:
-        h.update(e.key.encode() + b"\0" + e.value + b"\0" + (e.session or "").encode() + b"\0")
+    items = kv_entries(rows.values())
     state = parse_kv(prefix, items)
     if last_valid is not None:
         state = _with_last_valid(prefix, items, state, last_valid)
-    return Snapshot(index, state, items, h.hexdigest())
+    return Snapshot(index, state, items, kv_digest(items))
 
 
 def _with_last_valid(prefix: str, items: tuple[KVEntry, ...], state: DesiredState,

@@ -23,7 +23,8 @@ import pytest
 from helpers import wait_for
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
-from reconciler.ipam import Ipam, PoolExhausted
+from reconciler.errors import PoolExhausted
+from reconciler.ipam import Ipam
 from reconciler.model import AddressPool, Network
 
 pytestmark = pytest.mark.integration

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import pytest
 
+from reconciler.errors import PoolExhausted
 from reconciler.ipam import (
     Allocation,
     Ipam,
-    PoolExhausted,
     candidates,
     parse_allocations,
 )
