@@ -11,6 +11,7 @@
     │   ├── DockerError
     │   ├── NetlinkError
     │   ├── OvsError
+    │   ├── FirewallError          iptables/ip6tables failed (bridge forwarding rules)
     │   └── HaproxyError
     │       ├── ConfigInvalid      `haproxy -c` refused a rendered config
     │       └── ReloadFailed       the master reported a failed reload
@@ -105,6 +106,10 @@ class NetlinkError(AdapterError):
 
 class OvsError(AdapterError):
     """An OVSDB operation failed."""
+
+
+class FirewallError(AdapterError):
+    """An iptables/ip6tables command failed, or the tool is missing."""
 
 
 class HaproxyError(AdapterError):

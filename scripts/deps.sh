@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything reconciler needs on a bare Debian machine. Idempotent.
-#  - Debian packages (docker.io, openvswitch-switch, haproxy, busybox-static, ...)
+#  - Debian packages (docker.io, openvswitch-switch, haproxy, busybox-static, ...);
+#    iptables (iptables + ip6tables) for the Linux bridges' FORWARD rules (adapters/bridgefw.py)
 #  - consul 1.8.7 from Debian's bullseye suite, added as a low-pinned extra source
 #  - a virtualenv at .venv with the package installed editable (+ dev tools)
 set -euo pipefail
@@ -62,7 +63,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${PKGS[@]}" consul >/dev/null
 fi
 
-for c in consul dockerd haproxy ovs-vsctl ovsdb-server busybox wrk; do
+for c in consul dockerd haproxy ovs-vsctl ovsdb-server busybox wrk iptables ip6tables; do
   command -v "$c" >/dev/null || { echo "deps: $c missing after install" >&2; exit 1; }
 done
 
