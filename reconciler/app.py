@@ -9,17 +9,22 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from reconciler.adapters import netlink
+from reconciler.adapters.bridgefw import BridgeForwarding
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
 from reconciler.adapters.docker_engine import DockerEngine
 from reconciler.adapters.ovs import OvsAdapter
 from reconciler.daemon import Daemon, DaemonOptions, ProxyPart
 from reconciler.ipam import Ipam
-from reconciler.netctl import NetworkController
+from reconciler.network.addresses import AddressBook
+from reconciler.network.controller import NetworkController
+from reconciler.network.drivers import build_drivers
+from reconciler.network.portbatch import PendingPort, PortBatcher
+from reconciler.network.segments import Segments
 from reconciler.proxy.controller import ProxyController
 from reconciler.settings import Settings
 
@@ -52,9 +57,27 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
     nl = netlink.NetlinkAdapter()
     ovs = OvsAdapter(settings.network.ovs_db, settings.network.ovs_datapath)
     ipam = Ipam(kv, settings.prefix, settings.node)
-    netctl = NetworkController(node=settings.node, prefix=settings.prefix, nl=nl, ovs=ovs,
-                               ipam=ipam, inspect=docker.inspect, dry_run=dry_run,
-                               netns_watcher=None if dry_run else netlink.NetnsWatcher())
+    daemon: Daemon | None = None
+    netctl: NetworkController | None = None
+
+    # The batcher is wired to parts built after it: queued ports are committed by the
+    # daemon's work key, and announced by the controller once on the switch.
+    def ports_pending() -> None:
+        assert daemon is not None
+        daemon.on_ports_pending()
+
+    def committed(ports: Sequence[PendingPort]) -> None:
+        assert netctl is not None
+        netctl.announce_committed(ports)
+
+    batcher = PortBatcher(ovs, notify=ports_pending, after_commit=committed)
+    drivers = build_drivers(node=settings.node, nl=nl, ovs=ovs,
+                            fw=BridgeForwarding(settings.node), batcher=batcher)
+    netctl = NetworkController(
+        node=settings.node, nl=nl, segments=Segments(drivers),
+        addresses=AddressBook(ipam, settings.node),
+        batcher=batcher, inspect=docker.inspect, dry_run=dry_run,
+        netns_watcher=None if dry_run else netlink.NetnsWatcher())
     proxy = _build_proxy(settings, kv, dry_run) if with_proxy else None
     session_file = os.path.join(settings.proxy.state_dir, f"session-{settings.node}")
     daemon = Daemon(DaemonOptions(settings.node, settings.prefix, settings.resync,

@@ -1,12 +1,13 @@
-"""The daemon (`reconciler run`): watchers feed keys to one work queue; controllers apply.
+"""The daemon (`reconciler run`): watchers feed work keys to one work queue; controllers
+apply.
 
 Owns the wiring and nothing else:
 - one Consul blocking query on the whole prefix (runtime.kvwatch) -> new DesiredState ->
-  `proxy` first, then every local container key, `members` and `sweep` (reconciles are
-  level-based and cheap when nothing differs; a change of services only enqueues
-  `proxy` and `members`; a change of daemon-owned keys nothing);
+  ProxyKey first, then every local ContainerKey, MembersKey and SweepKey (reconciles are
+  level-based and cheap when nothing differs; a change of services only enqueues the
+  proxy and members; a change of daemon-owned keys nothing);
 - Docker events (subscribed before the list, adapters.docker_engine.EventWatcher) ->
-  `container:<id>` (and `members` when one stops);
+  ContainerKey (and MembersKey when one stops);
 - netlink deletions of our host veths, OVS deletions of our ports, and netlink changes
   made by others inside a container's namespace -> that container, marked dirty (drift
   repaired at once, not only at the next resync);
@@ -14,15 +15,15 @@ Owns the wiring and nothing else:
   per-key exponential backoff, terminal errors reported not retried, periodic resync
   (which skips containers that are clean; every DEEP_EVERY-th looks inside all);
 - node status under a Consul session (status.StatusPublisher), members published under
-  the same session (members.py).
+  the same session (members.MemberSync).
 
-Keys: `container:<id>`, `ovs-ports` (commit queued OVS ports in one transaction),
-`members`, `proxy`, `sweep`.
+Work keys are typed (reconciler.workkeys); `_handlers` maps each type to its handler,
+for `run` and `run --once` alike. A failure is reported under the user's Consul key
+that caused it (a container's spec key), else under the work key's name.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -38,20 +39,29 @@ from reconciler.adapters.docker_engine import (
     read_process_start_time,
 )
 from reconciler.errors import ConsulError, DockerError, ReconcilerError
-from reconciler.members import MemberPublisher, member_key, wanted_members
+from reconciler.kvlayout import Layout, user_digest
+from reconciler.members import MemberSync
 from reconciler.model import DesiredState
-from reconciler.netctl import NetworkController, spec_key_for
+from reconciler.network.controller import NetworkController, spec_key_for
 from reconciler.runtime.kvwatch import KVWatcher, Snapshot
 from reconciler.runtime.workqueue import Controller, Result
-from reconciler.status import NodeStatus, StatusPublisher
+from reconciler.status import NodeStatus, StatusPublisher, build_status
+from reconciler.workkeys import (
+    MEMBERS,
+    PORTS,
+    PROXY,
+    SWEEP,
+    ContainerKey,
+    MembersKey,
+    PortsKey,
+    ProxyKey,
+    SweepKey,
+    WorkKey,
+)
 
 log = logging.getLogger(__name__)
 
 DEEP_EVERY = 10  # every 10th resync looks inside every container, events or not
-SWEEP = "sweep"
-OVS_PORTS = "ovs-ports"
-PROXY = "proxy"
-MEMBERS = "members"
 
 
 def _summarize(items: list[str], show: int = 3) -> str:
@@ -81,21 +91,6 @@ class ProxyPart(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
-# Daemon-owned areas of the prefix (see runtime.kvwatch): never desired state.
-_DAEMON_AREAS = ("nodes/", "ipam/", "audit/", "locks/")
-
-
-def _user_digest(prefix: str, snap: Snapshot) -> str:
-    """Digest of the snapshot's user keys only (key, value, session)."""
-    skip = tuple(prefix + a for a in _DAEMON_AREAS)
-    h = hashlib.sha256()
-    for e in snap.items:
-        if not e.key.startswith(skip):
-            h.update(e.key.encode() + b"\0" + e.value + b"\0" + (e.session or "").encode()
-                     + b"\0")
-    return h.hexdigest()
-
-
 @dataclass
 class DaemonOptions:
     node: str
@@ -110,7 +105,8 @@ class DaemonOptions:
 @dataclass
 class _Known:
     containers: dict[str, ContainerInfo] = field(default_factory=dict)
-    errors: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # source -> key -> msgs
+    # work key -> user key it is reported under -> messages
+    errors: dict[WorkKey, dict[str, list[str]]] = field(default_factory=dict)
 
 
 class Daemon:
@@ -121,6 +117,7 @@ class Daemon:
         self.docker = docker
         self.netctl = netctl
         self.proxy = proxy
+        self.layout = Layout(opts.prefix)
         self.known = _Known()
         self._lock = threading.Lock()
         self.snapshot: Snapshot | None = None
@@ -128,10 +125,16 @@ class Daemon:
         self.status = NodeStatus(opts.node)
         self.publisher = StatusPublisher(kv, opts.prefix, opts.node,
                                          session_file=opts.session_file)
-        self.members = MemberPublisher(kv, opts.prefix, opts.node)
-        self._members_session: str | None = None
+        self.members = MemberSync(kv, opts.prefix, opts.node)
         self._status_dirty = threading.Event()
-        self.controller: Controller[str] = Controller(
+        self._handlers: dict[type, Callable[[Any], Result | None]] = {
+            ContainerKey: self._handle_container,
+            PortsKey: self._handle_ports,
+            SweepKey: self._handle_sweep,
+            MembersKey: self._handle_members,
+            ProxyKey: self._handle_proxy,
+        }
+        self.controller: Controller[WorkKey] = Controller(
             self._reconcile, name="reconciler", workers=opts.workers,
             list_keys=self._resync_keys, resync=opts.resync,
             on_error=self._on_error, on_success=self._on_success)
@@ -139,8 +142,13 @@ class Daemon:
         self._acted_digest = ""  # of the user keys of the last snapshot acted on
         self._listed = threading.Event()  # Docker's container list was received once
         self._stale: set[str] = set()  # containers with Docker events not inspected yet
-        netctl.on_ports_pending = lambda: self.controller.queue.add(OVS_PORTS)
         self._resyncs = 0
+        self._once = False  # run_once: keys run in order, one at a time, no waits
+
+    def on_ports_pending(self) -> None:
+        """The network controller queued OVS ports: commit them (with any others queued
+        meanwhile) from a worker."""
+        self.controller.queue.add(PORTS)
 
     # ------------------------------------------------------------------ inputs
 
@@ -151,9 +159,9 @@ class Daemon:
         # loop of ~5 status writes/s and a full reconcile of every key each time (15% of
         # a core with no container at all; found by bench/attach.py and
         # tests/integration/test_daemon_network.py). Daemon-owned areas never enqueue.
-        ipam = f"{self.opts.prefix}ipam/"
-        self.netctl.ipam_view = {e.key: e for e in snap.items if e.key.startswith(ipam)}
-        digest = _user_digest(self.opts.prefix, snap)
+        ipam = self.layout.ipam_prefix()
+        self.netctl.set_ipam_view({e.key: e for e in snap.items if e.key.startswith(ipam)})
+        digest = user_digest(self.opts.prefix, snap.items)
         if self.snapshot is not None and digest == self._acted_digest:
             self.snapshot = snap
             return
@@ -174,18 +182,20 @@ class Daemon:
             # reconcile every container of the host nor sweep (a flip of `active` waited
             # behind them, and competed with them for the GIL; found by bench/proxy.py).
             # The periodic resync still looks at every one.
-            keys = [k for k in keys if k != SWEEP and not k.startswith("container:")]
+            keys = [k for k in keys if not isinstance(k, SweepKey | ContainerKey)]
         else:
             self._preallocate()
         for key in keys:
             self.controller.queue.add(key)
 
+    def _running(self) -> list[ContainerInfo]:
+        with self._lock:
+            return list(self.known.containers.values())
+
     def _preallocate(self) -> None:
         """Many containers may need addresses at once (a spec put for 200 replicas):
         allocate them in a few transactions before their keys are reconciled."""
-        with self._lock:
-            running = list(self.known.containers.values())
-        n = self.netctl.preallocate(running)
+        n = self.netctl.preallocate(self._running())
         if n:
             log.debug("allocated %d address(es) in a batch", n)
 
@@ -196,21 +206,21 @@ class Daemon:
         if self.snapshot is not None:
             self._preallocate()
         for c in containers:
-            self.controller.queue.add(f"container:{c.id}")
+            self.controller.queue.add(ContainerKey(c.id))
         self.controller.queue.add(SWEEP)
         self.controller.queue.add(MEMBERS)
 
     def _on_docker_event(self, ev: ContainerEvent) -> None:
         self._stale.add(ev.id)  # what Docker says about it may have changed: inspect again
         self.netctl.mark_dirty(ev.id)
-        self.controller.queue.add(f"container:{ev.id}")
+        self.controller.queue.add(ContainerKey(ev.id))
         if ev.action in ("destroy", "die", "stop", "kill"):
             self.controller.queue.add(MEMBERS)
 
     def _on_link_deleted(self, cid: str | None) -> None:
         if cid:
             self.netctl.mark_dirty(cid)
-            self.controller.queue.add(f"container:{cid}")
+            self.controller.queue.add(ContainerKey(cid))
         else:
             self.netctl.mark_all_dirty()
             for key in self._container_keys():
@@ -219,24 +229,14 @@ class Daemon:
     def on_netns_event(self, cid: str) -> None:
         """Something changed inside a container's netns (link, address, route)."""
         self.netctl.mark_dirty(cid)
-        self.controller.queue.add(f"container:{cid}")
-
-    def veth_owner(self, name: str) -> str | None:
-        """The container whose host veth is `name`, among the attached ones."""
-        from reconciler.adapters.netlink import host_veth_name
-
-        for cid, res in list(self.netctl.attached.items()):
-            for ifname in res.addresses:
-                if host_veth_name(cid, ifname) == name:
-                    return cid
-        return None
+        self.controller.queue.add(ContainerKey(cid))
 
     def on_link_event(self, ev: Any) -> None:
         """netlink: a deleted host veth of ours (or lost events) -> repair now."""
         if ev.kind == "overflow":
             self._on_link_deleted(None)
         elif ev.kind == "del" and ev.ifname.startswith("rv"):
-            cid = self.veth_owner(ev.ifname)
+            cid = self.netctl.veth_owner(ev.ifname)
             if cid:
                 self._on_link_deleted(cid)
 
@@ -248,15 +248,15 @@ class Daemon:
             cid = ev.external_ids.get("reconciler-container")
             if cid:
                 self.netctl.mark_dirty(cid)
-                self.controller.queue.add(f"container:{cid}")
+                self.controller.queue.add(ContainerKey(cid))
 
-    # ------------------------------------------------------------------ reconcile
+    # ------------------------------------------------------------------ keys
 
-    def _container_keys(self) -> list[str]:
+    def _container_keys(self) -> list[WorkKey]:
         with self._lock:
-            return [f"container:{cid}" for cid in self.known.containers]
+            return [ContainerKey(cid) for cid in self.known.containers]
 
-    def _resync_keys(self) -> list[str]:
+    def _resync_keys(self) -> list[WorkKey]:
         """The controller's periodic resync: every key; every DEEP_EVERY-th time, also look
         inside every container (the safety net under the event-driven repairs)."""
         if self.snapshot is not None:
@@ -265,156 +265,154 @@ class Daemon:
                 self.netctl.mark_all_dirty()
         return self._all_keys()
 
-    def _all_keys(self) -> list[str]:
+    def _all_keys(self) -> list[WorkKey]:
         if self.snapshot is None:
             return []  # nothing is known to be desired yet: touch nothing
         # The proxy first: the queue is FIFO, and behind one key per running container a
         # KV flip of `active` waited for all of them (~1 s with 200 containers on the
         # host; found by bench/proxy.py).
-        keys = [PROXY] if self.proxy is not None else []
+        keys: list[WorkKey] = [PROXY] if self.proxy is not None else []
         keys += [*self._container_keys(), SWEEP]
         if not self.opts.dry_run:
             keys.append(MEMBERS)
         return keys
 
-    def _reconcile(self, key: str) -> Result | None:
+    # ------------------------------------------------------------------ handlers
+
+    def _reconcile(self, key: WorkKey) -> Result | None:
         if self.snapshot is None:
             return Result(requeue_after=1.0)
-        if key.startswith("container:"):
-            cid = key.split(":", 1)[1]
-            with self._lock:
-                cached = self.known.containers.get(cid)
-            # Docker is asked again only when one of its events concerns the container, or
-            # its process is not the one we know: a change in Desired state, a netns or
-            # OVS event, or a resync only needs to look at the interfaces.
-            stale = cid in self._stale
-            self._stale.discard(cid)
-            if cached is not None and not stale and _same_process(cached):
-                info: ContainerInfo | None = cached
-            else:
-                info = self.docker.inspect(cid)
-            self._reconcile_container(cid, info)
-        elif key == SWEEP:
-            if not self._listed.is_set():
-                # Before Docker's first list, "running" is empty and the sweep would tear
-                # down every attachment of the node (a restart cut every container off
-                # until re-attached; found by test_orphans_swept_after_crash). The list
-                # enqueues the sweep again when it arrives.
-                return None
-            q = self.controller.queue
-            if any(k.startswith("container:") for k in q.in_flight() | q.pending()):
-                # A container being attached right now may own a fresh veth/port that
-                # the sweep's "running" list does not know yet: sweep when it is quiet.
-                return Result(requeue_after=1.0)
-            self._sweep()
-        elif key == OVS_PORTS:
-            self.netctl.flush_ports()
-        elif key == MEMBERS:
-            if not self._listed.is_set():
-                # Before Docker's first list no container is known and every member this
-                # node published would be withdrawn (members flapped on every restart; found
-                # by tests/integration/test_daemon_proxy.py). The list enqueues MEMBERS.
-                return None
-            self._sync_members()
-        elif key == PROXY and self.proxy is not None:
-            delay = self.proxy.quiet_delay()
-            if delay > 0:  # coalesce a burst of changes into one reload
-                return Result(requeue_after=delay)
-            try:
-                self.status.proxy = self.proxy.reconcile()
-            finally:
-                # A failed reload shows in `reconciler status` too (last_reload).
-                self.status.proxy = self.proxy.status()
+        result = self._handlers[type(key)](key)
         self._status_dirty.set()
-        return None
+        return result
 
-    def _sweep(self) -> None:
+    def _handle_container(self, key: ContainerKey) -> None:
+        cid = key.cid
         with self._lock:
-            running = list(self.known.containers.values())
-        done = self.netctl.sweep(running)
-        for cid in self.netctl.dirty_ids():  # e.g. an address lost while we were away
-            self.controller.queue.add(f"container:{cid}")
-        if done:
-            log.info("sweep: %s", _summarize(done))
-            log.debug("sweep removed: %s", ", ".join(done))
-
-    def member_addresses(self) -> dict[str, dict[str, str]]:
-        """container id -> {network -> address/prefix} of its reconciled interfaces."""
-        out: dict[str, dict[str, str]] = {}
-        with self._lock:
-            running = list(self.known.containers.values())
-        for info in running:
-            res = self.netctl.attached.get(info.id)
-            if res is None or not res.addresses:
-                continue
-            by_net: dict[str, str] = {}
-            for itf in self.netctl.wanted(info):
-                if itf.name in res.addresses:
-                    by_net.setdefault(itf.network, res.addresses[itf.name])
-            out[info.id] = by_net
-        return out
-
-    def _sync_members(self) -> None:
-        if self.opts.dry_run:
-            return
-        with self._lock:
-            running = list(self.known.containers.values())
-        wanted, errs = wanted_members(self.opts.prefix, self.opts.node, running,
-                                      self.member_addresses())
-        # Running containers not reconciled yet by this run have no address yet: keep
-        # what was published for them rather than withdraw it and publish it again.
-        pending = {k for c in running if c.id not in self.netctl.attached
-                   and (k := member_key(self.opts.prefix, self.opts.node, c)) is not None}
-        session = self.publisher.ensure_session()
-        self._members_session = session
-        changes = self.members.sync(session, wanted, keep=pending)
-        if changes:
-            log.info("members: %s", ", ".join(changes))
-            self.controller.queue.add(PROXY)
-        problems = {f"container {name}": [msg] for name, msg in errs.items()}
-        problems.update({k: [v] for k, v in self.members.errors.items()})
-        with self._lock:
-            if problems:
-                self.known.errors[MEMBERS] = problems
-            else:
-                self.known.errors.pop(MEMBERS, None)
+            cached = self.known.containers.get(cid)
+        # Docker is asked again only when one of its events concerns the container, or
+        # its process is not the one we know: a change in desired state, a netns or OVS
+        # event, or a resync only needs to look at the interfaces.
+        stale = cid in self._stale
+        self._stale.discard(cid)
+        if cached is not None and not stale and _same_process(cached):
+            info: ContainerInfo | None = cached
+        else:
+            info = self.docker.inspect(cid)
+        self._reconcile_container(cid, info)
 
     def _reconcile_container(self, cid: str, info: ContainerInfo | None) -> None:
-        key = f"container:{cid}"
         with self._lock:
             if info is not None and info.running:
                 self.known.containers[cid] = info
             else:
                 self.known.containers.pop(cid, None)
-        self._clear_errors(key)
-        res = self.netctl.reconcile_container(cid, info, inspected=True)
+        before = self.netctl.result(cid)
+        try:
+            res = self.netctl.reconcile_container(cid, info)
+        finally:
+            # What is published follows what is attached, failures included: an
+            # interface that could not be made withdraws its member.
+            after = self.netctl.result(cid)
+            if (before.addresses if before else {}) != (after.addresses if after else {}):
+                self.controller.queue.add(MEMBERS)
         if res.changes:
             log.info("container %s: %s", info.name if info else cid[:12],
                      ", ".join(res.changes))
         if res.changes or info is None or not info.running:
             self.controller.queue.add(MEMBERS)
 
-    def _error_key(self, key: str) -> str:
-        if key.startswith("container:") and self.snapshot is not None:
-            info = self.known.containers.get(key.split(":", 1)[1])
+    def _handle_ports(self, key: PortsKey) -> None:
+        self.netctl.flush_ports()
+
+    def _handle_sweep(self, key: SweepKey) -> Result | None:
+        if not self._listed.is_set():
+            # Before Docker's first list, "running" is empty and the sweep would tear
+            # down every attachment of the node (a restart cut every container off
+            # until re-attached; found by test_orphans_swept_after_crash). The list
+            # enqueues the sweep again when it arrives.
+            return None
+        q = self.controller.queue
+        if not self._once and any(isinstance(k, ContainerKey)
+                                  for k in q.in_flight() | q.pending()):
+            # A container being attached right now may own a fresh veth/port that
+            # the sweep's "running" list does not know yet: sweep when it is quiet.
+            return Result(requeue_after=1.0)
+        self._sweep()
+        return None
+
+    def _sweep(self) -> None:
+        done = self.netctl.sweep(self._running())
+        for cid in self.netctl.dirty_ids():  # e.g. an address lost while we were away
+            self.controller.queue.add(ContainerKey(cid))
+        if done:
+            log.info("sweep: %s", _summarize(done))
+            log.debug("sweep removed: %s", ", ".join(done))
+
+    def _handle_members(self, key: MembersKey) -> None:
+        if not self._listed.is_set():
+            # Before Docker's first list no container is known and every member this
+            # node published would be withdrawn (members flapped on every restart; found
+            # by tests/integration/test_daemon_proxy.py). The list enqueues MEMBERS.
+            return
+        if self.opts.dry_run:
+            return
+        session = self.publisher.ensure_session()
+        changes, problems = self.members.sync(session, self._running(),
+                                              self.netctl.results(), self.netctl.wanted)
+        if changes:
+            log.info("members: %s", ", ".join(changes))
+            self.controller.queue.add(PROXY)
+        with self._lock:
+            if problems:
+                self.known.errors[MEMBERS] = problems
+            else:
+                self.known.errors.pop(MEMBERS, None)
+
+    def _handle_proxy(self, key: ProxyKey) -> Result | None:
+        if self.proxy is None:
+            return None
+        delay = 0.0 if self._once else self.proxy.quiet_delay()
+        if delay > 0:  # coalesce a burst of changes into one reload
+            return Result(requeue_after=delay)
+        try:
+            self.status.proxy = self.proxy.reconcile()
+        finally:
+            # A failed reload shows in `reconciler status` too (last_reload).
+            self.status.proxy = self.proxy.status()
+        return None
+
+    # ------------------------------------------------------------------ errors
+
+    def _error_key(self, key: WorkKey) -> str:
+        """The user's Consul key a failure of `key` is about (else the work key)."""
+        cid = key.cid if isinstance(key, ContainerKey) else None
+        if cid is not None and self.snapshot is not None:
+            with self._lock:
+                info = self.known.containers.get(cid)
             if info is not None:
-                k = spec_key_for(self.opts.prefix, info.name, info.labels, self.snapshot.state)
+                k = spec_key_for(self.layout, info.name, info.labels, self.snapshot.state)
                 if k:
                     return k
-        return key
+        return str(key)
 
-    def _on_error(self, key: str, exc: BaseException, terminal: bool) -> None:
-        where = self._error_key(key)
+    def _on_error(self, key: WorkKey, exc: BaseException, terminal: bool) -> None:
         msg = str(exc) if isinstance(exc, ReconcilerError) else f"{type(exc).__name__}: {exc}"
-        log.warning("%s (%s): %s%s", where, key, msg, "" if terminal else " (will retry)")
+        by_where: dict[str, list[str]] = {}
+        if isinstance(key, PortsKey):
+            # A batch holds ports of many containers: each is reported at its own spec.
+            for cid in self.netctl.queued_containers() or [""]:
+                where = self._error_key(ContainerKey(cid)) if cid else str(key)
+                by_where.setdefault(where, []).append(msg)
+        else:
+            by_where[self._error_key(key)] = [msg]
+        for where in by_where:
+            log.warning("%s (%s): %s%s", where, key, msg, "" if terminal else " (will retry)")
         with self._lock:
-            self.known.errors.setdefault(key, {})[where] = [msg]
+            self.known.errors[key] = by_where
         self._status_dirty.set()
 
-    def _on_success(self, key: str) -> None:
-        self._clear_errors(key)
-
-    def _clear_errors(self, key: str) -> None:
+    def _on_success(self, key: WorkKey) -> None:
         with self._lock:
             if self.known.errors.pop(key, None) is not None:
                 self._status_dirty.set()
@@ -422,28 +420,14 @@ class Daemon:
     # ------------------------------------------------------------------ status
 
     def build_status(self) -> NodeStatus:
-        st = self.status
-        st.updated = time.time()
-        errors: dict[str, list[str]] = {}
-        if self.snapshot is not None:
-            for p in self.snapshot.state.problems:
-                errors.setdefault(p.key, []).append(str(p)[len(p.key):].lstrip(": "))
         with self._lock:
-            for per in list(self.known.errors.values()):
-                for where, msgs in per.items():
-                    errors.setdefault(where, []).extend(msgs)
-            attached = list(self.netctl.attached.values())  # workers change the dict
-            st.counts = {
-                "containers": sum(1 for r in attached if r.addresses),
-                "interfaces": sum(len(r.addresses) for r in attached),
-                "running": len(self.known.containers),
-                "errors": sum(len(v) for v in errors.values()),
-            }
-        if self.proxy is not None:
-            for k, v in self.proxy.errors().items():
-                errors.setdefault(k, []).extend(v)
-        st.errors = errors
-        return st
+            known = [dict(per) for per in self.known.errors.values()]
+            running = len(self.known.containers)
+        return build_status(
+            self.status,
+            problems=self.snapshot.state.problems if self.snapshot is not None else (),
+            errors=known, results=self.netctl.results().values(), running=running,
+            proxy_errors=self.proxy.errors() if self.proxy is not None else {})
 
     def _status_loop(self, stop: threading.Event) -> None:
         last_beat = 0.0
@@ -457,8 +441,8 @@ class Daemon:
                 if now - last_beat >= self.opts.status_interval:
                     self.publisher.heartbeat()
                     last_beat = now
-                    if self._members_session is not None \
-                            and self.publisher.session != self._members_session:
+                    if self.members.session is not None \
+                            and self.publisher.session != self.members.session:
                         # The session expired (Consul was away): members went with it.
                         self.controller.queue.add(MEMBERS)
                 if self.snapshot is not None:
@@ -512,9 +496,8 @@ class Daemon:
                 t.join(timeout=5)
 
     def run_once(self) -> int:
-        """Reconcile everything once; 0 when every key applied, 1 otherwise."""
-        stop = threading.Event()
-        stop.set()  # never wait for Consul: fail instead
+        """Reconcile everything once, in order, through the same handlers as `run`;
+        0 when every key applied, 1 otherwise."""
         snap = self.watcher.poll(consistent=True)
         if snap is not None:
             self._on_snapshot(snap)
@@ -524,24 +507,17 @@ class Daemon:
             log.error("%s", e)
             return 1
         self._on_docker_list(running)
-        failed = 0
-        keys = [f"container:{c.id}" for c in running] + [OVS_PORTS, SWEEP]
+        self._once = True
+        keys: list[WorkKey] = [ContainerKey(c.id) for c in running]
+        keys += [PORTS, SWEEP]
         if not self.opts.dry_run:
             keys.append(MEMBERS)
         if self.proxy is not None:
             keys.append(PROXY)
-        listed = {c.id: c for c in running}
+        failed = 0
         for key in keys:
             try:
-                if key == PROXY and self.proxy is not None:
-                    self.status.proxy = self.proxy.reconcile()  # no quiescence wait
-                elif key.startswith("container:"):
-                    cid = key.split(":", 1)[1]
-                    self._reconcile_container(cid, listed[cid])  # inspected by the list
-                elif key == SWEEP:
-                    self._sweep()  # sequential here: nothing can be attaching meanwhile
-                else:
-                    self._reconcile(key)
+                self._reconcile(key)
                 self._on_success(key)
             except Exception as e:  # reported per key, like the daemon does
                 failed += 1

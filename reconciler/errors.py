@@ -72,6 +72,14 @@ class PoolExhausted(ReconcilerError):
     later (an address may be released)."""
 
 
+class AddressConflict(ReconcilerError):
+    """A static address is held by another container (on this or another node)."""
+
+
+class ContainerError(ReconcilerError):
+    """Some interfaces of a container could not be made right (temporary: retried)."""
+
+
 class CutoverRefused(ReconcilerError):
     """The cutover was refused before anything changed."""
 

@@ -199,7 +199,10 @@ class ObservedInterface:
     addresses: frozenset[IpInterface] = frozenset()  # IPv6 link-local excluded
     routes: frozenset[Route] = frozenset()  # main-table routes with a gateway via this iface
     arp_notify: bool | None = None
+    promote_secondaries: bool | None = None
+    tx_checksum: bool | None = None  # read only when observe() is asked to
     host_ifindex: int | None = None
+    host_alias: str | None = None
     host_mtu: int | None = None
     host_up: bool = False
     host_master: str | None = None
@@ -497,8 +500,10 @@ class NetlinkAdapter:
 
     # ---------------------------------------------------------------- container side
 
-    def observe(self, ns: ContainerNetns, container_id: str, ifname: str) -> ObservedInterface:
-        """Read the actual state of `ifname` in `ns` and of its host veth."""
+    def observe(self, ns: ContainerNetns, container_id: str, ifname: str, *,
+                tx_checksum: bool = False) -> ObservedInterface:
+        """Read the actual state of `ifname` in `ns` and of its host veth (with
+        `tx_checksum`, also its TX checksum offload: one more ioctl)."""
         host_name = host_veth_name(container_id, ifname)
         with _translate(f"observe {ifname} ({host_name})"):
             hipr = self._host()
@@ -516,6 +521,7 @@ class NetlinkAdapter:
                     "host_mtu": host.mtu,
                     "host_up": host.up,
                     "host_master": master,
+                    "host_alias": host.alias,
                 }
             if peer is None:
                 return ObservedInterface(
@@ -526,6 +532,7 @@ class NetlinkAdapter:
                     **host_fields,
                 )
             arp = peer.inet(INET_CONF_ARP_NOTIFY)
+            promote = peer.inet(INET_CONF_PROMOTE_SECONDARIES)
             return ObservedInterface(
                 ifname=ifname,
                 host_veth=host_name,
@@ -538,6 +545,8 @@ class NetlinkAdapter:
                 addresses=_addresses(nipr, peer.index),
                 routes=_gateway_routes(nipr, peer.index),
                 arp_notify=None if arp is None else arp == 1,
+                promote_secondaries=None if promote is None else promote == 1,
+                tx_checksum=ns.tx_checksum(ifname) if tx_checksum else None,
                 **host_fields,
             )
 
@@ -820,6 +829,12 @@ class NetlinkAdapter:
                     out[link.name] = owner[0]
             return out
 
+    def bridge_state(self, name: str) -> tuple[bool, int | None, bool] | None:
+        """(is a bridge, MTU, up) of link `name`; None when there is no such link."""
+        with self._lock, _translate(f"read link {name}"):
+            link = self._host().get_link(name)
+            return None if link is None else (link.kind == "bridge", link.mtu, link.up)
+
     def bridge_has_ports(self, name: str) -> bool:
         """Whether any link has Linux bridge `name` as its master."""
         with self._lock, _translate(f"list ports of {name}"):
@@ -863,14 +878,12 @@ class NetlinkAdapter:
                 changes.append(Change.UP)
         return tuple(changes)
 
-    def remove_host_address(self, ifname: str, cidr: IpInterface) -> bool:
-        with self._lock, _translate(f"remove {cidr} from {ifname}"):
+    def has_host_address(self, ifname: str, cidr: IpInterface) -> bool:
+        """Whether host link `ifname` exists, is up and has address `cidr`."""
+        with self._lock, _translate(f"read addresses of {ifname}"):
             ipr = self._host()
             link = ipr.get_link(ifname)
-            if link is None or cidr not in _addresses(ipr, link.index):
-                return False
-            ipr.del_addr(link.index, str(cidr.ip), cidr.network.prefixlen)
-            return True
+            return link is not None and link.up and cidr in _addresses(ipr, link.index)
 
 
 def _bridge_alias(alias: str | None) -> tuple[str, str | None] | None:
@@ -880,10 +893,6 @@ def _bridge_alias(alias: str | None) -> tuple[str, str | None] | None:
         return None
     network, _, node = alias[len(OWNER_ALIAS_PREFIX):].partition("@")
     return network, node or None
-
-
-def _family(addr: IpAddress) -> int:
-    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
 
 
 def _is_pair(host: Link, peer: Link) -> bool:

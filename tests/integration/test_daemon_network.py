@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from helpers import ContainerFactory, wait_for
 
+from reconciler.adapters.bridgefw import BridgeForwarding
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
 from reconciler.adapters.netlink import host_veth_name
 
@@ -145,6 +146,7 @@ def env(consul_addr: str, ovs_datapath: str, tmp_path_factory: pytest.TempPathFa
         run(["ovs-vsctl", "--timeout=10", "--if-exists", "del-br", ovs_bridge], check=False)
         for br in (lb1, lb2):
             run(["ip", "link", "del", "dev", br], check=False)
+            BridgeForwarding(node).remove(br)  # the daemon was stopped before its sweep
         kv.close()
 
 
@@ -583,3 +585,45 @@ def test_static_address_matched_by_two_containers_is_a_conflict(
     while time.monotonic() < t_end:
         assert len(holders()) == 1, holders()
         time.sleep(0.25)
+
+
+def test_member_published_only_while_its_interface_is_attached(
+        env: Env, container_factory: ContainerFactory) -> None:
+    """An interface that cannot be attached (its name is taken inside the container, as
+    Docker's own eth1 on docker_gwbridge is in a swarm task) publishes no member; once the
+    obstacle is gone it is attached and published, with the address it really has."""
+    spec = f"blk-{env.run_id}"
+    key = f"{env.prefix}containers/{spec}"
+    ctr = container_factory(name=f"rt-{env.run_id}-blk", labels={
+        "reconciler.name": spec, "reconciler.service": f"svc{env.run_id}",
+        "reconciler.pool": "blue", "reconciler.port": "8080"})
+    member = f"{env.prefix}services/svc{env.run_id}/pools/blue/{env.node}_{ctr.name}"
+    pid = container_pid(ctr)
+    # The obstacle exists before the spec: nothing races the daemon for the name.
+    run(["nsenter", "-t", str(pid), "-n", "ip", "link", "add", "eth1", "type", "veth",
+         "peer", "name", "blk0"])
+    env.put(f"containers/{spec}", {"interfaces": [
+        {"name": "eth1", "network": "ovp", "address": "auto"}]})
+    try:
+        def refused() -> bool:
+            errs = (env.status().get("errors") or {}).get(key) or []
+            return any("is not reconciler's veth" in e for e in errs)
+
+        wait_for(refused, timeout=ATTACH_TIMEOUT, interval=0.3,
+                 message=f"{key}: eth1 refused (taken by a foreign veth)")
+        # Members are synced after every reconcile of the container; a resync (2 s) and
+        # its retries have passed by the time the error is reported twice over.
+        t_end = time.monotonic() + 4.5
+        while time.monotonic() < t_end:
+            assert env.kv.get(member) is None, "published without an attached interface"
+            time.sleep(0.25)
+        assert not netns_addrs(pid, "eth1"), "the daemon touched an interface not its own"
+
+        run(["nsenter", "-t", str(pid), "-n", "ip", "link", "del", "eth1"])
+        addr = _wait_attached(ctr, "eth1")
+        item = wait_for(lambda: env.kv.get(member), timeout=ATTACH_TIMEOUT,
+                        message="member published once attached")
+        assert json.loads(item.value)["address"] == addr.split("/")[0]
+        wait_for(lambda: not refused(), timeout=ATTACH_TIMEOUT, message="error cleared")
+    finally:
+        env.delete(f"containers/{spec}")

@@ -95,3 +95,47 @@ def test_plan_dry_run_then_apply(env: dict[str, Any],
     repaired = cli(env, "run", "--once")
     assert repaired.returncode == 0, repaired.stderr
     assert link_exists(veth), repaired.stdout + repaired.stderr
+
+
+def _ovs(*args: str) -> str:
+    return subprocess.run(["ovs-vsctl", *args], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+
+
+def test_plan_shows_a_hand_made_vlan_tag_change_and_run_once_repairs_it(
+        env: dict[str, Any], container_factory: ContainerFactory) -> None:
+    o = env["octet"]
+    bridge = f"bro{env['node'][-6:]}"
+    state = env["tmp"] / "state.json"
+    state.write_text(json.dumps({
+        "networks": {"onet": {"subnet": f"10.77.{o}.0/24", "bridge": bridge, "vlan": 101}},
+        "containers": {"tagme": {"interfaces": [
+            {"name": "eth1", "network": "onet", "address": f"10.77.{o}.21/24"}]}},
+    }))
+    assert cli(env, "apply", "-f", str(state)).returncode == 0
+    ctr = container_factory(labels={"reconciler.name": "tagme"})
+    port = host_veth_name(ctr.id, "eth1")
+    try:
+        once = cli(env, "run", "--once")
+        assert once.returncode == 0, once.stderr
+        assert _ovs("get", "port", port, "tag") == "101"
+        clean = cli(env, "plan")
+        assert "no changes" in clean.stdout, clean.stdout
+
+        _ovs("set", "port", port, "tag=999")  # by hand
+        drift = cli(env, "plan")
+        assert f"{ctr.name} eth1: port {port} on {bridge} vlan 101 (vlan 999 -> 101)" \
+            in drift.stdout, drift.stdout
+        assert sum("network (" in line for line in drift.stdout.splitlines()) == 1, \
+            drift.stdout  # the tag, and nothing the daemon would not do
+        assert _ovs("get", "port", port, "tag") == "999"  # plan changed nothing
+
+        repaired = cli(env, "run", "--once")
+        assert repaired.returncode == 0, repaired.stderr
+        assert _ovs("get", "port", port, "tag") == "101"
+        assert "no changes" in cli(env, "plan").stdout
+    finally:
+        _kv_delete_tree(env["prefix"] + "containers/")
+        cli(env, "run", "--once")
+        subprocess.run(["ovs-vsctl", "--if-exists", "del-br", bridge], check=False,
+                       capture_output=True)

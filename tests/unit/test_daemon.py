@@ -12,10 +12,11 @@ from typing import Any
 
 from reconciler.adapters.consul_kv import KVItem, KVSnapshot
 from reconciler.adapters.docker_engine import ContainerEvent, ContainerInfo
-from reconciler.daemon import MEMBERS, OVS_PORTS, PROXY, SWEEP, Daemon, DaemonOptions
+from reconciler.daemon import Daemon, DaemonOptions
 from reconciler.model import DesiredState
-from reconciler.netctl import AttachResult
+from reconciler.network.execute import AttachResult
 from reconciler.runtime.kvwatch import snapshot_from
+from reconciler.workkeys import MEMBERS, PORTS, PROXY, SWEEP, ContainerKey, WorkKey
 
 P = "reconciler/"
 NET = json.dumps({"subnet": "10.77.1.0/24", "bridge": "br-a"}).encode()
@@ -35,12 +36,26 @@ class FakeNetctl:
     attached: dict[str, AttachResult] = field(default_factory=dict)
     dirty: set[str] = field(default_factory=set)
     ipam_view: Any = None
-    on_ports_pending: Any = None
     reconciled: list[str] = field(default_factory=list)
     preallocated: list[list[str]] = field(default_factory=list)
 
     def set_state(self, state: DesiredState) -> None:
         self.state = state
+
+    def set_ipam_view(self, view: Any) -> None:
+        self.ipam_view = view
+
+    def result(self, cid: str) -> AttachResult | None:
+        return self.attached.get(cid)
+
+    def results(self) -> dict[str, AttachResult]:
+        return dict(self.attached)
+
+    def dirty_ids(self) -> list[str]:
+        return []
+
+    def queued_containers(self) -> list[str]:
+        return []
 
     def preallocate(self, containers: Any) -> int:
         self.preallocated.append(sorted(c.id for c in containers))
@@ -52,11 +67,7 @@ class FakeNetctl:
     def mark_all_dirty(self) -> None:
         self.dirty.add("*")
 
-    def is_dirty(self, cid: str) -> bool:
-        return True
-
-    def reconcile_container(self, cid: str, info: Any = None, *, inspected: bool = False
-                            ) -> AttachResult:
+    def reconcile_container(self, cid: str, info: Any = None) -> AttachResult:
         self.reconciled.append(cid)
         return AttachResult()
 
@@ -111,7 +122,7 @@ def make(proxy: bool = True) -> tuple[Daemon, FakeNetctl]:
     return d, nc
 
 
-def drain(d: Daemon) -> list[str]:
+def drain(d: Daemon) -> list[WorkKey]:
     keys = []
     while len(d.controller.queue):
         k = d.controller.queue.get(timeout=0)
@@ -128,7 +139,7 @@ def test_user_change_enqueues_everything_proxy_first() -> None:
     d._on_snapshot(snap(5, **{"networks/n": NET, "containers/c": SPEC}))
     keys = drain(d)
     assert keys[0] == PROXY  # a flip never waits behind every container
-    assert set(keys) == {PROXY, "container:a", SWEEP, MEMBERS}
+    assert set(keys) == {PROXY, ContainerKey("a"), SWEEP, MEMBERS}
 
 
 def test_daemon_area_changes_enqueue_nothing() -> None:
@@ -188,9 +199,9 @@ def test_events_mark_dirty_and_enqueue() -> None:
     d._on_docker_event(ContainerEvent("die", "abc", "c", 1))
     d.on_netns_event("def")
     assert nc.dirty == {"abc", "def"}
-    assert set(drain(d)) == {"container:abc", MEMBERS, "container:def"}
-    nc.on_ports_pending()
-    assert drain(d) == [OVS_PORTS]
+    assert set(drain(d)) == {ContainerKey("abc"), MEMBERS, ContainerKey("def")}
+    d.on_ports_pending()
+    assert drain(d) == [PORTS]
 
 
 def test_deep_pass_every_tenth_resync() -> None:
@@ -207,5 +218,5 @@ def test_nothing_before_the_first_snapshot() -> None:
     d, nc = make()
     assert d._resync_keys() == []
     d._on_docker_list([ContainerInfo("a", "ca", running=True, pid=1)])
-    assert d._reconcile("container:a") is not None  # requeued: nothing is known yet
+    assert d._reconcile(ContainerKey("a")) is not None  # requeued: nothing is known yet
     assert nc.reconciled == []

@@ -1,0 +1,134 @@
+"""The address book: this node's view of its IPAM allocations, cached per interface.
+
+Owns the cache of (container, network, interface) -> address and every call into IPAM
+(reconciler.ipam, which owns the allocation keys in Consul): allocating `auto`
+addresses (one by one, or many in a few transactions), claiming static ones, releasing,
+and the sweep's part (allocations of dead containers and dead nodes, the re-assertion
+of allocation keys lost while the daemon was away). A resync of unchanged containers
+costs no Consul read; every sweep rebuilds the cache from one consistent read, so an
+allocation removed behind our back is noticed within one period.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from reconciler.errors import AdapterError, ReconcilerError
+from reconciler.ipam import Allocation, Ipam
+from reconciler.model import IPAddress, Network
+
+log = logging.getLogger(__name__)
+
+IfaceKey = tuple[str, str, str]  # (container id, network, interface)
+
+
+class AddressBook:
+    def __init__(self, ipam: Ipam, node: str) -> None:
+        self._ipam = ipam
+        self._node = node
+        self._lock = threading.Lock()
+        self._cache: dict[IfaceKey, IPAddress] = {}
+        self._view: Mapping[str, Any] | None = None  # ipam/ keys as last watched
+
+    def set_view(self, view: Mapping[str, Any]) -> None:
+        """The allocation keys as the daemon's watch last saw them (saves a read)."""
+        self._view = view
+
+    def cached(self, key: IfaceKey) -> IPAddress | None:
+        with self._lock:
+            return self._cache.get(key)
+
+    def _remember(self, key: IfaceKey, ip: IPAddress) -> None:
+        with self._lock:
+            self._cache[key] = ip
+
+    def claim(self, net: Network, ip: IPAddress, cid: str, ifname: str) -> Allocation | None:
+        """Claim a static address; the holder when another container has it."""
+        key = (cid, net.name, ifname)
+        if self.cached(key) == ip:
+            return None
+        holder = self._ipam.claim(net, ip, cid, ifname)
+        if holder is None:
+            self._remember(key, ip)
+        return holder
+
+    def holder(self, net: Network, ip: IPAddress, cid: str) -> Allocation | None:
+        """Read only: the allocation of `ip` by another container, if any."""
+        return next((a for a in self._ipam.allocations(net.name)
+                     if a.address == ip and a.container != cid), None)
+
+    def allocate(self, net: Network, cid: str, ifname: str,
+                 reserved: Iterable[IPAddress]) -> IPAddress:
+        key = (cid, net.name, ifname)
+        ip = self.cached(key)
+        if ip is None or net.pool is None or ip not in net.pool:
+            ip = self._ipam.allocate(net, cid, ifname, reserved, known=self._view)
+            self._remember(key, ip)
+        return ip
+
+    def find(self, net: Network, cid: str, ifname: str) -> IPAddress | None:
+        """Read only: the address allocated to this interface, if any."""
+        held = self._ipam.find(net.name, cid, ifname)
+        return None if held is None else held.address
+
+    def allocate_many(self, wants: list[tuple[Network, str, str]],
+                      reserved: Iterable[IPAddress]) -> int:
+        """Allocate many `auto` addresses in a few Consul transactions (up to 64 each):
+        with 200 replicas scaled out at once, one create round trip each was the largest
+        cost of attaching (bench/attach.py). Best effort: whatever it leaves (a lost race,
+        an error) is allocated one by one by the reconcile. Returns how many."""
+        view = self._view
+        with self._lock:
+            wants = [w for w in wants if (w[1], w[0].name, w[2]) not in self._cache]
+        if view is None or len(wants) < 2:
+            return 0  # one alone: the reconcile's own allocation costs the same
+        try:
+            got = self._ipam.allocate_many(wants, list(reserved), view)
+        except (AdapterError, ReconcilerError) as e:
+            log.warning("batch address allocation failed (one by one instead): %s", e)
+            return 0
+        with self._lock:
+            self._cache.update(got)
+        return len(got)
+
+    def forget(self, cid: str) -> None:
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == cid]:
+                del self._cache[key]
+
+    def release_container(self, cid: str) -> int:
+        return self._ipam.release_container(cid)
+
+    def sweep(self, running_ids: set[str], is_gone: Callable[[str], bool],
+              reclaim_grace: float) -> tuple[list[str], dict[IfaceKey, IPAddress]]:
+        """Reclaim dead nodes' allocations, release those of this node's containers that
+        are gone, and rebuild the cache from that read. Returns (what it did, the
+        allocations held by this node's containers)."""
+        done = [f"reclaimed {a.network}/{a.address} of node {a.node}"
+                for a in self._ipam.reclaim_dead_nodes(reclaim_grace)]
+        held: dict[IfaceKey, IPAddress] = {}
+        for a in self._ipam.allocations():
+            if a.node != self._node:
+                continue
+            if a.container not in running_ids and is_gone(a.container):
+                self._ipam.release(a)
+                done.append(f"allocation {a.network}/{a.address}")
+            else:
+                held[(a.container, a.network, a.interface)] = a.address
+        with self._lock:
+            self._cache = dict(held)
+        return done, held
+
+    def reassert(self, cid: str, network: str, ifname: str, cidr: str) -> bool:
+        """An address configured on a running container whose allocation key is gone
+        (reclaimed while this daemon was away longer than the grace period): create the
+        key again. False when another container holds the address now."""
+        ip = ipaddress.ip_interface(cidr).ip
+        if self._ipam.reassert(network, ip, cid, ifname):
+            self._remember((cid, network, ifname), ip)
+            return True
+        return False

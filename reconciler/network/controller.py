@@ -1,0 +1,361 @@
+"""The network controller: makes one container's interfaces equal to its spec.
+
+Owns the pipeline of one container's reconcile — resolve its addresses (address book),
+observe (netlink, the drivers), plan (network.plan, pure), apply (network.execute) or,
+in a dry run, report the plan — and the last result per container. Level-based: every
+reconcile reads the container, the spec and the actual interfaces, so a missed event is
+repaired by the next one or by the periodic resync. The parts it composes each own
+their state: drivers (segments, ports), the port batcher, the address book, the dirty
+tracker, the segment memory, the sweeper.
+
+Ownership: every OVS port the daemon creates carries external_ids (owner, node,
+container, container interface, network); host veths are named `rv<hash>` with an
+ifalias naming the node; OVS bridges carry external_ids (owner, node, network), Linux
+bridges the ifalias `reconciler:<net>@<node>`; gateway ports are `rg<hash>`. Nothing
+without those marks is ever touched.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from reconciler.adapters import netlink
+from reconciler.adapters.docker_engine import ContainerInfo
+from reconciler.errors import AddressConflict, ContainerError, NetlinkError, ReconcilerError
+from reconciler.ipam import DEFAULT_RECLAIM_GRACE
+from reconciler.kvlayout import Layout
+from reconciler.model import ContainerSpec, DesiredState, InterfaceSpec, IPAddress, Network
+from reconciler.network import plan
+from reconciler.network.addresses import AddressBook
+from reconciler.network.drift import DirtyTracker
+from reconciler.network.drivers.base import PortOwner
+from reconciler.network.execute import AttachResult, Executor
+from reconciler.network.portbatch import Committed, PendingPort, PortBatcher
+from reconciler.network.segments import Segments
+from reconciler.network.sweep import Sweeper
+
+log = logging.getLogger(__name__)
+
+NAME_LABEL = "reconciler.name"
+
+
+def spec_for(state: DesiredState, name: str, labels: Mapping[str, str]) -> ContainerSpec | None:
+    """The entry for a container: by its name, else by its `reconciler.name` label."""
+    spec = state.containers.get(name)
+    if spec is None and labels.get(NAME_LABEL):
+        spec = state.containers.get(labels[NAME_LABEL])
+    return spec
+
+
+def spec_key_for(layout: Layout, name: str, labels: Mapping[str, str], state: DesiredState,
+                 ) -> str | None:
+    """The KV key whose entry (valid or not) applies to a container."""
+    for n in (name, labels.get(NAME_LABEL, "")):
+        key = layout.container(n) if n else ""
+        if n and (n in state.containers or key in state.invalid_keys):
+            return key
+    return None
+
+
+class NetworkController:
+    """Applies networking for containers on this node."""
+
+    def __init__(self, *, node: str, nl: netlink.NetlinkAdapter, segments: Segments,
+                 addresses: AddressBook, batcher: PortBatcher,
+                 inspect: Callable[[str], ContainerInfo | None], dry_run: bool = False,
+                 reclaim_grace: float = DEFAULT_RECLAIM_GRACE,
+                 netns_watcher: netlink.NetnsWatcher | None = None) -> None:
+        self.node = node
+        self.dry_run = dry_run
+        self.netns_watcher = netns_watcher
+        self._nl = nl
+        self._segments = segments
+        self._addresses = addresses
+        self._batcher = batcher
+        self._inspect = inspect
+        self._dirty = DirtyTracker()
+        self._executor = Executor(node=node, nl=nl, segments=segments)
+        self._sweeper = Sweeper(node=node, nl=nl, segments=segments, addresses=addresses,
+                                inspect=inspect, reclaim_grace=reclaim_grace)
+        self._lock = threading.Lock()  # guards state, _reserved, _results, planned
+        self._state = DesiredState()
+        self._reserved: tuple[IPAddress, ...] = ()
+        self._results: dict[str, AttachResult] = {}  # container id -> last result
+        self.planned: list[str] = []  # dry run: what would change
+
+    # ------------------------------------------------------------------ inputs
+
+    def set_state(self, state: DesiredState) -> None:
+        with self._lock:
+            if state.networks != self._state.networks:
+                self._segments.forget()
+            self._state = state
+            # Static addresses are never handed out from a pool.
+            self._reserved = tuple(i.address.ip for s in state.containers.values()
+                                   for i in s.interfaces if i.address is not None)
+
+    def set_ipam_view(self, view: Mapping[str, Any]) -> None:
+        self._addresses.set_view(view)
+
+    def wanted(self, info: ContainerInfo) -> list[InterfaceSpec]:
+        spec = spec_for(self._state, info.name, info.labels)
+        return list(spec.interfaces) if spec is not None else []
+
+    def mark_dirty(self, cid: str) -> None:
+        self._dirty.mark_dirty(cid)
+
+    def mark_all_dirty(self) -> None:
+        """The deep pass: look inside every container, and at every segment, again."""
+        self._dirty.mark_all_dirty()
+        self._segments.forget()
+
+    def dirty_ids(self) -> list[str]:
+        return self._dirty.dirty_ids()
+
+    # ------------------------------------------------------------------ results
+
+    def result(self, cid: str) -> AttachResult | None:
+        with self._lock:
+            return self._results.get(cid)
+
+    def results(self) -> dict[str, AttachResult]:
+        with self._lock:
+            return dict(self._results)
+
+    def veth_owner(self, name: str) -> str | None:
+        """The container whose host veth is `name`, among the attached ones."""
+        for cid, res in self.results().items():
+            if any(netlink.host_veth_name(cid, i) == name for i in res.interfaces):
+                return cid
+        return None
+
+    def _store(self, cid: str, res: AttachResult | None) -> None:
+        with self._lock:
+            if res is None:
+                self._results.pop(cid, None)
+            else:
+                self._results[cid] = res
+
+    # ------------------------------------------------------------------ reconcile
+
+    def _fingerprint(self, info: ContainerInfo, wanted: list[InterfaceSpec],
+                     state: DesiredState) -> tuple[Any, ...]:
+        return (info.pid, info.start_time, tuple(wanted),
+                tuple(state.networks.get(w.network) for w in wanted))
+
+    def reconcile_container(self, cid: str, info: ContainerInfo | None) -> AttachResult:
+        """Level-based: make container `cid`'s interfaces equal to its spec (or none).
+        `info`: the container as just inspected or cached by the caller (None: gone)."""
+        with self._lock:
+            state = self._state
+        if info is None or not info.running or not info.pid:
+            return self._stopped(cid, info)
+        wanted = self.wanted(info)
+        last = self.result(cid)
+        fp = self._fingerprint(info, wanted, state)
+        if not self.dry_run and last is not None and self._dirty.is_clean(cid, fp):
+            return AttachResult(addresses=dict(last.addresses),
+                                interfaces=set(last.interfaces))  # nothing to do
+        self._dirty.begin(cid)
+        res = AttachResult()
+        try:
+            ns = netlink.ContainerNetns.open(info.pid, container_id=info.id)
+        except NetlinkError as e:
+            res.errors.append(f"{info.name}: {e}")
+            self._store(cid, res)
+            raise ContainerError("; ".join(res.errors)) from e
+        try:
+            self._watch(info, ns)
+            self._reconcile_in(ns, info, wanted, state, last, res)
+            if self.netns_watcher is not None and not self.dry_run:
+                # From now on the kernel's own reports of these links (MTU, MAC, up/down
+                # changed by anyone) are compared with this.
+                self.netns_watcher.expect(info.id, {itf.name: netlink.LinkExpect(
+                    mtu=itf.mtu or state.networks[itf.network].mtu, mac=itf.mac)
+                    for itf in wanted})
+        finally:
+            ns.close()
+        self._store(cid, res)
+        if res.errors:
+            raise ContainerError("; ".join(res.errors))
+        if not self.dry_run:
+            self._dirty.record_clean(cid, fp)
+        return res
+
+    def _watch(self, info: ContainerInfo, ns: netlink.ContainerNetns) -> None:
+        if self.netns_watcher is None or self.dry_run:
+            return
+        try:
+            self.netns_watcher.add(info.id, ns)  # kept across reconciles; replaced on restart
+        except NetlinkError as e:  # drift then waits for the deep resync
+            log.warning("%s: cannot watch its namespace: %s", info.name, e)
+
+    def _reconcile_in(self, ns: netlink.ContainerNetns, info: ContainerInfo,
+                      wanted: list[InterfaceSpec], state: DesiredState,
+                      last: AttachResult | None, res: AttachResult) -> None:
+        plans: list[plan.Wanted] = []
+        blocked: list[plan.Action] = []
+        for itf in wanted:
+            net = state.networks[itf.network]
+            try:
+                w = self._resolve(info, itf, net, res)
+            except AddressConflict as e:
+                res.errors.append(f"{info.name} {itf.name}: {e}")
+                continue
+            except ReconcilerError as e:  # an IPAM error: this interface waits
+                res.errors.append(f"{info.name} {itf.name}: {e}")
+                continue
+            if isinstance(w, plan.Blocked):
+                blocked.append(w)
+            else:
+                plans.append(w)
+        observed = {w.link.ifname: self._observe(ns, info, w) for w in plans}
+        segments = {w.network.name: self._segments.missing(w.network, fresh=self.dry_run)
+                    for w in plans}
+        unwanted = [(i, netlink.host_veth_name(info.id, i))
+                    for i in sorted(last.interfaces if last else ())]
+        actions = blocked + list(plan.plan_container(plans, observed, segments, unwanted))
+        if self.dry_run:
+            self._report(info.name, actions)
+            return
+        self._executor.apply(ns, info.id, info.name, plans, actions, res)
+
+    def _report(self, name: str, actions: Sequence[plan.Action]) -> None:
+        with self._lock:
+            for a in actions:
+                line = a.describe()
+                self.planned.append(line if isinstance(a, plan.EnsureSegment)
+                                    else f"{name} {line}")
+
+    def _resolve(self, info: ContainerInfo, itf: InterfaceSpec, net: Network,
+                 res: AttachResult) -> plan.Wanted | plan.Blocked:
+        """The interface's address: claimed (static) or allocated (auto); in a dry run
+        only read. A static address held by another container blocks it."""
+        allocate = False
+        if itf.address is not None:
+            addr: netlink.IpInterface | None = itf.address
+            if self.dry_run:
+                holder = self._addresses.holder(net, itf.address.ip, info.id)
+            else:
+                holder = self._addresses.claim(net, itf.address.ip, info.id, itf.name)
+            if holder is not None:
+                why = (f"static address {itf.address.ip} on network {net.name!r} is held by "
+                       f"container {holder.container[:12]} ({holder.interface}) on node "
+                       f"{holder.node}")
+                if self.dry_run:
+                    return plan.Blocked(itf.name, "conflict: " + why)
+                # The loser must not keep (or get) the address.
+                self._executor.detach(info.id, itf.name,
+                                      netlink.host_veth_name(info.id, itf.name), res)
+                raise AddressConflict(why)
+        elif self.dry_run:
+            ip = self._addresses.find(net, info.id, itf.name)
+            allocate = ip is None
+            addr = None if ip is None else ipaddress.ip_interface(
+                f"{ip}/{net.subnet.prefixlen}")
+        else:
+            with self._lock:
+                reserved = self._reserved
+            ip = self._addresses.allocate(net, info.id, itf.name, reserved)
+            addr = ipaddress.ip_interface(f"{ip}/{net.subnet.prefixlen}")
+        driver = self._segments.driver(net)
+        link = netlink.InterfaceSpec(
+            container_id=info.id, ifname=itf.name, addresses=() if addr is None else (addr,),
+            mac=itf.mac, mtu=itf.mtu or net.mtu, gateway=itf.gateway,
+            routes=tuple(netlink.Route(r.dst, r.via) for r in itf.routes),
+            owner=netlink.host_veth_alias(self.node, info.id, itf.name),
+            tx_checksum=driver.tx_checksum(net),
+            # Announced by the executor once the host end is on its switch: before that
+            # nobody hears.
+            announce=False)
+        return plan.Wanted(net, link, driver.port_want(net), allocate=allocate)
+
+    def _observe(self, ns: netlink.ContainerNetns, info: ContainerInfo, w: plan.Wanted,
+                 ) -> plan.Observed:
+        link = self._nl.observe(ns, info.id, w.link.ifname,
+                                tx_checksum=w.link.tx_checksum is not None)
+        if not link.host_present:
+            return plan.Observed(link, plan.PortObs())
+        owner = PortOwner(self.node, info.id, w.link.ifname, w.network.name)
+        port = self._segments.driver(w.network).observe_port(
+            w.network, w.link.host_veth, owner, link.host_ifindex, link.host_master)
+        return plan.Observed(link, port)
+
+    def _stopped(self, cid: str, info: ContainerInfo | None) -> AttachResult:
+        """A container that stopped or is gone: its interfaces go; a removed one's
+        addresses go back to the pool."""
+        self._dirty.begin(cid)
+        if self.netns_watcher is not None:
+            self.netns_watcher.remove(cid)
+        res = AttachResult()
+        last = self.result(cid)
+        for ifname in sorted(last.interfaces if last else ()):
+            veth = netlink.host_veth_name(cid, ifname)
+            if self.dry_run:
+                with self._lock:
+                    self.planned.append(f"{cid[:12]} {ifname}: detach ({veth})")
+            else:
+                self._executor.detach(cid, ifname, veth, res)
+        self._addresses.forget(cid)
+        if info is None:
+            if not self.dry_run:
+                n = self._addresses.release_container(cid)
+                if n:
+                    res.changes.append(f"released {n} address(es)")
+            self._store(cid, None)
+        else:
+            self._store(cid, res)
+        return res
+
+    # ------------------------------------------------------------------ batches
+
+    def preallocate(self, containers: Iterable[ContainerInfo]) -> int:
+        """Allocate the `auto` addresses of many containers at once, before their
+        reconciles run (see AddressBook.allocate_many)."""
+        if self.dry_run:
+            return 0
+        with self._lock:
+            state, reserved = self._state, self._reserved
+        wants: list[tuple[Network, str, str]] = []
+        for info in containers:
+            if not info.running:
+                continue
+            for itf in self.wanted(info):
+                net = state.networks.get(itf.network)
+                if itf.address is None and net is not None and net.pool is not None:
+                    wants.append((net, info.id, itf.name))
+        return self._addresses.allocate_many(wants, reserved)
+
+    def flush_ports(self) -> Committed:
+        return self._batcher.flush()
+
+    def queued_containers(self) -> list[str]:
+        return self._batcher.queued_containers()
+
+    def announce_committed(self, ports: Sequence[PendingPort]) -> None:
+        """Neighbours (the host's gateway too) learn a MAC only once the port is on the
+        switch: announce now. The container may be gone meanwhile."""
+        for p in ports:
+            try:
+                with netlink.ContainerNetns.open(p.pid, container_id=p.container) as ns:
+                    self._nl.announce(ns, p.ifname, addresses=p.addresses or None)
+            except NetlinkError as e:
+                log.debug("announce %s %s: %s", p.container[:12], p.ifname, e)
+
+    def sweep(self, running: Iterable[ContainerInfo]) -> list[str]:
+        """Remove what this node's daemon owns and has no reason to exist any more."""
+        with self._lock:
+            state = self._state
+        reconciled = {cid: dict(r.addresses) for cid, r in self.results().items()}
+        out = self._sweeper.sweep(state, running, self.wanted, reconciled,
+                                  dry_run=self.dry_run)
+        for cid in out.readdress:
+            self._dirty.mark_dirty(cid)
+        if self.dry_run:
+            with self._lock:
+                self.planned += [f"remove orphan {what}" for what in out.done]
+        return out.done

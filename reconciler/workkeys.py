@@ -1,0 +1,60 @@
+"""The daemon's work keys: one small immutable type per kind of work.
+
+Owns the key types and nothing else. A key names what to reconcile, never how: the
+daemon maps each type to its handler in one registry (reconciler.daemon), used by both
+`run` and `run --once`. Keys are hashable, so the work queue de-duplicates them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ContainerKey:
+    """One container's interfaces (and its member, through MembersKey)."""
+
+    cid: str
+
+    def __str__(self) -> str:
+        return f"container:{self.cid[:12]}"
+
+
+@dataclass(frozen=True)
+class PortsKey:
+    """Commit the OVS ports queued by container reconciles, in one transaction."""
+
+    def __str__(self) -> str:
+        return "ovs-ports"
+
+
+@dataclass(frozen=True)
+class SweepKey:
+    """Remove what this node owns and has no reason to exist."""
+
+    def __str__(self) -> str:
+        return "sweep"
+
+
+@dataclass(frozen=True)
+class MembersKey:
+    """Publish this node's pool members, withdraw the rest."""
+
+    def __str__(self) -> str:
+        return "members"
+
+
+@dataclass(frozen=True)
+class ProxyKey:
+    """Make HAProxy equal to the services."""
+
+    def __str__(self) -> str:
+        return "proxy"
+
+
+WorkKey = ContainerKey | PortsKey | SweepKey | MembersKey | ProxyKey
+
+PORTS = PortsKey()
+SWEEP = SweepKey()
+MEMBERS = MembersKey()
+PROXY = ProxyKey()
