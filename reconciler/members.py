@@ -24,9 +24,9 @@ import hashlib
 import ipaddress
 import json
 import logging
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from reconciler.errors import ConsulError
 from reconciler.kvlayout import NAME_RE, Layout
@@ -97,7 +97,7 @@ def wanted_members(prefix: str, node: str, containers: Iterable[Any],
         if bad:
             errors[c.name] = "invalid labels: " + ", ".join(bad)
             continue
-        addr = _address(c, addresses.get(c.id, {}), labels.get(L_NETWORK))
+        addr = _address(c, addresses.get(c.id), labels.get(L_NETWORK))
         if addr is None:
             errors[c.name] = ("no address to publish yet (no reconciled interface"
                               + (f" on {labels[L_NETWORK]!r}" if labels.get(L_NETWORK) else "")
@@ -110,19 +110,79 @@ def wanted_members(prefix: str, node: str, containers: Iterable[Any],
     return out, errors
 
 
-def _address(c: Any, reconciled: Mapping[str, str], network: str | None) -> str | None:
+def _address(c: Any, reconciled: Mapping[str, str] | None, network: str | None) -> str | None:
+    """`reconciled` None: the container has no interfaces of ours (Docker's address is
+    its address); a mapping, even empty: only interfaces of ours that are up count."""
+    if reconciled is not None:
+        for net, cidr in reconciled.items():
+            if not network or net == network:
+                return str(ipaddress.ip_interface(cidr).ip)
+        if not network or not (c.networks and network in c.networks):
+            return None  # the label names one of ours (not up), or none is named
     if network:
-        cidr = reconciled.get(network)
-        if cidr:
-            return str(ipaddress.ip_interface(cidr).ip)
         ipv4, ipv6 = c.networks.get(network, (None, None)) if c.networks else (None, None)
         return ipv4 or ipv6
-    for cidr in reconciled.values():
-        return str(ipaddress.ip_interface(cidr).ip)
     for ipv4, ipv6 in (c.networks or {}).values():
         if ipv4 or ipv6:
             return str(ipv4 or ipv6)
     return None
+
+
+class _Attached(Protocol):
+    @property
+    def addresses(self) -> Mapping[str, str]: ...
+
+
+class _Itf(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def network(self) -> str: ...
+
+
+def member_addresses(running: Iterable[Any], results: Mapping[str, _Attached],
+                     wanted: Callable[[Any], Sequence[_Itf]]) -> dict[str, dict[str, str]]:
+    """container id -> {network -> address/prefix} of its interfaces of ours that are up
+    and right, in interface order. A container whose spec asks for interfaces is listed
+    even with none: it is then not published (not with its Docker address either)."""
+    out: dict[str, dict[str, str]] = {}
+    for info in running:
+        itfs = wanted(info)
+        if not itfs:
+            continue
+        res = results.get(info.id)
+        by_net: dict[str, str] = {}
+        for itf in itfs:
+            if res is not None and itf.name in res.addresses:
+                by_net.setdefault(itf.network, res.addresses[itf.name])
+        out[info.id] = by_net
+    return out
+
+
+class MemberSync:
+    """This node's members: computed from its running containers and what is attached,
+    published under the node's session."""
+
+    def __init__(self, kv: Any, prefix: str, node: str) -> None:
+        self.prefix = prefix
+        self.node = node
+        self.publisher = MemberPublisher(kv, prefix, node)
+        self.session: str | None = None  # the session members were last published under
+
+    def sync(self, session: str, running: Sequence[Any], results: Mapping[str, _Attached],
+             wanted: Callable[[Any], Sequence[_Itf]]) -> tuple[list[str], dict[str, list[str]]]:
+        """Publish what is wanted, withdraw the rest: (changes, problems by key)."""
+        wanted_m, errs = wanted_members(self.prefix, self.node, running,
+                                        member_addresses(running, results, wanted))
+        # Running containers not reconciled yet by this run have no address yet: keep
+        # what was published for them rather than withdraw it and publish it again.
+        pending = {k for c in running if c.id not in results
+                   and (k := member_key(self.prefix, self.node, c)) is not None}
+        self.session = session
+        changes = self.publisher.sync(session, wanted_m, keep=pending)
+        problems = {f"container {name}": [msg] for name, msg in errs.items()}
+        problems.update({k: [v] for k, v in self.publisher.errors.items()})
+        return changes, problems
 
 
 class MemberPublisher:

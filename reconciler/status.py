@@ -17,11 +17,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from reconciler.errors import ConsulError
+from reconciler.errors import ConsulError, Problem
 from reconciler.kvlayout import Layout
 
 log = logging.getLogger(__name__)
@@ -196,3 +196,33 @@ def format_table(statuses: Mapping[str, Mapping[str, Any]], now: float | None = 
     if len(rows) == 1:
         lines.append("(no node has reported status)")
     return "\n".join(lines)
+
+
+class _Attached(Protocol):
+    @property
+    def addresses(self) -> Mapping[str, str]: ...
+
+
+def build_status(st: NodeStatus, *, problems: Iterable[Problem],
+                 errors: Iterable[Mapping[str, list[str]]], results: Iterable[_Attached],
+                 running: int, proxy_errors: Mapping[str, list[str]]) -> NodeStatus:
+    """Fill `st` for publication: every problem and error under the key it is about,
+    and the counts."""
+    st.updated = time.time()
+    out: dict[str, list[str]] = {}
+    for p in problems:
+        out.setdefault(p.key, []).append(str(p)[len(p.key):].lstrip(": "))
+    for per in errors:
+        for where, msgs in per.items():
+            out.setdefault(where, []).extend(msgs)
+    attached = list(results)
+    st.counts = {
+        "containers": sum(1 for r in attached if r.addresses),
+        "interfaces": sum(len(r.addresses) for r in attached),
+        "running": running,
+        "errors": sum(len(v) for v in out.values()),
+    }
+    for k, v in proxy_errors.items():
+        out.setdefault(k, []).extend(v)
+    st.errors = out
+    return st
