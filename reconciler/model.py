@@ -114,10 +114,6 @@ class InterfaceSpec:
     routes: tuple[Route, ...] = ()
     mtu: int | None = None
 
-    @property
-    def is_auto(self) -> bool:
-        return self.address is None
-
 
 @dataclass(frozen=True)
 class ContainerSpec:
@@ -183,9 +179,6 @@ class DesiredState:
     @property
     def invalid_keys(self) -> frozenset[str]:
         return frozenset(p.key for p in self.problems)
-
-    def problems_for(self, key: str) -> list[Problem]:
-        return [p for p in self.problems if p.key == key]
 
 
 # ------------------------------------------------------------------- validation

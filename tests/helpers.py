@@ -6,7 +6,8 @@ fixture, detection of the OVS datapath type this machine supports (`system` need
 kernel module; `netdev` is the userspace fallback), free loopback ports (`free_port`,
 `free_ports`), stopping a child process (`stop_process`), tiny threaded HTTP backends
 (`HttpBackend`, `HttpBackends`; the `http_backends` fixture), a keep-alive load client
-(`KeepAliveLoad`) and running commands in a process's network namespace (`nsexec`,
+(`KeepAliveLoad`), what an HAProxy worker runs (`haproxy_servers`,
+`haproxy_runtime_map`) and running commands in a process's network namespace (`nsexec`,
 `pings`). Import as ``from helpers import wait_for`` (``tests/`` is on sys.path through
 the root conftest).
 """
@@ -22,11 +23,13 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 if TYPE_CHECKING:
+    from reconciler.adapters.haproxy import HaproxyProcess
     from reconciler.adapters.netlink import ContainerNetns
 
 T = TypeVar("T")
@@ -316,6 +319,45 @@ class KeepAliveLoad:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# --------------------------------------------------------------------------- HAProxy runtime
+
+
+@dataclass(frozen=True)
+class HaproxyServer:
+    """One server as an HAProxy worker's ``show stat`` has it."""
+
+    status: str  # UP, DOWN, MAINT, DRAIN, ``no check``, ``UP 1/3``...
+    admin: str  # ready, drain or maint
+    weight: int
+
+
+def haproxy_servers(hap: HaproxyProcess) -> dict[tuple[str, str], HaproxyServer]:
+    """Every server of every backend in `hap`'s current worker, by (backend, server)."""
+    text = hap.worker_command("show stat")
+    lines = text.splitlines()
+    assert lines and lines[0].startswith("# "), f"unexpected `show stat`: {text[:200]!r}"
+    header = lines[0][2:].split(",")
+    col = {name: i for i, name in enumerate(header)}
+    out: dict[tuple[str, str], HaproxyServer] = {}
+    for line in lines[1:]:
+        row = line.split(",")
+        if len(row) < len(header) - 1 or row[col["svname"]] in ("FRONTEND", "BACKEND"):
+            continue
+        status, weight = row[col["status"]], row[col["weight"]]
+        admin = "maint" if status.startswith("MAINT") else (
+            "drain" if status.startswith("DRAIN") else "ready")
+        out[(row[col["pxname"]], row[col["svname"]])] = HaproxyServer(
+            status, admin, int(weight) if weight.isdigit() else 0)
+    return out
+
+
+def haproxy_runtime_map(hap: HaproxyProcess) -> dict[str, str]:
+    """The active-pool map as `hap`'s newest worker has it (not the map file)."""
+    from reconciler.adapters.haproxy import parse_map
+
+    return parse_map(hap.worker_command(f"show map {hap.map_path}"))
 
 
 # --------------------------------------------------------------------------- network namespaces

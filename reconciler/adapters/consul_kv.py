@@ -2,7 +2,7 @@
 
 Owns: reading Consul's connection settings from Consul's own environment variables
 (`ConsulSettings.from_env`), recursive and blocking KV reads (`ConsulKV.read_prefix`),
-single-key writes, chunked KV transactions (`ConsulKV.txn`), sessions, and health.
+single-key writes, chunked KV transactions (`ConsulKV.txn`) and sessions.
 It takes and returns plain values (`bytes`, `int`, frozen dataclasses), never model
 objects, and translates every py-consul / requests failure into `reconciler.errors`:
 
@@ -53,7 +53,6 @@ __all__ = [
     "ConsulSettings",
     "KVItem",
     "KVSnapshot",
-    "SessionInfo",
     "TxnOp",
 ]
 
@@ -313,19 +312,6 @@ class TxnOp:
     def unlock(cls, key: str, value: bytes, session: str) -> TxnOp:
         """Write `key` and release `session`'s lock on it."""
         return cls("unlock", key, value=value, session=session)
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    """A Consul session as `session_info` reports it."""
-
-    id: str
-    name: str
-    node: str
-    behavior: str
-    ttl: str
-    lock_delay_ns: int
-    create_index: int
 
 
 class _UnixHTTPConnection(urllib3.connection.HTTPConnection):
@@ -611,56 +597,6 @@ class ConsulKV:
         """Destroy a session (idempotent); with behavior=delete its keys go with it."""
         with self._translate(f"destruction of session {session_id}"):
             self._client.session.destroy(session_id)
-
-    def session_info(self, session_id: str) -> SessionInfo | None:
-        """A session's details, or None when it does not exist."""
-        with self._translate(f"read of session {session_id}"):
-            _, row = self._client.session.info(session_id)
-        if not row:
-            return None
-        return SessionInfo(
-            id=str(row["ID"]),
-            name=str(row.get("Name") or ""),
-            node=str(row.get("Node") or ""),
-            behavior=str(row.get("Behavior") or ""),
-            ttl=str(row.get("TTL") or ""),
-            lock_delay_ns=_to_int(row.get("LockDelay") or 0),
-            create_index=_to_int(row.get("CreateIndex") or 0),
-        )
-
-    # -- health --------------------------------------------------------------------------
-
-    def leader(self) -> str:
-        """The Raft leader's address ("host:port"), or "" when the cluster has none."""
-        with self._translate("leader query"):
-            response = self._client.http.get(_raw, "/v1/status/leader", headers=self._headers())
-        self._raise_for_status(response, "leader query")
-        try:
-            return str(json.loads(response.body) or "")
-        except ValueError as exc:
-            raise ConsulError(
-                f"Consul at {self._settings.address} answered the leader query with "
-                f"an unexpected body: {_one_line(str(response.body))[:200]}"
-            ) from exc
-
-    def ping(self) -> None:
-        """Raise `ConsulUnavailable` unless the agent answers and the cluster has a leader."""
-        if not self.leader():
-            raise ConsulUnavailable(
-                f"cannot reach Consul at {self._settings.address}: the cluster has no leader"
-            )
-
-    def node_name(self) -> str:
-        """The agent's node name (GET /v1/agent/self; needs agent:read under ACLs)."""
-        with self._translate("agent query"):
-            response = self._client.http.get(_raw, "/v1/agent/self", headers=self._headers())
-        self._raise_for_status(response, "agent query")
-        try:
-            return str(json.loads(response.body)["Config"]["NodeName"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConsulError(
-                f"Consul at {self._settings.address} answered the agent query without a node name"
-            ) from exc
 
     # -- internals -----------------------------------------------------------------------
 

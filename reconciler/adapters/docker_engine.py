@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType, TracebackType
+from types import MappingProxyType
 from typing import Any
 
 import docker
@@ -49,9 +49,7 @@ from reconciler.errors import DockerError
 
 log = logging.getLogger(__name__)
 
-# Label names set by compose and swarm.
-LABEL_COMPOSE_PROJECT = "com.docker.compose.project"
-LABEL_COMPOSE_SERVICE = "com.docker.compose.service"
+# Label name set by swarm.
 LABEL_SWARM_NODE = "com.docker.swarm.node.id"
 
 #: Container event actions streamed by default (those that change what runs where).
@@ -107,14 +105,6 @@ class ContainerInfo:
         """The swarm node id label, if the container is a swarm task."""
         return self.labels.get(LABEL_SWARM_NODE)
 
-    @property
-    def compose_project(self) -> str | None:
-        return self.labels.get(LABEL_COMPOSE_PROJECT)
-
-    @property
-    def compose_service(self) -> str | None:
-        return self.labels.get(LABEL_COMPOSE_SERVICE)
-
 
 @dataclass(frozen=True)
 class ContainerEvent:
@@ -128,11 +118,6 @@ class ContainerEvent:
     time_nano: int
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     attributes: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
-
-    @property
-    def since_param(self) -> str:
-        """This event's time as the `since` value of a new event stream."""
-        return format_since(self.time_nano)
 
 
 def format_since(time_nano: int) -> str:
@@ -301,17 +286,6 @@ class EventStream:
         threading.Thread(target=watch, name="docker-events-closer", daemon=True).start()
         return cancelled.set
 
-    def __enter__(self) -> EventStream:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 class DockerEngine:
     """The Docker Engine API, as plain values; every failure is a `DockerError`.
@@ -352,13 +326,6 @@ class DockerEngine:
         if client is not None:
             with contextlib.suppress(*_LIBRARY_ERRORS):
                 client.close()
-
-    def ping(self) -> None:
-        """Raise `DockerError` unless the daemon answers."""
-        try:
-            self._api().ping()
-        except _LIBRARY_ERRORS as exc:
-            raise DockerError(f"docker ping failed: {exc}") from exc
 
     def system_time_nano(self) -> int:
         """The daemon's clock (``/info`` SystemTime) in ns; the local clock if unparsable."""
@@ -411,34 +378,6 @@ class DockerEngine:
         except _LIBRARY_ERRORS as exc:
             raise DockerError(f"docker events failed: {exc}") from exc
         return EventStream(raw)
-
-    def events(
-        self,
-        since: str | int | None = None,
-        until: str | int | None = None,
-        stop: threading.Event | None = None,
-        actions: Iterable[str] | None = DEFAULT_ACTIONS,
-    ) -> Iterator[ContainerEvent]:
-        """Yield container events until `until`, until `stop` is set, or until the stream
-        breaks (raises `DockerError`). Setting `stop` closes the stream at once."""
-        stream = self.open_events(since, until, actions)
-        cancel = stream.close_when(stop) if stop is not None else None
-        try:
-            yield from stream
-        finally:
-            if cancel is not None:
-                cancel()
-            stream.close()
-
-    def watch(
-        self,
-        on_event: Callable[[ContainerEvent], None],
-        on_list: Callable[[list[ContainerInfo]], None],
-        stop: threading.Event,
-        **kwargs: Any,
-    ) -> None:
-        """Run an `EventWatcher` until `stop` is set (see the module docstring)."""
-        EventWatcher(self, on_event, on_list, **kwargs).run(stop)
 
 
 class EventWatcher:

@@ -108,23 +108,6 @@ class ApplyResult:
     """The master's reload counter after the call."""
 
 
-@dataclass(frozen=True)
-class ServerStatus:
-    """One server as the current worker sees it (``show stat``)."""
-
-    status: str
-    """HAProxy's status column: UP, DOWN, MAINT, DRAIN, ``no check``, ``UP 1/3``..."""
-    admin: str
-    """ready, drain or maint."""
-    weight: int
-    check_status: str
-    address: str
-
-    @property
-    def up(self) -> bool:
-        return self.status.startswith("UP") or self.status in ("no check", "DRAIN")
-
-
 def parse_show_proc(text: str) -> ProcInfo:
     """Parse the master CLI's ``show proc`` (HAProxy 2.6 layout)."""
     master_pid = reloads = failed = -1
@@ -276,17 +259,6 @@ class HaproxyProcess:
         self._child: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()
 
-    @classmethod
-    def attach(
-        cls,
-        master_socket: str | os.PathLike[str],
-        config_path: str | os.PathLike[str],
-        state_dir: str | os.PathLike[str],
-        haproxy_bin: str = "haproxy",
-    ) -> HaproxyProcess:
-        """Drive an externally run HAProxy through its master socket and config file."""
-        return cls(state_dir, haproxy_bin, master_socket=master_socket, config_path=config_path)
-
     # --- the master CLI ----------------------------------------------------------------
 
     def master_command(self, command: str, timeout: float | None = None) -> str:
@@ -350,33 +322,6 @@ class HaproxyProcess:
         except (ValueError, IndexError):
             return None
         return pid if _pid_alive(pid) and _is_haproxy(pid) else None
-
-    def adopt(self) -> bool:
-        """Re-adopt a master left running (pid file + master socket agree)."""
-        if self.external:
-            return self.is_running()
-        pid = self.master_pid()
-        if pid is None:
-            return False
-        try:
-            info = self.show_proc()
-        except HaproxyError:
-            return False
-        return info.master_pid == pid
-
-    def start(self, cfg: bytes, map_bytes: bytes) -> ApplyResult:
-        """Make HAProxy run `cfg`: adopt a running master (then apply), or start one.
-
-        External mode never starts anything: the master must answer.
-        """
-        with self._lock:
-            if self.external:
-                if not self.is_running():
-                    raise HaproxyError(f"no HAProxy master answers on {self.master_socket}")
-                return self.apply_config(cfg, map_bytes)
-            if self.adopt():
-                return self.apply_config(cfg, map_bytes)
-            return self._launch(cfg, map_bytes)
 
     def _launch(self, cfg: bytes, map_bytes: bytes) -> ApplyResult:
         if self.master_pid() is not None:
@@ -487,18 +432,6 @@ class HaproxyProcess:
 
     # --- config ------------------------------------------------------------------------
 
-    def validate(self, cfg: bytes) -> None:
-        """Run ``haproxy -c`` on `cfg` (a temp file beside the config); ConfigInvalid if
-        HAProxy refuses it, with HAProxy's own error text."""
-        self.config_path.parent.mkdir(parents=True, exist_ok=True)
-        self._ensure_runtime_files()
-        tmp = _write_temp(self.config_path, cfg)
-        try:
-            self._check_file(tmp)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-
     def stage_config(self, cfg: bytes) -> bool:
         """Check `cfg` and make it the config file WITHOUT reloading (the caller already
         applied the difference through the runtime API, e.g. server weights), so that
@@ -608,13 +541,6 @@ class HaproxyProcess:
             ) from cause
         raise ReloadFailed(f"{cause}; restored and reloaded the last good config") from cause
 
-    def reload(self) -> ApplyResult:
-        """Reload the current config file (server states kept) and confirm it."""
-        with self._lock:
-            info = self._reload_confirmed()
-            w = info.current_worker
-            return ApplyResult(False, False, True, w.pid if w else None, info.reloads)
-
     def _reload_confirmed(self, dump_state: bool = True) -> ProcInfo:
         before = self.show_proc()
         if dump_state:
@@ -667,10 +593,6 @@ class HaproxyProcess:
 
     # --- runtime API -------------------------------------------------------------------
 
-    def runtime_map(self) -> dict[str, str]:
-        """The active-pool map as the newest worker has it."""
-        return parse_map(self.worker_command(f"show map {self.map_path}"))
-
     def _set_map_entry(self, key: str, value: str, present: bool, worker: int) -> None:
         verb = "set" if present else "add"
         self._worker_ok(f"{verb} map {self.map_path} {key} {value}", worker)
@@ -709,29 +631,6 @@ class HaproxyProcess:
         if not pattern.match(value):
             raise HaproxyError(f"invalid {what} for the HAProxy CLI: {value!r}")
 
-    def set_active(self, service: str, backend: str) -> None:
-        """Route `service`'s frontend to `backend` now (no reload) and persist it."""
-        self._check_arg("service", service, _NAME_RE)
-        self._check_arg("backend", backend, _BACKEND_RE)
-        with self._lock:
-            backends = set(self.worker_command("show backend").split())
-            if backend not in backends:
-                raise HaproxyError(f"HAProxy has no backend {backend!r} for service {service}")
-            entries = parse_map((_read(self.map_path) or b"").decode("utf-8"))
-            entries[service] = backend
-            data = "".join(f"{k} {v}\n" for k, v in sorted(entries.items())).encode()
-            atomic_write(self.map_path, data)
-            info = self.show_proc()
-            current = info.current_worker
-            for w in info.all_workers:
-                try:
-                    runtime = parse_map(self.worker_command(f"show map {self.map_path}", w.pid))
-                    if runtime.get(service) != backend:
-                        self._set_map_entry(service, backend, service in runtime, w.pid)
-                except HaproxyError:
-                    if current is not None and w.pid == current.pid:
-                        raise
-
     def set_weight(self, backend: str, server: str, weight: int) -> None:
         """Set a server's weight (0-256) in the current worker."""
         self._check_arg("backend", backend, _BACKEND_RE)
@@ -749,38 +648,6 @@ class HaproxyProcess:
             raise HaproxyError(f"state must be one of {', '.join(SERVER_STATES)}: {state!r}")
         with self._lock:
             self._worker_ok(f"set server {backend}/{server} state {state}")
-
-    def server_states(self) -> dict[tuple[str, str], ServerStatus]:
-        """Every server of every backend in the current worker, by (backend, server)."""
-        text = self.worker_command("show stat")
-        lines = text.splitlines()
-        if not lines or not lines[0].startswith("# "):
-            raise HaproxyError(f"unexpected `show stat` output: {text[:200]!r}")
-        header = lines[0][2:].split(",")
-        col = {name: i for i, name in enumerate(header)}
-        needed = ("pxname", "svname", "status", "weight", "check_status", "addr")
-        if any(n not in col for n in needed):
-            raise HaproxyError(f"`show stat` lacks columns {needed}")
-        out: dict[tuple[str, str], ServerStatus] = {}
-        for line in lines[1:]:
-            row = line.split(",")
-            if len(row) < len(header) - 1:
-                continue
-            sv = row[col["svname"]]
-            if sv in ("FRONTEND", "BACKEND"):
-                continue
-            status = row[col["status"]]
-            admin = "maint" if status.startswith("MAINT") else (
-                "drain" if status.startswith("DRAIN") else "ready")
-            weight = row[col["weight"]]
-            out[(row[col["pxname"]], sv)] = ServerStatus(
-                status=status,
-                admin=admin,
-                weight=int(weight) if weight.isdigit() else 0,
-                check_status=row[col["check_status"]],
-                address=row[col["addr"]],
-            )
-        return out
 
     def dump_server_state(self) -> None:
         """Write the current worker's server states (weights, maint/drain) to the
@@ -801,7 +668,6 @@ __all__ = [
     "ApplyResult",
     "HaproxyProcess",
     "ProcInfo",
-    "ServerStatus",
     "WorkerInfo",
     "atomic_write",
     "parse_map",

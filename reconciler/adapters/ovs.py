@@ -532,11 +532,6 @@ class OvsAdapter:
             br = _find(api, "Bridge", name)
             return br is not None and dict(br.external_ids).get(OWNER_KEY) == OWNER
 
-    def bridge_datapath(self, name: str) -> str | None:
-        with self._read(f"read bridge {name}") as api:
-            br = _find(api, "Bridge", name)
-            return None if br is None else str(br.datapath_type)
-
     def list_owned_bridges(self, node: str | None = None) -> list[str]:
         """Bridges reconciler created (with `node`: that node's daemon created)."""
         with self._read("list bridges") as api:

@@ -244,9 +244,6 @@ def test_session_delete_behavior_removes_acquired_key(kv: ConsulKV, prefix: str)
     sid = kv.session_create(f"rt-{prefix}", ttl="15s", behavior="delete")
     key = prefix + "published"
     try:
-        info = kv.session_info(sid)
-        assert info is not None
-        assert info.id == sid and info.behavior == "delete" and info.ttl == "15s"
         assert kv.session_renew(sid) is True
         assert kv.put(key, b"member", acquire=sid) is True
         item = kv.get(key)
@@ -259,8 +256,7 @@ def test_session_delete_behavior_removes_acquired_key(kv: ConsulKV, prefix: str)
     finally:
         kv.session_destroy(sid)
     wait_for(lambda: kv.get(key) is None, timeout=5, message="key of destroyed session")
-    assert kv.session_info(sid) is None
-    assert kv.session_renew(sid) is False
+    assert kv.session_renew(sid) is False  # gone
     kv.session_destroy(sid)  # idempotent
 
 
@@ -279,12 +275,6 @@ def test_txn_lock_and_unlock(kv: ConsulKV, prefix: str) -> None:
         kv.session_destroy(sid)
 
 
-def test_health(kv: ConsulKV) -> None:
-    assert ":" in kv.leader()
-    kv.ping()
-    assert kv.node_name()
-
-
 def test_key_with_leading_slash_is_refused(kv: ConsulKV) -> None:
     with pytest.raises(ValueError, match="do not start"):
         kv.get("/bad")
@@ -294,7 +284,7 @@ def test_unreachable_agent_is_consul_unavailable_quickly() -> None:
     client = ConsulKV(ConsulSettings.from_env({"CONSUL_HTTP_ADDR": "127.0.0.1:1"}))
     began = time.monotonic()
     for call in (
-        client.ping,
+        lambda: client.get("x"),
         lambda: client.read_prefix("x/"),
         lambda: client.txn([TxnOp.delete("x")]),
     ):

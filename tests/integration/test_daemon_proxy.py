@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HttpBackend, HttpBackends, KeepAliveLoad, free_port, wait_for
+from helpers import (
+    HttpBackend,
+    HttpBackends,
+    KeepAliveLoad,
+    free_port,
+    haproxy_runtime_map,
+    haproxy_servers,
+    wait_for,
+)
 
 from reconciler import cli
 from reconciler.adapters import consul_kv
@@ -105,7 +113,7 @@ class Env:
         return self.hap.show_proc()
 
     def runtime_backend(self, service: str = "web") -> str | None:
-        return self.hap.runtime_map().get(service)
+        return haproxy_runtime_map(self.hap).get(service)
 
     def fetch(self, port: int | None = None) -> str:
         """One request on a new connection; the body's first word (the pool)."""
@@ -770,7 +778,7 @@ def test_injection_attempts_rejected_config_unchanged(env: Env) -> None:
         assert "1.2.3.4" not in cfg and "evil" not in cfg and "ev!l" not in cfg
         after = env.proc_info()
         assert after.reloads == before.reloads
-        servers = {sv for (_, sv) in env.hap.server_states()}
+        servers = {sv for (_, sv) in haproxy_servers(env.hap)}
         assert not {"evil", "ev!l"} & servers, servers
         assert [env.fetch() for _ in range(5)] == ["green"] * 5
         # The CLI shows the same, naming the key.

@@ -31,9 +31,9 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def engine() -> Iterator[DockerEngine]:
+def engine(docker_client: Any) -> Iterator[DockerEngine]:
+    """A DockerEngine on the shared dockerd (`docker_client` asserts that it answers)."""
     eng = DockerEngine()
-    eng.ping()
     yield eng
     eng.close()
 
@@ -112,7 +112,7 @@ def test_inspect_and_list_a_net_none_container(
     assert info.started_at.startswith("20") or info.started_at[:2].isdigit()
     assert info.start_time is not None
     assert info.start_time == read_process_start_time(info.pid)
-    assert info.node is None and info.compose_project is None
+    assert info.node is None
     # Inspect by name gives the same thing.
     assert engine.inspect(c.name) == info
 
@@ -133,7 +133,7 @@ def test_list_all_includes_stopped_containers(
     assert stopped[created.id].pid == 0 and stopped[created.id].start_time is None
 
 
-def test_compose_and_swarm_labels_are_exposed(
+def test_swarm_node_and_compose_labels_are_exposed(
     engine: DockerEngine, container_factory: ContainerFactory, run_id: str
 ) -> None:
     c = container_factory(
@@ -145,11 +145,9 @@ def test_compose_and_swarm_labels_are_exposed(
     )
     info = engine.inspect(c.id)
     assert info is not None
-    assert (info.compose_project, info.compose_service, info.node) == (
-        f"proj{run_id}",
-        "api",
-        "node123",
-    )
+    assert info.node == "node123"
+    assert info.labels["com.docker.compose.project"] == f"proj{run_id}"
+    assert info.labels["com.docker.compose.service"] == "api"
 
 
 def test_unreachable_daemon_raises_docker_error(tmp_path: Any) -> None:
@@ -168,12 +166,14 @@ def test_unreachable_daemon_raises_docker_error(tmp_path: Any) -> None:
 def test_events_arrive_in_order(engine: DockerEngine, short_lived: Callable[..., Any]) -> None:
     stop = threading.Event()
     seen: list[ContainerEvent] = []
-    # Subscribe first (open_events is eager), then create the container.
+    # Subscribe first (open_events is eager), then create the container; setting `stop`
+    # closes the stream, as in EventWatcher.
     since = format_since(engine.system_time_nano())
-    gen = engine.events(since=since, stop=stop)
+    stream = engine.open_events(since=since)
+    cancel = stream.close_when(stop)
 
     def consume() -> None:
-        for ev in gen:
+        for ev in stream:
             seen.append(ev)
 
     t = threading.Thread(target=consume, daemon=True)
@@ -198,7 +198,9 @@ def test_events_arrive_in_order(engine: DockerEngine, short_lived: Callable[...,
     assert "exitCode" in die.attributes and "exitCode" not in die.labels
     stop.set()
     t.join(5)
-    assert not t.is_alive(), "events() did not end after stop was set"
+    assert not t.is_alive(), "the stream did not end after stop was set"
+    assert stream.closed
+    cancel()
 
 
 def test_events_until_returns_history(
@@ -208,7 +210,11 @@ def test_events_until_returns_history(
     c = short_lived(["true"])
     wait_for(lambda: (c.reload(), c.status)[1] == "exited", timeout=20)
     t1 = engine.system_time_nano() + 1
-    events = list(engine.events(since=format_since(t0), until=format_since(t1)))
+    stream = engine.open_events(since=format_since(t0), until=format_since(t1))
+    try:
+        events = list(stream)  # ends at `until`
+    finally:
+        stream.close()
     actions = [e.action for e in events if e.id == c.id]
     assert is_subsequence(["start", "die"], actions), actions
 

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import HttpBackends, KeepAliveLoad, free_port, wait_for
+from helpers import (
+    HttpBackends,
+    KeepAliveLoad,
+    free_port,
+    haproxy_runtime_map,
+    haproxy_servers,
+    wait_for,
+)
 
 from reconciler.adapters.haproxy import HaproxyProcess, parse_map
 from reconciler.errors import ConfigInvalid, HaproxyError, ReloadFailed
@@ -26,7 +33,6 @@ from reconciler.proxy import (
     PoolView,
     ProxyView,
     ServiceView,
-    backend_name,
     render,
     render_map,
 )
@@ -80,6 +86,12 @@ class Site:
     def map(self) -> bytes:
         return render_map(self.view())
 
+    def flip(self, pool: str, proc: HaproxyProcess | None = None) -> None:
+        """Make `pool` active the way the controller does: same config, new map only."""
+        self.active = pool
+        hap = proc or self.proc
+        assert not hap.apply_config(hap.config_path.read_bytes(), self.map()).reloaded
+
 
 def get(port: int, path: str = "/") -> str:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
@@ -104,7 +116,7 @@ def site(proxies: Callable[..., HaproxyProcess], http_backends: HttpBackends) ->
             "green": [member(http_backends, "g1", "green")],
         },
     )
-    result = proc.start(s.cfg(), s.map())
+    result = proc.apply_config(s.cfg(), s.map())  # not running: starts it
     assert result.worker_pid is not None
     assert get(s.port) == "blue"
     return s
@@ -119,23 +131,22 @@ def test_start_writes_files_and_serves_active_pool(site: Site) -> None:
     assert {get(site.port) for _ in range(4)} == {"blue"}
 
 
-def test_set_active_switches_without_reload(site: Site) -> None:
+def test_map_only_change_switches_without_reload(site: Site) -> None:
     proc = site.proc
     before = proc.show_proc()
-    proc.set_active("web", backend_name("web", "green"))
+    site.flip("green")
     assert {get(site.port) for _ in range(4)} == {"green"}
     after = proc.show_proc()
     assert after.reloads == before.reloads
     assert after.current_worker == before.current_worker
     assert parse_map(proc.map_path.read_text()) == {"web": "be_web:green"}
-    assert proc.runtime_map() == {"web": "be_web:green"}
-    proc.set_active("web", backend_name("web", "blue"))
+    assert haproxy_runtime_map(proc) == {"web": "be_web:green"}
+    site.flip("blue")
     assert get(site.port) == "blue"
-    with pytest.raises(HaproxyError, match="no backend"):
-        proc.set_active("web", backend_name("web", "nope"))
     with pytest.raises(HaproxyError, match="invalid"):
-        proc.set_active("web", "be_web:blue;shutdown sessions")
-    assert proc.runtime_map() == {"web": "be_web:blue"}
+        proc.apply_config(proc.config_path.read_bytes(), b"web be_web:blue;shutdown\n")
+    assert haproxy_runtime_map(proc) == {"web": "be_web:blue"}
+    assert proc.map_path.read_bytes() == b"web be_web:blue\n"
 
 
 def test_apply_same_config_is_a_no_op_and_map_changes_need_no_reload(site: Site) -> None:
@@ -166,7 +177,7 @@ def test_reload_with_added_member(site: Site, http_backends: HttpBackends) -> No
     assert result.worker_pid not in {w.pid for w in before.workers}
     assert proc.last_good_path.exists()
     assert {get(site.port) for _ in range(6)} == {"blue", "blue-2"}
-    assert ("be_web:blue", "b2") in proc.server_states()
+    assert ("be_web:blue", "b2") in haproxy_servers(proc)
 
 
 def test_invalid_config_is_refused_and_last_good_keeps_serving(site: Site) -> None:
@@ -176,8 +187,6 @@ def test_invalid_config_is_refused_and_last_good_keeps_serving(site: Site) -> No
     bad = good + b"\nbackend broken\n    server s1 127.0.0.1:1 frobnicate\n"
     with pytest.raises(ConfigInvalid, match="frobnicate"):
         proc.apply_config(bad, site.map())
-    with pytest.raises(ConfigInvalid):
-        proc.validate(b"this is not haproxy\n")
     assert proc.config_path.read_bytes() == good
     assert proc.show_proc().reloads == before.reloads
     assert not list(proc.config_path.parent.glob(".*.tmp.*"))
@@ -205,9 +214,9 @@ def test_config_that_fails_to_load_is_reverted(site: Site, reason: str) -> None:
     try:
         site.extra = (ServiceView("other", host, port, "blue"),)
         bad = site.cfg()
-        proc.validate(bad)  # passes `haproxy -c`...
+        # Passes `haproxy -c` (not ConfigInvalid) but cannot load.
         with pytest.raises(ReloadFailed, match="restored and reloaded the last good") as info:
-            proc.apply_config(bad, site.map())  # ...but cannot load
+            proc.apply_config(bad, site.map())
     finally:
         if blocker is not None:
             blocker.close()
@@ -224,7 +233,7 @@ def test_config_that_fails_to_load_is_reverted(site: Site, reason: str) -> None:
     site.extra = ()
     site.pools["green"][0] = MemberView("g1", "127.0.0.1", site.pools["green"][0].port, 7)
     assert proc.apply_config(site.cfg(), site.map()).reloaded
-    assert proc.server_states()[("be_web:green", "g1")].weight == 7
+    assert haproxy_servers(proc)[("be_web:green", "g1")].weight == 7
 
 
 def test_weights_and_maint_survive_a_reload(site: Site, http_backends: HttpBackends) -> None:
@@ -233,7 +242,7 @@ def test_weights_and_maint_survive_a_reload(site: Site, http_backends: HttpBacke
     proc.apply_config(site.cfg(), site.map())
     proc.set_weight("be_web:blue", "b1", 7)
     proc.set_state("be_web:blue", "b2", "maint")
-    states = proc.server_states()
+    states = haproxy_servers(proc)
     assert states[("be_web:blue", "b1")].weight == 7
     assert states[("be_web:blue", "b2")].admin == "maint"
     assert {get(site.port) for _ in range(4)} == {"blue"}  # b2 in maint takes nothing
@@ -241,7 +250,7 @@ def test_weights_and_maint_survive_a_reload(site: Site, http_backends: HttpBacke
     before = proc.show_proc()
     assert proc.apply_config(site.cfg(), site.map()).reloaded
     assert proc.show_proc().current_worker != before.current_worker
-    states = proc.server_states()
+    states = haproxy_servers(proc)
     assert states[("be_web:blue", "b1")].weight == 7
     assert states[("be_web:blue", "b2")].admin == "maint"
     assert {get(site.port) for _ in range(4)} == {"blue"}
@@ -259,7 +268,7 @@ def test_weights_and_maint_survive_a_reload(site: Site, http_backends: HttpBacke
 def test_ipv6_member(proxies: Callable[..., HaproxyProcess], http_backends: HttpBackends) -> None:
     proc = proxies()
     s = Site(proc, free_port(), {"blue": [member(http_backends, "v6", "six", "::1")]})
-    proc.start(s.cfg(), s.map())
+    proc.apply_config(s.cfg(), s.map())
     assert "server v6 [::1]:" in s.cfg().decode()
     assert get(s.port) == "six"
 
@@ -270,11 +279,11 @@ def test_readopt_running_master_after_restart(
     first = site.proc
     pid = first.show_proc().master_pid
     again = HaproxyProcess(first.state_dir, HAPROXY)  # a restarted daemon
-    assert again.adopt()
-    result = again.start(site.cfg(), site.map())
+    assert again.master_pid() == pid  # from the pid file, confirmed alive and haproxy
+    result = again.apply_config(site.cfg(), site.map())
     assert not result.reloaded
     assert again.show_proc().master_pid == pid
-    again.set_active("web", "be_web:green")
+    site.flip("green", again)
     assert get(site.port) == "green"
 
 
@@ -283,20 +292,19 @@ def test_stale_pid_file_is_not_trusted(proxies: Callable[..., HaproxyProcess],
     proc = proxies()
     proc.state_dir.mkdir(parents=True)
     proc.pid_path.write_text(f"{os.getpid()}\n")  # alive, but not an haproxy
-    assert proc.master_pid() is None and not proc.adopt()
+    assert proc.master_pid() is None
     s = Site(proc, free_port(), {"blue": [member(http_backends, "b1", "b")]})
-    proc.start(s.cfg(), s.map())
+    proc.apply_config(s.cfg(), s.map())
     assert proc.master_pid() == proc.show_proc().master_pid != os.getpid()
     assert get(s.port) == "b"
 
 
 def test_external_master(site: Site) -> None:
-    ext = HaproxyProcess.attach(site.proc.master_socket, site.proc.config_path,
-                                site.proc.state_dir, HAPROXY)
+    ext = HaproxyProcess(site.proc.state_dir, HAPROXY, master_socket=site.proc.master_socket,
+                         config_path=site.proc.config_path)
     assert ext.external and ext.is_running()
-    ext.set_active("web", "be_web:green")
+    site.flip("green", ext)
     assert get(site.port) == "green"
-    site.active = "green"
     site.pools["blue"][0] = MemberView("b1", "127.0.0.1", site.pools["blue"][0].port, 9)
     assert ext.apply_config(site.cfg(), site.map()).reloaded
     ext.stop()  # never stops an HAProxy it does not own
@@ -322,9 +330,7 @@ def test_no_failed_requests_during_flips_and_reloads(site: Site,
                  message="load started")
         reloads = 0
         for i in range(10):
-            pool = "green" if i % 2 == 0 else "blue"
-            proc.set_active("web", backend_name("web", pool))
-            site.active = pool
+            site.flip("green" if i % 2 == 0 else "blue")
             wait_for(more_served(served()), timeout=10, message="traffic after a flip")
             if i % 2 == 1:
                 site.pools["blue"].append(member(http_backends, f"extra{i}", "blue"))
@@ -345,7 +351,7 @@ def test_stop_ends_master_and_workers(proxies: Callable[..., HaproxyProcess],
                                       http_backends: HttpBackends) -> None:
     proc = proxies()
     s = Site(proc, free_port(), {"blue": [member(http_backends, "b1", "b")]})
-    proc.start(s.cfg(), s.map())
+    proc.apply_config(s.cfg(), s.map())
     info = proc.show_proc()
     proc.stop()
     assert not proc.is_running()

@@ -88,7 +88,7 @@ def test_bridge_ownership(ovs: OvsAdapter, bridge: str) -> None:
     assert ovs.ensure_bridge(bridge, external_ids={NODE_KEY: "n1"}) is True  # ids merged
     assert bridge in ovs.list_owned_bridges(node="n1")
     assert bridge not in ovs.list_owned_bridges(node="n2")
-    assert ovs.bridge_datapath(bridge) == ovs.datapath
+    assert vsctl_get("Bridge", bridge, "datapath_type") == ovs.datapath
     assert bridge in ovs.list_owned_bridges()
     assert vsctl_get("Bridge", bridge, f"external_ids:{OWNER_KEY}") == OWNER
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import HttpBackends, free_port, wait_for
+from helpers import HttpBackends, free_port, haproxy_servers, wait_for
 
 from reconciler.errors import HaproxyError
 from reconciler.model import DesiredState, KVEntry, parse_kv
@@ -89,7 +89,7 @@ def test_flip_and_weights_without_reload_member_with_reload(
     ctl.set_state(state(bind, backends, active=b"green", weights={"green1": 7}))
     ctl.reconcile()
     assert reloads(ctl) == base, "a weight change goes through the runtime API"
-    servers = ctl.hap.server_states()
+    servers = haproxy_servers(ctl.hap)
     assert servers[("be_web:green", "green1")].weight == 7
     assert b"weight 7" in ctl.hap.config_path.read_bytes()  # the file agrees
 
@@ -99,7 +99,7 @@ def test_flip_and_weights_without_reload_member_with_reload(
     assert reloads(ctl) == base + 1, "a new member reloads (once)"
     assert {get(bind) for _ in range(6)} == {"blue1", "blue2"}
     # The weight set at runtime survived the reload (server-state file + same config).
-    assert ctl.hap.server_states()[("be_web:green", "green1")].weight == 7
+    assert haproxy_servers(ctl.hap)[("be_web:green", "green1")].weight == 7
 
 
 def test_invalid_active_keeps_last_pool(ctl: ProxyController,
@@ -179,14 +179,14 @@ def test_drain_and_maint_at_runtime_without_reload(
     ctl.set_state(state(bind, ports, pools=pools, states={"blue2": "maint"}))
     ctl.reconcile()
     assert reloads(ctl) == base, "maintenance goes through the runtime API"
-    assert ctl.hap.server_states()[("be_web:blue", "blue2")].admin == "maint"
+    assert haproxy_servers(ctl.hap)[("be_web:blue", "blue2")].admin == "maint"
     assert {get(bind) for _ in range(6)} == {"blue1"}
     assert b"disabled" in ctl.hap.config_path.read_bytes()
 
     ctl.set_state(state(bind, ports, pools=pools, states={"blue1": "drain"}))
     ctl.reconcile()
     assert reloads(ctl) == base
-    s = ctl.hap.server_states()
+    s = haproxy_servers(ctl.hap)
     assert s[("be_web:blue", "blue1")].admin == "drain"
     assert s[("be_web:blue", "blue2")].admin == "ready"
     assert {get(bind) for _ in range(6)} == {"blue2"}
@@ -198,7 +198,7 @@ def test_drain_and_maint_at_runtime_without_reload(
     ctl.reconcile()
     assert reloads(ctl) == base + 1
     wait_for(lambda: {get(bind) for _ in range(8)} == {"blue2", "blue3"}, timeout=10)
-    assert ctl.hap.server_states()[("be_web:blue", "blue1")].weight == 0
+    assert haproxy_servers(ctl.hap)[("be_web:blue", "blue1")].weight == 0
 
 
 def test_a_service_that_cannot_load_is_held_out_the_rest_applies(

@@ -66,7 +66,7 @@ def test_contract_example_parses() -> None:
     assert net.vlan == 101 and net.mtu == 1450 and net.driver == "ovs"
     assert net.pool is not None and net.pool.size == 101
     web = st.containers["web"]
-    assert web.interfaces[0].is_auto
+    assert web.interfaces[0].address is None  # auto
     eth2 = web.interfaces[1]
     assert eth2.address == ipaddress.ip_interface("10.77.3.10/24")
     assert eth2.mac == "02:00:00:00:03:0a"
@@ -248,7 +248,7 @@ def test_invalid_network_invalidates_dependents_only() -> None:
                         ("containers/dep", {"interfaces": [iface(network="bad")]})))
     assert set(st.containers) == {"ok"}
     assert "network 'bad' is invalid (see reconciler/networks/bad)" in \
-        str(st.problems_for("reconciler/containers/dep")[0])
+        str(next(p for p in st.problems if p.key == "reconciler/containers/dep"))
 
 
 SERVICE_CASES = [
