@@ -28,6 +28,7 @@ from reconciler.settings import (
     ProxySettings,
     Settings,
     default_node,
+    default_ovs_db,
     env_prefix,
 )
 
@@ -159,6 +160,9 @@ def _node_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _daemon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ovs-db", default=None,
+                   help="OVSDB connection (default: $RECONCILER_OVS_DB, else "
+                   "unix:$OVS_RUNDIR/db.sock, else unix:/var/run/openvswitch/db.sock)")
     p.add_argument("--ovs-datapath", choices=["auto", "system", "netdev"],
                    default=os.environ.get("RECONCILER_OVS_DATAPATH", "auto"),
                    help="OVS bridge datapath type (auto: kernel if its module works, "
@@ -183,7 +187,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise ConfigurationError("--haproxy-master-socket and --haproxy-config go together")
     return Settings(
         prefix=args.prefix, node=node, resync=getattr(args, "resync", 30.0),
-        network=NetworkSettings(ovs_datapath=getattr(args, "ovs_datapath", "auto")),
+        network=NetworkSettings(ovs_db=getattr(args, "ovs_db", None) or default_ovs_db(),
+                                ovs_datapath=getattr(args, "ovs_datapath", "auto")),
         proxy=ProxySettings(state_dir=getattr(args, "state_dir", "/var/lib/reconciler"),
                             templates_dir=getattr(args, "templates", None),
                             master_socket=getattr(args, "haproxy_master_socket", None),

@@ -29,6 +29,13 @@ def default_node(environ: Mapping[str, str] = os.environ) -> str:
     return node
 
 
+def default_ovs_db(environ: Mapping[str, str] = os.environ) -> str:
+    """RECONCILER_OVS_DB, else the socket in $OVS_RUNDIR (as ovs-vsctl finds it), else
+    the system's."""
+    rundir = environ.get("OVS_RUNDIR") or "/var/run/openvswitch"
+    return environ.get("RECONCILER_OVS_DB") or f"unix:{rundir}/db.sock"
+
+
 @dataclass(frozen=True)
 class NetworkSettings:
     """How container networking is applied on this host."""

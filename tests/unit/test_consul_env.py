@@ -175,3 +175,13 @@ def test_txn_payload_encodes_values_base64() -> None:
         "Value": "",
         "Session": "sid",
     }
+
+
+def test_ovs_db_from_environment_like_ovs_vsctl() -> None:
+    from reconciler.settings import default_ovs_db
+
+    assert default_ovs_db({}) == "unix:/var/run/openvswitch/db.sock"
+    assert default_ovs_db({"OVS_RUNDIR": "/run/lab/host2/ovs"}) == \
+        "unix:/run/lab/host2/ovs/db.sock"
+    assert default_ovs_db({"OVS_RUNDIR": "/x", "RECONCILER_OVS_DB": "tcp:127.0.0.1:6640"}) \
+        == "tcp:127.0.0.1:6640"
