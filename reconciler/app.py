@@ -5,9 +5,11 @@ Also runs the daemon in the foreground with signal handling, for `reconciler run
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,8 +20,10 @@ from reconciler.adapters.bridgefw import BridgeForwarding
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
 from reconciler.adapters.docker_engine import DockerEngine
 from reconciler.adapters.ovs import OvsAdapter
+from reconciler.adapters.vxlan import VxlanAdapter
 from reconciler.daemon import Daemon, DaemonOptions, ProxyPart
 from reconciler.ipam import Ipam
+from reconciler.model import Network
 from reconciler.network.addresses import AddressBook
 from reconciler.network.controller import NetworkController
 from reconciler.network.drivers import build_drivers
@@ -70,21 +74,54 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
         assert netctl is not None
         netctl.announce_committed(ports)
 
+    def host_address(net: Network) -> netlink.IpInterface:
+        assert netctl is not None
+        return netctl.host_address(net)
+
+    def release_host_address(net: Network) -> None:
+        assert netctl is not None
+        netctl.release_host_address(net)
+
+    def on_tunnel() -> None:
+        if daemon is not None:
+            daemon.on_tunnel()
+
     batcher = PortBatcher(ovs, notify=ports_pending, after_commit=committed)
+    vx = VxlanAdapter()
+    advertise = settings.network.advertise or advertise_towards_consul()
     drivers = build_drivers(node=settings.node, nl=nl, ovs=ovs,
-                            fw=BridgeForwarding(settings.node), batcher=batcher)
+                            fw=BridgeForwarding(settings.node), batcher=batcher, vx=vx,
+                            advertise=advertise, host_address=host_address,
+                            release_host_address=release_host_address, on_tunnel=on_tunnel)
     netctl = NetworkController(
         node=settings.node, nl=nl, segments=Segments(drivers),
         addresses=AddressBook(ipam, settings.node),
         batcher=batcher, inspect=docker.inspect, dry_run=dry_run,
-        netns_watcher=None if dry_run else netlink.NetnsWatcher())
+        netns_watcher=None if dry_run else netlink.NetnsWatcher(), tunnels=vx)
     proxy = _build_proxy(settings, kv, dry_run) if with_proxy else None
     session_file = os.path.join(settings.proxy.state_dir, f"session-{settings.node}")
     daemon = Daemon(DaemonOptions(settings.node, settings.prefix, settings.resync,
                                   workers=workers, dry_run=dry_run,
-                                  session_file=session_file),
+                                  session_file=session_file, advertise=advertise),
                     kv=kv, docker=docker, netctl=netctl, proxy=proxy)
     return Parts(kv, docker, nl, ovs, netctl, daemon)
+
+
+def advertise_towards_consul() -> str | None:
+    """The source address of this host's route towards Consul (no packet is sent), when
+    it is not a loopback address (an agent on 127.0.0.1 says nothing about the host)."""
+    addr = os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500")
+    hostport = addr.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or host.startswith("unix"):
+        return None
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host.strip("[]"), int(port or 8500)))
+            src = str(s.getsockname()[0])
+    except (OSError, ValueError):
+        return None
+    return None if ipaddress.ip_address(src).is_loopback else src
 
 
 def _build_proxy(settings: Settings, kv: Any, dry_run: bool) -> ProxyPart:

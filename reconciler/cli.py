@@ -8,6 +8,7 @@ stderr, never a traceback, and never contain the Consul token.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
 import sys
@@ -160,6 +161,9 @@ def _node_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _daemon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--advertise-addr", default=os.environ.get("RECONCILER_ADVERTISE_ADDR"),
+                   help="this host's address for overlay tunnels (default: "
+                   "$RECONCILER_ADVERTISE_ADDR, else the source address towards Consul)")
     p.add_argument("--ovs-db", default=None,
                    help="OVSDB connection (default: $RECONCILER_OVS_DB, else "
                    "unix:$OVS_RUNDIR/db.sock, else unix:/var/run/openvswitch/db.sock)")
@@ -188,12 +192,22 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         prefix=args.prefix, node=node, resync=getattr(args, "resync", 30.0),
         network=NetworkSettings(ovs_db=getattr(args, "ovs_db", None) or default_ovs_db(),
-                                ovs_datapath=getattr(args, "ovs_datapath", "auto")),
+                                ovs_datapath=getattr(args, "ovs_datapath", "auto"),
+                                advertise=_advertise(getattr(args, "advertise_addr", None))),
         proxy=ProxySettings(state_dir=getattr(args, "state_dir", "/var/lib/reconciler"),
                             templates_dir=getattr(args, "templates", None),
                             master_socket=getattr(args, "haproxy_master_socket", None),
                             config_path=getattr(args, "haproxy_config", None)),
     )
+
+
+def _advertise(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise ConfigurationError(f"--advertise-addr {value!r}: not an IPv4 address") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

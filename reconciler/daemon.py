@@ -39,20 +39,23 @@ from reconciler.adapters.docker_engine import (
     read_process_start_time,
 )
 from reconciler.errors import ConsulError, DockerError, ReconcilerError
-from reconciler.kvlayout import Layout, user_digest
+from reconciler.ipam import parse_allocations
+from reconciler.kvlayout import Layout, kv_digest, user_digest
 from reconciler.members import MemberSync
 from reconciler.model import DesiredState
 from reconciler.network.controller import NetworkController, spec_key_for
 from reconciler.runtime.kvwatch import KVWatcher, Snapshot
 from reconciler.runtime.workqueue import Controller, Result
-from reconciler.status import NodeStatus, StatusPublisher, build_status
+from reconciler.status import NodeStatus, StatusPublisher, build_status, hosts_from
 from reconciler.workkeys import (
     MEMBERS,
+    PEERS,
     PORTS,
     PROXY,
     SWEEP,
     ContainerKey,
     MembersKey,
+    PeersKey,
     PortsKey,
     ProxyKey,
     SweepKey,
@@ -100,6 +103,7 @@ class DaemonOptions:
     status_interval: float = 5.0
     dry_run: bool = False
     session_file: str | None = None
+    advertise: str | None = None  # this host's underlay address (tunnel endpoint)
 
 
 @dataclass
@@ -122,7 +126,7 @@ class Daemon:
         self._lock = threading.Lock()
         self.snapshot: Snapshot | None = None
         self.watcher = KVWatcher(kv, opts.prefix, self._on_snapshot)
-        self.status = NodeStatus(opts.node)
+        self.status = NodeStatus(opts.node, address=opts.advertise)
         self.publisher = StatusPublisher(kv, opts.prefix, opts.node,
                                          session_file=opts.session_file)
         self.members = MemberSync(kv, opts.prefix, opts.node)
@@ -133,6 +137,7 @@ class Daemon:
             SweepKey: self._handle_sweep,
             MembersKey: self._handle_members,
             ProxyKey: self._handle_proxy,
+            PeersKey: self._handle_peers,
         }
         self.controller: Controller[WorkKey] = Controller(
             self._reconcile, name="reconciler", workers=opts.workers,
@@ -140,10 +145,15 @@ class Daemon:
             on_error=self._on_error, on_success=self._on_success)
         self.ready = threading.Event()
         self._acted_digest = ""  # of the user keys of the last snapshot acted on
+        self._peers_digest = ""  # of the allocations and host addresses last programmed
         self._listed = threading.Event()  # Docker's container list was received once
         self._stale: set[str] = set()  # containers with Docker events not inspected yet
         self._resyncs = 0
         self._once = False  # run_once: keys run in order, one at a time, no waits
+
+    def on_tunnel(self) -> None:
+        """An overlay tunnel was (re)built here: program its remote endpoints."""
+        self.controller.queue.add(PEERS)
 
     def on_ports_pending(self) -> None:
         """The network controller queued OVS ports: commit them (with any others queued
@@ -160,10 +170,12 @@ class Daemon:
         # a core with no container at all; found by bench/attach.py and
         # tests/integration/test_daemon_network.py). Daemon-owned areas never enqueue.
         ipam = self.layout.ipam_prefix()
-        self.netctl.set_ipam_view({e.key: e for e in snap.items if e.key.startswith(ipam)})
+        view = {e.key: e for e in snap.items if e.key.startswith(ipam)}
+        self.netctl.set_ipam_view(view)
         digest = user_digest(self.opts.prefix, snap.items)
         if self.snapshot is not None and digest == self._acted_digest:
             self.snapshot = snap
+            self._peers_changed(snap, view)
             return
         self._acted_digest = digest
         previous = self.snapshot.state if self.snapshot is not None else None
@@ -182,11 +194,21 @@ class Daemon:
             # reconcile every container of the host nor sweep (a flip of `active` waited
             # behind them, and competed with them for the GIL; found by bench/proxy.py).
             # The periodic resync still looks at every one.
-            keys = [k for k in keys if not isinstance(k, SweepKey | ContainerKey)]
+            keys = [k for k in keys if not isinstance(k, SweepKey | ContainerKey | PeersKey)]
         else:
             self._preallocate()
         for key in keys:
             self.controller.queue.add(key)
+        self._peers_changed(snap, view)
+
+    def _peers_changed(self, snap: Snapshot, view: dict[str, Any]) -> None:
+        """Overlay endpoints follow allocations and host addresses anywhere in the
+        cluster: program them when those changed."""
+        peers = kv_digest(view.values()) + repr(sorted(hosts_from(
+            self.opts.prefix, snap.items).items()))
+        if peers != self._peers_digest:
+            self._peers_digest = peers
+            self.controller.queue.add(PEERS)
 
     def _running(self) -> list[ContainerInfo]:
         with self._lock:
@@ -272,7 +294,7 @@ class Daemon:
         # KV flip of `active` waited for all of them (~1 s with 200 containers on the
         # host; found by bench/proxy.py).
         keys: list[WorkKey] = [PROXY] if self.proxy is not None else []
-        keys += [*self._container_keys(), SWEEP]
+        keys += [*self._container_keys(), SWEEP, PEERS]
         if not self.opts.dry_run:
             keys.append(MEMBERS)
         return keys
@@ -368,6 +390,17 @@ class Daemon:
                 self.known.errors[MEMBERS] = problems
             else:
                 self.known.errors.pop(MEMBERS, None)
+
+    def _handle_peers(self, key: PeersKey) -> None:
+        snap = self.snapshot
+        if snap is None:
+            return
+        allocations = parse_allocations(self.opts.prefix, {
+            e.key: e for e in snap.items if e.key.startswith(self.layout.ipam_prefix())})
+        changes = self.netctl.program_peers(allocations, hosts_from(self.opts.prefix,
+                                                                    snap.items))
+        if changes:
+            log.info("overlay: %s", _summarize(changes, show=4))
 
     def _handle_proxy(self, key: ProxyKey) -> Result | None:
         if self.proxy is None:
@@ -509,7 +542,7 @@ class Daemon:
         self._on_docker_list(running)
         self._once = True
         keys: list[WorkKey] = [ContainerKey(c.id) for c in running]
-        keys += [PORTS, SWEEP]
+        keys += [PORTS, SWEEP, PEERS]
         if not self.opts.dry_run:
             keys.append(MEMBERS)
         if self.proxy is not None:

@@ -74,9 +74,22 @@ class AddressPool:
         return int(self.end) - int(self.start) + 1
 
 
+VNI_MIN, VNI_MAX = 1, 16777215
+VXLAN_PORT = 4789
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """`overlay` of a network: a VXLAN segment spanning every host that has the network."""
+
+    vni: int
+    port: int = VXLAN_PORT
+
+
 @dataclass(frozen=True)
 class Network:
-    """`networks/<name>`: an L2 segment on a host bridge."""
+    """`networks/<name>`: an L2 segment on a host bridge (with `overlay`, one segment
+    across hosts)."""
 
     name: str
     subnet: IPNetwork
@@ -86,6 +99,7 @@ class Network:
     gateway: IPAddress | None = None
     mtu: int | None = None
     pool: AddressPool | None = None
+    overlay: Overlay | None = None
 
     def isolated_from(self, other: Network) -> bool:
         """True when traffic cannot cross between the two networks at L2."""
@@ -295,8 +309,8 @@ def _parse_ip(c: _Checker, v: Any, fld: str) -> IPAddress | None:
 
 def parse_network(where: str, name: str, raw: Any) -> tuple[Network | None, list[Problem]]:
     c = _Checker(where)
-    d = c.obj(raw, "", ("subnet", "bridge", "driver", "vlan", "gateway", "mtu", "pool"),
-              required=("subnet", "bridge"))
+    d = c.obj(raw, "", ("subnet", "bridge", "driver", "vlan", "gateway", "mtu", "pool",
+                        "overlay"), required=("subnet", "bridge"))
     if d is None:
         return None, c.problems
     subnet: IPNetwork | None = None
@@ -339,9 +353,25 @@ def parse_network(where: str, name: str, raw: Any) -> tuple[Network | None, list
                     c.add("pool", "start must not be after end", d["pool"])
                 elif c.ok:
                     pool = AddressPool(start, end)
+    overlay = None
+    if d.get("overlay") is not None:
+        o = c.obj(d["overlay"], "overlay", ("vni", "port"), required=("vni",))
+        if o is not None:
+            vni = c.integer(o, "vni", "overlay", VNI_MIN, VNI_MAX)
+            port = c.integer(o, "port", "overlay", 1, 65535)
+            if subnet is not None and subnet.version != 4:
+                c.add("overlay", "overlay networks are IPv4 only", d["overlay"])
+            if gateway is not None and pool is None:
+                # Each host takes its own address from the pool, to reach remote
+                # containers with (the gateway address is the same on every host).
+                c.add("pool", "an overlay network with a gateway needs a pool (each host "
+                      "takes its own address from it)")
+            if vni is not None:
+                overlay = Overlay(vni, port if port is not None else VXLAN_PORT)
     if not c.ok or subnet is None or bridge is None:
         return None, c.problems
-    return Network(name, subnet, bridge, driver, vlan, gateway, mtu, pool), []  # type: ignore[arg-type]
+    return Network(name, subnet, bridge, driver, vlan, gateway, mtu, pool,  # type: ignore[arg-type]
+                   overlay), []
 
 
 def _check_host_in_subnet(c: _Checker, fld: str, addr: IPAddress, subnet: IPNetwork) -> bool:
@@ -454,6 +484,9 @@ def _parse_interface(
             c.add(f"{path}.mac", "must be a unicast MAC (the first byte's lowest bit is 0)", mac)
         elif mac.lower() == "00:00:00:00:00:00":
             c.add(f"{path}.mac", "must not be all zeros", mac)
+        elif net is not None and net.overlay is not None:
+            c.add(f"{path}.mac", f"network {net.name!r} is an overlay: every interface's MAC "
+                  "is derived from its address (so every host knows it)", mac)
         else:
             mac = mac.lower()
     gateway: IPAddress | None = None
@@ -745,6 +778,10 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
 
 def _network_clash(net: Network, existing: Iterable[Network]) -> tuple[str, str] | None:
     for other in existing:
+        if net.overlay is not None and other.overlay is not None \
+                and net.overlay.vni == other.overlay.vni:
+            return ("overlay.vni", f"vni {net.overlay.vni} is already used by network "
+                    f"{other.name!r}")
         if other.bridge == net.bridge and other.driver != net.driver:
             return ("bridge", f"bridge {net.bridge!r} is already used by network "
                     f"{other.name!r} with driver {other.driver}")

@@ -44,6 +44,9 @@ class NetworkSettings:
     """OVSDB connection string."""
     ovs_datapath: str = "auto"
     """`auto` (kernel datapath when its module works, else `netdev`), `system` or `netdev`."""
+    advertise: str | None = None
+    """This host's underlay address for overlays (None: the source address towards
+    Consul, found at start)."""
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ last_reload, active: {service: pool}}), version.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -37,11 +38,12 @@ class NodeStatus:
     counts: dict[str, int] = field(default_factory=dict)
     errors: dict[str, list[str]] = field(default_factory=dict)
     proxy: dict[str, Any] = field(default_factory=dict)
+    address: str | None = None  # advertised: where other hosts send tunnel traffic
 
     def to_json(self) -> bytes:
         doc = {"node": self.node, "index": self.index, "updated": round(self.updated, 3),
                "counts": self.counts, "errors": self.errors, "proxy": self.proxy,
-               "version": STATUS_VERSION}
+               "address": self.address, "version": STATUS_VERSION}
         return json.dumps(doc, sort_keys=True).encode()
 
 
@@ -158,6 +160,25 @@ def read_statuses(kv: Any, prefix: str) -> dict[str, dict[str, Any]]:
     return out
 
 
+def hosts_from(prefix: str, items: Iterable[Any]) -> dict[str, str]:
+    """node -> advertised address, of every node whose status (session-held: it goes
+    when the node does) names a valid IPv4 address. `items`: KV entries."""
+    layout = Layout(prefix)
+    out: dict[str, str] = {}
+    for e in items:
+        node = layout.parse_node_status(e.key)
+        if node is None:
+            continue
+        doc = parse_status(e.value)
+        addr = doc.get("address") if doc is not None else None
+        if isinstance(addr, str):
+            try:
+                out[node] = str(ipaddress.IPv4Address(addr))
+            except ValueError:
+                continue
+    return out
+
+
 def _dict(v: Any) -> dict[str, Any]:
     """Status documents are read from KV: anything else than the expected shape is
     shown as empty rather than crashing the table."""
@@ -170,7 +191,8 @@ def _one_line(text: str) -> str:
 
 def format_table(statuses: Mapping[str, Mapping[str, Any]], now: float | None = None) -> str:
     now = time.time() if now is None else now
-    rows = [("NODE", "INDEX", "AGE", "CONTAINERS", "INTERFACES", "ERRORS", "ACTIVE", "RELOAD")]
+    rows = [("NODE", "ADDRESS", "INDEX", "AGE", "CONTAINERS", "INTERFACES", "ERRORS", "ACTIVE",
+             "RELOAD")]
     for node in sorted(statuses):
         s = statuses[node]
         counts, proxy = _dict(s.get("counts")), _dict(s.get("proxy"))
@@ -179,7 +201,7 @@ def format_table(statuses: Mapping[str, Mapping[str, Any]], now: float | None = 
             age = f"{now - float(s.get('updated') or now):.0f}s"
         except (TypeError, ValueError):
             age = "?"
-        rows.append((node, str(s.get("index", "")), age,
+        rows.append((node, _one_line(str(s.get("address") or "-")), str(s.get("index", "")), age,
                      str(counts.get("containers", 0)), str(counts.get("interfaces", 0)),
                      str(sum(len(v) if isinstance(v, list) else 1
                              for v in _dict(s.get("errors")).values())),

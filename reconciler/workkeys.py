@@ -52,9 +52,18 @@ class ProxyKey:
         return "proxy"
 
 
-WorkKey = ContainerKey | PortsKey | SweepKey | MembersKey | ProxyKey
+@dataclass(frozen=True)
+class PeersKey:
+    """Program the remote endpoints of this host's overlay tunnels."""
+
+    def __str__(self) -> str:
+        return "peers"
+
+
+WorkKey = ContainerKey | PortsKey | SweepKey | MembersKey | ProxyKey | PeersKey
 
 PORTS = PortsKey()
 SWEEP = SweepKey()
 MEMBERS = MembersKey()
 PROXY = ProxyKey()
+PEERS = PeersKey()

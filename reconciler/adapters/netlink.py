@@ -878,6 +878,28 @@ class NetlinkAdapter:
                 changes.append(Change.UP)
         return tuple(changes)
 
+    def ensure_host_mac(self, ifname: str, mac: str) -> bool:
+        """Give host link `ifname` MAC `mac`; True when it changed."""
+        with self._lock, _translate(f"mac {mac} on {ifname}"):
+            ipr = self._host()
+            link = ipr.get_link(ifname)
+            if link is None:
+                raise NetlinkError(f"no link {ifname} for mac {mac}")
+            if (link.mac or "").lower() == mac.lower():
+                return False
+            ipr.set_link(link.index, mac=mac.lower())
+            return True
+
+    def master_of(self, ifname: str) -> str | None:
+        """The name of host link `ifname`'s master (bridge), if any."""
+        with self._lock, _translate(f"read link {ifname}"):
+            ipr = self._host()
+            link = ipr.get_link(ifname)
+            if link is None or not link.master:
+                return None
+            m = ipr.get_link(index=link.master)
+            return m.name if m else None
+
     def has_host_address(self, ifname: str, cidr: IpInterface) -> bool:
         """Whether host link `ifname` exists, is up and has address `cidr`."""
         with self._lock, _translate(f"read addresses of {ifname}"):

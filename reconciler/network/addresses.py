@@ -24,6 +24,7 @@ from reconciler.model import IPAddress, Network
 log = logging.getLogger(__name__)
 
 IfaceKey = tuple[str, str, str]  # (container id, network, interface)
+HOST_HOLDER = "host:"  # allocations of a host itself (its overlay address): "host:<node>"
 
 
 class AddressBook:
@@ -95,6 +96,15 @@ class AddressBook:
             self._cache.update(got)
         return len(got)
 
+    def host_address(self, net: Network, reserved: Iterable[IPAddress]) -> IPAddress:
+        """This host's own address on `net` (an overlay), from its pool."""
+        return self.allocate(net, HOST_HOLDER + self._node, "host", reserved)
+
+    def release_host_address(self, net: Network) -> bool:
+        held = self._ipam.find(net.name, HOST_HOLDER + self._node, "host")
+        self.forget(HOST_HOLDER + self._node)
+        return held is not None and self._ipam.release(held)
+
     def forget(self, cid: str) -> None:
         with self._lock:
             for key in [k for k in self._cache if k[0] == cid]:
@@ -114,6 +124,8 @@ class AddressBook:
         for a in self._ipam.allocations():
             if a.node != self._node:
                 continue
+            if a.container.startswith(HOST_HOLDER):
+                continue  # the host's own: released with its overlay segment
             if a.container not in running_ids and is_gone(a.container):
                 self._ipam.release(a)
                 done.append(f"allocation {a.network}/{a.address}")

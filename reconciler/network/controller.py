@@ -26,14 +26,15 @@ from typing import Any
 from reconciler.adapters import netlink
 from reconciler.adapters.docker_engine import ContainerInfo
 from reconciler.errors import AddressConflict, ContainerError, NetlinkError, ReconcilerError
-from reconciler.ipam import DEFAULT_RECLAIM_GRACE
+from reconciler.ipam import DEFAULT_RECLAIM_GRACE, Allocation
 from reconciler.kvlayout import Layout
 from reconciler.model import ContainerSpec, DesiredState, InterfaceSpec, IPAddress, Network
 from reconciler.network import plan
 from reconciler.network.addresses import AddressBook
 from reconciler.network.drift import DirtyTracker
-from reconciler.network.drivers.base import PortOwner
+from reconciler.network.drivers.base import PortOwner, overlay_mac
 from reconciler.network.execute import AttachResult, Executor
+from reconciler.network.peers import PeerProgrammer
 from reconciler.network.portbatch import Committed, PendingPort, PortBatcher
 from reconciler.network.segments import Segments
 from reconciler.network.sweep import Sweeper
@@ -68,7 +69,8 @@ class NetworkController:
                  addresses: AddressBook, batcher: PortBatcher,
                  inspect: Callable[[str], ContainerInfo | None], dry_run: bool = False,
                  reclaim_grace: float = DEFAULT_RECLAIM_GRACE,
-                 netns_watcher: netlink.NetnsWatcher | None = None) -> None:
+                 netns_watcher: netlink.NetnsWatcher | None = None,
+                 tunnels: Any = None) -> None:
         self.node = node
         self.dry_run = dry_run
         self.netns_watcher = netns_watcher
@@ -80,7 +82,9 @@ class NetworkController:
         self._dirty = DirtyTracker()
         self._executor = Executor(node=node, nl=nl, segments=segments)
         self._sweeper = Sweeper(node=node, nl=nl, segments=segments, addresses=addresses,
-                                inspect=inspect, reclaim_grace=reclaim_grace)
+                                inspect=inspect, reclaim_grace=reclaim_grace,
+                                tunnels=tunnels)
+        self._peers = PeerProgrammer(tunnels, node) if tunnels is not None else None
         self._lock = threading.Lock()  # guards state, _reserved, _results, planned
         self._state = DesiredState()
         self._reserved: tuple[IPAddress, ...] = ()
@@ -174,9 +178,9 @@ class NetworkController:
             if self.netns_watcher is not None and not self.dry_run:
                 # From now on the kernel's own reports of these links (MTU, MAC, up/down
                 # changed by anyone) are compared with this.
-                self.netns_watcher.expect(info.id, {itf.name: netlink.LinkExpect(
-                    mtu=itf.mtu or state.networks[itf.network].mtu, mac=itf.mac)
-                    for itf in wanted})
+                self.netns_watcher.expect(info.id, {
+                    w.link.ifname: netlink.LinkExpect(mtu=w.link.mtu, mac=w.link.mac)
+                    for w in res.wanted})
         finally:
             ns.close()
         self._store(cid, res)
@@ -222,6 +226,7 @@ class NetworkController:
         if self.dry_run:
             self._report(info.name, actions)
             return
+        res.wanted = plans
         self._executor.apply(ns, info.id, info.name, plans, actions, res)
 
     def _report(self, name: str, actions: Sequence[plan.Action]) -> None:
@@ -263,9 +268,12 @@ class NetworkController:
             ip = self._addresses.allocate(net, info.id, itf.name, reserved)
             addr = ipaddress.ip_interface(f"{ip}/{net.subnet.prefixlen}")
         driver = self._segments.driver(net)
+        mac = itf.mac
+        if net.overlay is not None and addr is not None:
+            mac = overlay_mac(addr.ip)  # every host derives it from the allocation
         link = netlink.InterfaceSpec(
             container_id=info.id, ifname=itf.name, addresses=() if addr is None else (addr,),
-            mac=itf.mac, mtu=itf.mtu or net.mtu, gateway=itf.gateway,
+            mac=mac, mtu=itf.mtu or driver.mtu(net), gateway=itf.gateway,
             routes=tuple(netlink.Route(r.dst, r.via) for r in itf.routes),
             owner=netlink.host_veth_alias(self.node, info.id, itf.name),
             tx_checksum=driver.tx_checksum(net),
@@ -332,6 +340,29 @@ class NetworkController:
 
     def flush_ports(self) -> Committed:
         return self._batcher.flush()
+
+    def program_peers(self, allocations: list[Allocation], hosts: Mapping[str, str],
+                      ) -> list[str]:
+        """Program the remote endpoints of this host's overlay tunnels."""
+        if self._peers is None:
+            return []
+        with self._lock:
+            nets = list(self._state.networks.values())
+        changes = self._peers.reconcile(nets, allocations, hosts, dry_run=self.dry_run)
+        if self.dry_run:
+            with self._lock:
+                self.planned += [f"overlay {c}" for c in changes]
+        return changes
+
+    def host_address(self, net: Network) -> netlink.IpInterface:
+        """This host's own address on an overlay network (the overlay driver asks)."""
+        with self._lock:
+            reserved = self._reserved
+        ip = self._addresses.host_address(net, reserved)
+        return ipaddress.ip_interface(f"{ip}/{net.subnet.prefixlen}")
+
+    def release_host_address(self, net: Network) -> None:
+        self._addresses.release_host_address(net)
 
     def queued_containers(self) -> list[str]:
         return self._batcher.queued_containers()

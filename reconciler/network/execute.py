@@ -41,6 +41,7 @@ class AttachResult:
     addresses: dict[str, str] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     interfaces: set[str] = field(default_factory=set)
+    wanted: list[Wanted] = field(default_factory=list)  # as resolved for this reconcile
 
 
 class Executor:
@@ -85,7 +86,8 @@ class Executor:
                 elif isinstance(a, AllocateAddress):  # resolved before planning here
                     raise ReconcilerError(f"{ifname}: no address resolved")
             except (AdapterError, ReconcilerError) as e:
-                failed.add(ifname)
+                if ifname:  # a segment's failure is its network's (failed_nets)
+                    failed.add(ifname)
                 where = f"{name} {ifname}" if ifname else name
                 res.errors.append(f"{where}: {e}")
         for ifname, w in by_if.items():

@@ -22,9 +22,11 @@ class Segments:
         self._done: dict[str, Network] = {}
 
     def driver(self, net: Network) -> SegmentDriver:
-        d = self.drivers.get(net.driver)
+        """The driver of `net`: its bridge kind's, wrapped for an overlay."""
+        kind = f"{net.driver}/overlay" if net.overlay is not None else net.driver
+        d = self.drivers.get(kind)
         if d is None:
-            raise ReconcilerError(f"network {net.name}: no driver {net.driver!r}")
+            raise ReconcilerError(f"network {net.name}: no driver {kind!r}")
         return d
 
     def missing(self, net: Network, *, fresh: bool = False) -> tuple[str, ...]:

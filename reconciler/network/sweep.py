@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from reconciler.adapters import netlink
 from reconciler.adapters.docker_engine import ContainerInfo
 from reconciler.model import DesiredState, InterfaceSpec
 from reconciler.network.addresses import AddressBook
+from reconciler.network.drivers.base import tunnel_name
 from reconciler.network.segments import Segments
 
 log = logging.getLogger(__name__)
@@ -31,13 +33,14 @@ class SweepResult:
 class Sweeper:
     def __init__(self, *, node: str, nl: netlink.NetlinkAdapter, segments: Segments,
                  addresses: AddressBook, inspect: Callable[[str], ContainerInfo | None],
-                 reclaim_grace: float) -> None:
+                 reclaim_grace: float, tunnels: Any = None) -> None:
         self._node = node
         self._nl = nl
         self._segments = segments
         self._addresses = addresses
         self._inspect = inspect
         self._grace = reclaim_grace
+        self._tunnels = tunnels  # adapters.vxlan.VxlanAdapter
 
     def sweep(self, state: DesiredState, running: Iterable[ContainerInfo],
               wanted: Callable[[ContainerInfo], list[InterfaceSpec]],
@@ -61,6 +64,7 @@ class Sweeper:
                 done.append(f"veth {v}")
                 if not dry_run:
                     self._nl.delete_host_veth(v)
+        done += self._sweep_tunnels(state, running, wanted, dry_run=dry_run)
         used = {n.bridge for n in state.networks.values()}
         for d in drivers.values():
             for br in d.orphan_segments(self._node, used):
@@ -89,3 +93,27 @@ class Sweeper:
         if done and not dry_run:
             self._segments.forget()
         return SweepResult(done, readdress)
+
+    def _sweep_tunnels(self, state: DesiredState, running: list[ContainerInfo],
+                       wanted: Callable[[ContainerInfo], list[InterfaceSpec]], *,
+                       dry_run: bool) -> list[str]:
+        """Tunnels of networks that are no longer overlays go; an overlay network with
+        no container running here any more is released on this host."""
+        if self._tunnels is None:
+            return []
+        done: list[str] = []
+        overlays = {n.name: n for n in state.networks.values() if n.overlay is not None}
+        for dev, net in sorted(self._tunnels.owned(self._node).items()):
+            if net not in overlays:
+                done.append(f"vxlan {dev}")
+                if not dry_run:
+                    self._tunnels.delete(dev)
+        local = {itf.network for info in running for itf in wanted(info)}
+        for name, net in sorted(overlays.items()):
+            if name in local or self._tunnels.observe(tunnel_name(name)) is None:
+                continue
+            if dry_run:
+                done.append(f"vxlan {tunnel_name(name)} (no container of {name} here)")
+            else:
+                done += self._segments.driver(net).release_segment(net)
+        return done

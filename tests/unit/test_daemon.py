@@ -16,7 +16,7 @@ from reconciler.daemon import Daemon, DaemonOptions
 from reconciler.model import DesiredState
 from reconciler.network.execute import AttachResult
 from reconciler.runtime.kvwatch import snapshot_from
-from reconciler.workkeys import MEMBERS, PORTS, PROXY, SWEEP, ContainerKey, WorkKey
+from reconciler.workkeys import MEMBERS, PEERS, PORTS, PROXY, SWEEP, ContainerKey, WorkKey
 
 P = "reconciler/"
 NET = json.dumps({"subnet": "10.77.1.0/24", "bridge": "br-a"}).encode()
@@ -139,19 +139,28 @@ def test_user_change_enqueues_everything_proxy_first() -> None:
     d._on_snapshot(snap(5, **{"networks/n": NET, "containers/c": SPEC}))
     keys = drain(d)
     assert keys[0] == PROXY  # a flip never waits behind every container
-    assert set(keys) == {PROXY, ContainerKey("a"), SWEEP, MEMBERS}
+    assert set(keys) == {PROXY, ContainerKey("a"), SWEEP, MEMBERS, PEERS}
 
 
-def test_daemon_area_changes_enqueue_nothing() -> None:
+def test_daemon_area_changes_enqueue_nothing_but_overlay_peers() -> None:
     # Our own status write wakes the watch: acting on it was a feedback loop.
     d, _ = make()
     d._on_snapshot(snap(5, **{"networks/n": NET}))
     drain(d)
     d._on_snapshot(snap(6, **{"networks/n": NET, "nodes/n1/status": b"{}"}))
-    d._on_snapshot(snap(7, **{"networks/n": NET, "nodes/n1/status": b'{"x":1}',
-                              "ipam/n/10.77.1.9": b"{}"}))
+    d._on_snapshot(snap(7, **{"networks/n": NET, "nodes/n1/status": b'{"x":1}'}))
     assert drain(d) == []
     assert d.status.index == 5  # the last applied user state
+    # An allocation, or a host's address: overlay endpoints to program, nothing else.
+    d._on_snapshot(snap(8, **{"networks/n": NET, "nodes/n1/status": b'{"x":1}',
+                              "ipam/n/10.77.1.9": b"{}"}))
+    assert drain(d) == [PEERS]
+    d._on_snapshot(snap(9, **{"networks/n": NET, "ipam/n/10.77.1.9": b"{}",
+                              "nodes/n1/status": b'{"address":"198.18.0.1"}'}))
+    assert drain(d) == [PEERS]
+    d._on_snapshot(snap(10, **{"networks/n": NET, "ipam/n/10.77.1.9": b"{}",
+                               "nodes/n1/status": b'{"address":"198.18.0.1","x":2}'}))
+    assert drain(d) == []
 
 
 def test_services_only_change_skips_containers_and_sweep() -> None:

@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parents[2] / "reconciler"
 ONLY_IN = {
     "consul": {"adapters/consul_kv.py"},
     "docker": {"adapters/docker_engine.py"},
-    "pyroute2": {"adapters/netlink.py"},
+    "pyroute2": {"adapters/netlink.py", "adapters/vxlan.py"},
     "ovsdbapp": {"adapters/ovs.py"},
     "ovs": {"adapters/ovs.py"},
     "jinja2": {"proxy/render.py"},

@@ -10,6 +10,7 @@ driver: one module in this package implementing the protocol, registered in
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
@@ -19,12 +20,25 @@ from reconciler.model import Network
 from reconciler.network.plan import PortObs, PortWant
 
 GATEWAY_PREFIX = "rg"
+TUNNEL_PREFIX = "rx"
 
 
 def gateway_port_name(network: str) -> str:
     """The host link that carries a network's gateway address when the bridge itself
     cannot (an OVS internal port): ``rg`` + 13 hex."""
     return GATEWAY_PREFIX + hashlib.sha256(f"gw/{network}".encode()).hexdigest()[:13]
+
+
+def tunnel_name(network: str) -> str:
+    """The VXLAN device of an overlay network on this host: ``rx`` + 13 hex."""
+    return TUNNEL_PREFIX + hashlib.sha256(f"vx/{network}".encode()).hexdigest()[:13]
+
+
+def overlay_mac(ip: object) -> str:
+    """The MAC of an overlay endpoint, derived from its IPv4 address (0a:58 + the
+    address, as OVN does): every host knows every endpoint's MAC from the allocations."""
+    packed = ipaddress.IPv4Address(str(ip)).packed
+    return "0a:58:" + ":".join(f"{b:02x}" for b in packed)
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,10 @@ class SegmentDriver(Protocol):
         """The TX checksum offload containers on `net` need (None: leave it alone)."""
         ...
 
+    def mtu(self, net: Network) -> int | None:
+        """The MTU of `net`'s interfaces when the spec sets none (None: the kernel's)."""
+        ...
+
     def observe_segment(self, net: Network) -> tuple[str, ...]:
         """What `net`'s segment lacks now (empty: nothing); each item says what."""
         ...
@@ -99,7 +117,27 @@ class SegmentDriver(Protocol):
         ...
 
     def gateway_ports(self, nets: Collection[Network]) -> set[str]:
-        """The ports of `nets`' gateways (never orphans)."""
+        """The ports of `nets`' segments themselves: gateways, tunnels (never orphans)."""
+        ...
+
+    def gateway_device(self, net: Network) -> str | None:
+        """The host link holding `net`'s gateway address (None: no gateway)."""
+        ...
+
+    def plug_device(self, net: Network, dev: str, role: str) -> bool:
+        """Put a host device of the segment itself (a tunnel) on `net`'s bridge, as an
+        access port of its VLAN where there are VLANs; True when it changed."""
+        ...
+
+    def device_plugged(self, net: Network, dev: str) -> bool:
+        ...
+
+    def unplug_device(self, dev: str) -> None:
+        ...
+
+    def release_segment(self, net: Network) -> list[str]:
+        """`net` still exists but no container of it runs here: undo what only running
+        containers need (what changed)."""
         ...
 
     def orphan_segments(self, node: str, used_bridges: Collection[str]) -> list[str]:

@@ -34,6 +34,9 @@ class LinuxBridgeDriver:
     def tx_checksum(self, net: Network) -> bool | None:
         return None
 
+    def mtu(self, net: Network) -> int | None:
+        return net.mtu
+
     def _gateway(self, net: Network) -> netlink.IpInterface | None:
         if net.gateway is None:
             return None
@@ -87,6 +90,21 @@ class LinuxBridgeDriver:
 
     def gateway_ports(self, nets: Collection[Network]) -> set[str]:
         return set()
+
+    def gateway_device(self, net: Network) -> str | None:
+        return net.bridge if net.gateway is not None else None
+
+    def plug_device(self, net: Network, dev: str, role: str) -> bool:
+        return self._nl.enslave(dev, net.bridge)
+
+    def device_plugged(self, net: Network, dev: str) -> bool:
+        return self._nl.master_of(dev) == net.bridge
+
+    def unplug_device(self, dev: str) -> None:
+        return None  # deleting the device takes it off the bridge
+
+    def release_segment(self, net: Network) -> list[str]:
+        return []
 
     def orphan_segments(self, node: str, used_bridges: Collection[str]) -> list[str]:
         # Bridges this node made, once empty; and our forwarding rules of any bridge no

@@ -18,7 +18,7 @@ from reconciler.adapters import netlink
 from reconciler.adapters.ovs import NewPort
 from reconciler.errors import NetlinkError
 from reconciler.model import Network
-from reconciler.network.drivers.base import Plug, PortOwner, gateway_port_name
+from reconciler.network.drivers.base import Plug, PortOwner, gateway_port_name, tunnel_name
 from reconciler.network.plan import PortObs, PortWant
 from reconciler.network.portbatch import PendingPort, PortBatcher
 
@@ -50,6 +50,9 @@ class OvsDriver:
         # leaves to "hardware": TCP from the container would be dropped (ping works, TCP
         # does not). So the container computes them itself there.
         return False if self._ovs.datapath == "netdev" else None
+
+    def mtu(self, net: Network) -> int | None:
+        return net.mtu
 
     def _gateway(self, net: Network) -> tuple[str, netlink.IpInterface] | None:
         if net.gateway is None:
@@ -139,7 +142,26 @@ class OvsDriver:
                     self._ovs.delete_port(name)
 
     def gateway_ports(self, nets: Collection[Network]) -> set[str]:
-        return {gateway_port_name(n.name) for n in nets if n.gateway is not None}
+        return {gateway_port_name(n.name) for n in nets if n.gateway is not None} \
+            | {tunnel_name(n.name) for n in nets if n.overlay is not None}
+
+    def gateway_device(self, net: Network) -> str | None:
+        return gateway_port_name(net.name) if net.gateway is not None else None
+
+    def plug_device(self, net: Network, dev: str, role: str) -> bool:
+        return bool(self._ovs.ensure_port(net.bridge, dev, net.vlan,
+                                          self._ids(network=net.name, role=role),
+                                          ifindex=self._nl.link_index(dev)))
+
+    def device_plugged(self, net: Network, dev: str) -> bool:
+        return not self._ovs.port_differs(net.bridge, dev, net.vlan, self._ids(
+            network=net.name, role="tunnel"), self._nl.link_index(dev))
+
+    def unplug_device(self, dev: str) -> None:
+        self._ovs.delete_port(dev)
+
+    def release_segment(self, net: Network) -> list[str]:
+        return []
 
     def orphan_segments(self, node: str, used_bridges: Collection[str]) -> list[str]:
         return [br for br in self._ovs.list_owned_bridges(node=node)
