@@ -194,8 +194,11 @@ class VxlanAdapter:
             for p in add:
                 ipaddress.ip_address(p.ip)  # plain values only: never a name or a flag
                 ipaddress.ip_address(p.host)
-                # One remote per MAC: `replace` moves an entry that pointed elsewhere.
-                api.fdb("replace", ifindex=idx, lladdr=p.mac, dst=p.host)
+                # One remote per MAC: whatever pointed elsewhere goes first (a vxlan FDB
+                # entry would otherwise keep a list of remotes).
+                with contextlib.suppress(Pyroute2Error):
+                    api.fdb("del", ifindex=idx, lladdr=p.mac)
+                api.fdb("append", ifindex=idx, lladdr=p.mac, dst=p.host)
                 api.neigh("replace", ifindex=idx, dst=p.ip, lladdr=p.mac,
                           state=NUD_PERMANENT)
 
