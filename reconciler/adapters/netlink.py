@@ -768,6 +768,14 @@ class NetlinkAdapter:
                 out.append(link.name)
             return sorted(out)
 
+    def host_veth_interfaces(self, node: str, container_id: str) -> set[str]:
+        """The container interfaces whose host veths record `node`'s daemon as owner
+        (their ifalias, see host_veth_alias): one listing of the host's links."""
+        want = f"{OWNER_ALIAS_PREFIX}{node}/{container_id}/"
+        with self._lock, _translate("list host links"):
+            return {(link.alias or "")[len(want):] for link in self._host().links()
+                    if link.kind == "veth" and (link.alias or "").startswith(want)}
+
     def link_exists(self, name: str) -> bool:
         return self.link_index(name) is not None
 

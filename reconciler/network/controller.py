@@ -210,8 +210,10 @@ class NetworkController:
             except AddressConflict as e:
                 res.errors.append(f"{info.name} {itf.name}: {e}")
                 continue
-            except ReconcilerError as e:  # an IPAM error: this interface waits
+            except ReconcilerError as e:  # an IPAM error: this interface waits as it is
                 res.errors.append(f"{info.name} {itf.name}: {e}")
+                if last is not None and itf.name in last.interfaces:
+                    res.interfaces.add(itf.name)  # still ours: detached if unwanted later
                 continue
             if isinstance(w, plan.Blocked):
                 blocked.append(w)
@@ -220,8 +222,13 @@ class NetworkController:
         observed = {w.link.ifname: self._observe(ns, info, w) for w in plans}
         segments = {w.network.name: self._segments.missing(w.network, fresh=self.dry_run)
                     for w in plans}
-        unwanted = [(i, netlink.host_veth_name(info.id, i))
-                    for i in sorted(last.interfaces if last else ())]
+        # Ours and no longer in the spec. A dry run has no previous result: it reads the
+        # owner records of the host veths (one listing; the daemon never needs it).
+        ours = set(last.interfaces) if last else set()
+        if self.dry_run:
+            ours |= self._nl.host_veth_interfaces(self.node, info.id)
+        keep = {itf.name for itf in wanted}
+        unwanted = [(i, netlink.host_veth_name(info.id, i)) for i in sorted(ours - keep)]
         actions = blocked + list(plan.plan_container(plans, observed, segments, unwanted))
         if self.dry_run:
             self._report(info.name, actions)
@@ -301,7 +308,10 @@ class NetworkController:
             self.netns_watcher.remove(cid)
         res = AttachResult()
         last = self.result(cid)
-        for ifname in sorted(last.interfaces if last else ()):
+        ours = set(last.interfaces) if last else set()
+        if self.dry_run:
+            ours |= self._nl.host_veth_interfaces(self.node, cid)
+        for ifname in sorted(ours):
             veth = netlink.host_veth_name(cid, ifname)
             if self.dry_run:
                 with self._lock:

@@ -9,6 +9,7 @@ and nothing else; drivers own their records, the address book its allocations.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -82,6 +83,9 @@ class Sweeper:
                     cidr = reconciled.get(info.id, {}).get(itf.name)
                     if cidr is None or (info.id, itf.network, itf.name) in held:
                         continue
+                    net = state.networks.get(itf.network)
+                    if net is None or ipaddress.ip_interface(cidr).ip not in net.subnet:
+                        continue  # the interface moved to another network: reconciled anew
                     if self._addresses.reassert(info.id, itf.network, itf.name, cidr):
                         done.append(f"re-asserted allocation {itf.network}/{cidr}")
                     else:

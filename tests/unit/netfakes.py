@@ -269,6 +269,12 @@ class FakeNetlink(Recorder):
                       if lk.kind == "veth" and netlink.is_owned_host_veth_name(n)
                       and (lk.alias or "").startswith(want))
 
+    def host_veth_interfaces(self, node: str, container_id: str) -> set[str]:
+        self._rec("host_veth_interfaces", node, container_id)
+        want = f"{netlink.OWNER_ALIAS_PREFIX}{node}/{container_id}/"
+        return {(lk.alias or "")[len(want):] for lk in self.host.values()
+                if lk.kind == "veth" and (lk.alias or "").startswith(want)}
+
     def link_exists(self, name: str) -> bool:
         return name in self.host
 

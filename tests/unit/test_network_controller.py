@@ -670,3 +670,21 @@ def test_dry_run_sweep_reports_and_removes_nothing(monkeypatch: pytest.MonkeyPat
     assert rig.ctrl.planned == [f"remove orphan {d}" for d in done]
     assert rig.mutations() == []
     assert orphan in rig.ovs.ports and orphan in rig.nl.host and "br-gone" in rig.nl.host
+
+
+def test_dry_run_shows_detaches_from_the_host_veths_owner_records(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dry run (a fresh process: no previous result) still shows what the daemon would
+    detach: interfaces of ours the spec no longer asks for, and a stopped container's."""
+    rig = make_rig(monkeypatch, dry_run=True)
+    rig.ipam.hold(OVS_NET, "10.77.1.12", CID, "eth1")
+    rig.ctrl.set_state(state({"web": [itf("eth1")]}))
+    gone = rig.nl.add_owned_veth(CID, "eth9")
+    rig.nl.add_owned_veth(CID, "eth8", node=OTHER_NODE)  # another node's: not ours
+    rig.reconcile(WEB)
+    assert f"web eth9: detach ({gone})" in rig.ctrl.planned
+    assert not any("eth8" in line for line in rig.ctrl.planned)
+    rig.ctrl.planned.clear()
+    rig.ctrl.reconcile_container(CID, info(CID, "web", running=False))
+    assert f"{CID[:12]} eth9: detach ({gone})" in rig.ctrl.planned
+    assert rig.mutations() == []
