@@ -12,7 +12,8 @@ RUFF   := $(VENV)/bin/ruff
 MYPY   := $(VENV)/bin/mypy
 PYTEST_ARGS ?=
 
-.PHONY: help deps services services-down image lint unit integration pytest test bench demo clean
+.PHONY: help deps services services-down image lint unit integration pytest test bench demo clean \
+	lab lab-down
 
 help:
 	@echo "make deps           install Debian packages, consul, .venv (idempotent)"
@@ -24,6 +25,8 @@ help:
 	@echo "make test           deps, services, lint, all tests (what CI runs)"
 	@echo "make bench          run every bench/*.py (needs make services)"
 	@echo "make demo           the end-to-end demo"
+	@echo "make lab            the multi-host lab: scripts/lab up (LAB_ARGS='--hosts 4 --no-daemon')"
+	@echo "make lab-down       take the lab down (scripts/lab down)"
 
 deps:
 	bash scripts/deps.sh
@@ -68,6 +71,14 @@ bench:
 	done; \
 	if [ $${#failed[@]} -gt 0 ]; then echo "bench: FAILED: $${failed[*]}" >&2; exit 1; fi; \
 	echo "bench: all $${#scripts[@]} passed"
+
+# The multi-host lab (README "Multi-host lab"): needs `make services` first.
+LAB_ARGS ?=
+lab:
+	bash scripts/lab up $(LAB_ARGS)
+
+lab-down:
+	bash scripts/lab down
 
 demo:
 	$(MAKE) deps
