@@ -1,0 +1,332 @@
+"""Many hosts, in the lab: overlay networks across three hosts (Linux bridge and OVS),
+isolation by VNI, the full MTU, each host reaching remote containers through its own
+gateway, HAProxy on one host serving members of the others, cutover across three nodes
+(and with one node stalled), a host lost and back, a container moved between hosts.
+
+One lab for the session (tests/lab.py's `lab` fixture: three hosts, each with its own
+Docker, OVS, Consul server and reconciler daemon, on the underlay 198.18.0.0/24). This
+module's networks, containers and services carry its run id and are removed at its end.
+Containers run busybox httpd on 8080 answering their own name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import secrets
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from helpers import wait_for
+from lab import Lab, lab  # noqa: F401  (the session fixture)
+
+pytestmark = pytest.mark.integration
+
+HOSTS = (1, 2, 3)
+IMAGE = "reconciler-test/busybox:latest"
+CONSUL = "198.18.0.1:8500"  # host1's agent, from the root namespace
+FIGURES: dict[str, str] = {}
+
+
+def kv_put(key: str, value: Any) -> None:
+    raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+    req = urllib.request.Request(f"http://{CONSUL}/v1/kv/reconciler/{key}", data=raw,
+                                 method="PUT")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.read().strip() == b"true"
+
+
+def kv_delete(key: str, recurse: bool = False) -> None:
+    q = "?recurse=true" if recurse else ""
+    req = urllib.request.Request(f"http://{CONSUL}/v1/kv/reconciler/{key}{q}",
+                                 method="DELETE")
+    urllib.request.urlopen(req, timeout=10).read()
+
+
+def kv_keys(prefix: str) -> list[str]:
+    try:
+        with urllib.request.urlopen(
+                f"http://{CONSUL}/v1/kv/reconciler/{prefix}?keys=true", timeout=10) as r:
+            keys: list[str] = json.loads(r.read())
+            return keys
+    except urllib.error.HTTPError as e:
+        if e.code == 404:
+            return []
+        raise
+
+
+@dataclass
+class Env:
+    lab: Lab
+    rid: str
+    nets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    containers: dict[str, tuple[int, str]] = field(default_factory=dict)  # name -> host
+    specs: list[str] = field(default_factory=list)
+    services: list[str] = field(default_factory=list)
+
+    def run(self, host: int, name: str, spec: str, **labels: str) -> str:
+        self.lab.docker(host, "rm", "-f", name, check=False)
+        args = ["run", "-d", "--name", name, "--net", "none", "-l", f"reconciler.name={spec}"]
+        for k, v in labels.items():
+            args += ["-l", f"reconciler.{k}={v}"]
+        self.lab.docker(host, *args, IMAGE, "sh", "-c",
+                        f"mkdir -p /w && echo {name} >/w/index.html && echo ok >/w/health"
+                        " && exec httpd -f -p 8080 -h /w")
+        self.containers[name] = (host, spec)
+        return name
+
+    def address(self, name: str, ifname: str = "eth1") -> str | None:
+        host, _ = self.containers[name]
+        out = self.lab.docker(host, "exec", name, "ip", "-4", "-o", "addr", "show", ifname,
+                              check=False).stdout.split()
+        return out[out.index("inet") + 1].split("/")[0] if "inet" in out else None
+
+    def wait_address(self, name: str, timeout: float = 30.0) -> str:
+        return wait_for(lambda: self.address(name), timeout=timeout, interval=0.2,
+                        message=f"{name} eth1 addressed")
+
+    def ping(self, name: str, address: str, size: int = 56) -> bool:
+        host, _ = self.containers[name]
+        return self.lab.docker(host, "exec", name, "ping", "-c", "1", "-W", "2", "-s",
+                               str(size), address, check=False).returncode == 0
+
+    def fetch(self, name: str, address: str) -> str:
+        host, _ = self.containers[name]
+        # Debian's busybox wget -T crashes: bound it with busybox timeout instead.
+        return self.lab.docker(host, "exec", name, "timeout", "5", "wget", "-qO-",
+                               f"http://{address}:8080/", check=False).stdout.strip()
+
+    def host_fetch(self, host: int, url: str) -> str:
+        return self.lab.exec(host, "curl", "-s", "-m", "3", url).stdout.strip()
+
+
+def _vni(rid: str, n: int) -> int:
+    return 100000 + int(rid, 16) % 100000 * 10 + n
+
+
+@pytest.fixture(scope="module")
+def env(lab: Lab) -> Iterator[Env]:  # noqa: F811 - the fixture above
+    rid = secrets.token_hex(3)
+    e = Env(lab, rid)
+    e.nets = {
+        f"mhl-{rid}": {"subnet": "10.77.210.0/24", "bridge": f"mhl{rid}", "driver": "linux",
+                       "gateway": "10.77.210.1",
+                       "pool": {"start": "10.77.210.100", "end": "10.77.210.199"},
+                       "overlay": {"vni": _vni(rid, 1)}},
+        f"mho-{rid}": {"subnet": "10.77.211.0/24", "bridge": f"mho{rid}", "driver": "ovs",
+                       "vlan": 211, "gateway": "10.77.211.1",
+                       "pool": {"start": "10.77.211.100", "end": "10.77.211.199"},
+                       "overlay": {"vni": _vni(rid, 2)}},
+        # The Linux overlay's subnet again, on another VNI: must stay isolated from it.
+        # No gateway: a host has one routing table, so it can reach only one of two
+        # overlapping subnets itself (docs/multi-host.md); its containers are unaffected.
+        f"mhx-{rid}": {"subnet": "10.77.210.0/24", "bridge": f"mhx{rid}", "driver": "linux",
+                       "pool": {"start": "10.77.210.200", "end": "10.77.210.250"},
+                       "overlay": {"vni": _vni(rid, 3)}},
+    }
+    try:
+        for name, net in e.nets.items():
+            kv_put(f"networks/{name}", net)
+        for kind in ("l", "o", "x"):
+            spec = f"mh{kind}-{rid}"
+            kv_put(f"containers/{spec}", {"interfaces": [
+                {"name": "eth1", "network": spec, "address": "auto", "gateway": kind != "x"}]})
+            e.specs.append(spec)
+        t0 = time.monotonic()
+        for kind, h in itertools.product(("l", "o"), HOSTS):
+            e.run(h, f"mh{kind}{h}-{rid}", f"mh{kind}-{rid}")
+        for h in (2, 3):
+            e.run(h, f"mhx{h}-{rid}", f"mhx-{rid}")
+        for name in e.containers:
+            e.wait_address(name)
+        FIGURES["8 containers on 3 hosts attached"] = f"{time.monotonic() - t0:.1f}s"
+        yield e
+    finally:
+        for name, (host, _) in e.containers.items():
+            lab.docker(host, "rm", "-f", name, check=False)
+        for svc in e.services:
+            kv_delete(f"services/{svc}", recurse=True)
+        for spec in e.specs:
+            kv_delete(f"containers/{spec}")
+        for name in e.nets:
+            kv_delete(f"networks/{name}")
+        for k, v in FIGURES.items():
+            print(f"{k}: {v}")
+
+
+def _c(e: Env, kind: str, host: int) -> str:
+    return f"mh{kind}{host}-{e.rid}"
+
+
+def test_auto_addresses_are_unique_across_hosts_and_recorded_per_node(env: Env) -> None:
+    for kind in ("l", "o"):
+        addrs = {h: env.address(_c(env, kind, h)) for h in HOSTS}
+        assert len(set(addrs.values())) == 3, addrs
+        net = f"mh{kind}-{env.rid}"
+        keys = kv_keys(f"ipam/{net}/")
+        for h, a in addrs.items():
+            with urllib.request.urlopen(
+                    f"http://{CONSUL}/v1/kv/reconciler/ipam/{net}/{a}?raw=true",
+                    timeout=5) as r:
+                assert json.loads(r.read())["node"] == f"host{h}"
+        assert len(keys) >= 3
+
+
+@pytest.mark.parametrize("kind", ["l", "o"], ids=["linux", "ovs"])
+def test_containers_on_three_hosts_reach_each_other_both_ways(env: Env, kind: str) -> None:
+    addrs = {h: env.wait_address(_c(env, kind, h)) for h in HOSTS}
+    for a, b in itertools.permutations(HOSTS, 2):
+        src, dst = _c(env, kind, a), _c(env, kind, b)
+        wait_for(lambda s=src, d=addrs[b]: env.ping(s, d), timeout=10,  # type: ignore[misc]
+                 interval=0.2, message=f"{src} pings {dst} across hosts")
+        assert env.fetch(src, addrs[b]) == dst, f"TCP {src} -> {dst}"
+
+
+@pytest.mark.parametrize("kind", ["l", "o"], ids=["linux", "ovs"])
+def test_a_packet_of_the_full_mtu_crosses_hosts(env: Env, kind: str) -> None:
+    src, dst = _c(env, kind, 1), _c(env, kind, 3)
+    mtu = int(env.lab.docker(1, "exec", src, "cat", "/sys/class/net/eth1/mtu").stdout)
+    assert mtu == 1450  # the underlay's 1500 minus VXLAN's 50, by default
+    addr = env.wait_address(dst)
+    wait_for(lambda: env.ping(src, addr), timeout=10, interval=0.2, message="reachable")
+    assert env.ping(src, addr, size=mtu - 28), "a full-MTU packet vanished"
+
+
+def test_an_overlay_with_the_same_subnet_and_another_vni_is_isolated(env: Env) -> None:
+    x2, x3 = _c(env, "x", 2), _c(env, "x", 3)
+    wait_for(lambda: env.ping(x2, env.wait_address(x3)), timeout=10, interval=0.2,
+             message="mhx on host2 reaches mhx on host3")
+    for h in HOSTS:
+        target = env.wait_address(_c(env, "l", h))
+        assert not env.ping(x2, target), f"VNI isolation broken: {x2} reached {target}"
+
+
+@pytest.mark.parametrize("kind", ["l", "o"], ids=["linux", "ovs"])
+def test_each_host_reaches_remote_containers_through_its_gateway(env: Env, kind: str) -> None:
+    for h, c in itertools.product(HOSTS, HOSTS):
+        name = _c(env, kind, c)
+        addr = env.wait_address(name)
+        got = wait_for(lambda hh=h, a=addr: env.host_fetch(hh, f"http://{a}:8080/"),  # type: ignore[misc]
+                       timeout=10, interval=0.2,
+                       message=f"host{h} fetches from {name} on host{c}")
+        assert got == name
+    # The containers' default route is their own host's gateway.
+    route = env.lab.docker(2, "exec", _c(env, kind, 2), "ip", "route", "show", "default")
+    assert f"via 10.77.21{0 if kind == 'l' else 1}.1" in route.stdout
+
+
+def _serves(e: Env, host: int, port: int) -> set[str]:
+    return {e.host_fetch(host, f"http://127.0.0.1:{port}/") for _ in range(8)} - {""}
+
+
+def test_haproxy_on_host1_serves_members_from_hosts_2_and_3(env: Env) -> None:
+    svc, port = f"mhweb{env.rid}", 18000 + int(env.rid, 16) % 1000
+    env.services.append(svc)
+    kv_put(f"services/{svc}/config", {"bind": f"127.0.0.1:{port}", "mode": "http",
+                                      "health": {"path": "/health", "interval_ms": 500}})
+    kv_put(f"services/{svc}/active", b"blue")
+    net = f"mhl-{env.rid}"
+    blue = [env.run(h, f"mhb{h}-{env.rid}", f"mhl-{env.rid}", service=svc, pool="blue",
+                    port="8080", network=net) for h in (2, 3)]
+    green = env.run(3, f"mhg3-{env.rid}", f"mhl-{env.rid}", service=svc, pool="green",
+                    port="8080", network=net)
+    wait_for(lambda: _serves(env, 1, port) == set(blue), timeout=40, interval=0.3,
+             message="host1's HAProxy serves both blue members (hosts 2 and 3)")
+
+    # Cutover from host1 waits for every node, then every host's HAProxy serves green.
+    t0 = time.monotonic()
+    cut = env.lab.exec(1, "reconciler", "cutover", svc, "--to", "green", "--timeout", "30")
+    assert cut.returncode == 0, cut.stdout + cut.stderr
+    FIGURES["cutover across 3 nodes"] = f"{time.monotonic() - t0:.2f}s"
+    for h in HOSTS:
+        wait_for(lambda hh=h: _serves(env, hh, port) == {green}, timeout=10,  # type: ignore[misc]
+                 interval=0.2, message=f"host{h} serves green")
+
+    # A node that does not apply (its daemon stalled, its session still alive) is named,
+    # and the cutover times out cleanly; the switch itself stays.
+    pid = env.lab.daemon_pid(3)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        lagging = env.lab.exec(1, "reconciler", "cutover", svc, "--to", "blue", "--timeout",
+                               "3")
+        assert lagging.returncode == 1, lagging.stdout + lagging.stderr
+        assert "host3" in lagging.stdout + lagging.stderr
+        wait_for(lambda: _serves(env, 1, port) == set(blue), timeout=10, interval=0.2,
+                 message="host1 serves blue after the cutover timed out on host3")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: _serves(env, 3, port) == set(blue), timeout=20, interval=0.3,
+             message="host3 catches up once resumed")
+
+
+def _peer_hosts(e: Env, host: int, net: str) -> set[str]:
+    """Remote hosts programmed on `host`'s tunnel of `net` (its FDB)."""
+    out = e.lab.exec(host, "bridge", "fdb", "show").stdout
+    dev = e.lab.exec(host, "ip", "-o", "link", "show", "type", "vxlan").stdout
+    names = [line.split(": ")[1].split("@")[0] for line in dev.splitlines()
+             if f"reconciler:{net}@" in e.lab.exec(host, "ip", "-d", "link", "show",
+                                                   line.split(": ")[1].split("@")[0]).stdout]
+    return {w.split(" dst ")[1].split()[0] for w in out.splitlines()
+            if " dst " in w and any(f" dev {n} " in w for n in names)}
+
+
+def test_a_lost_host_vanishes_from_tunnels_and_members_and_comes_back(env: Env) -> None:
+    net = f"mhl-{env.rid}"
+    wait_for(lambda: _peer_hosts(env, 1, net) >= {"198.18.0.2", "198.18.0.3"}, timeout=15,
+             interval=0.3, message="host1's tunnel knows hosts 2 and 3")
+    members = [k for k in kv_keys("services/") if "/pools/" in k and "host3_" in k]
+    # Cut host3 off the underlay: its agent, its session and everything it published go.
+    env.lab.exec(3, "ip", "link", "set", "eth0", "down", check=True)
+    t0 = time.monotonic()
+    try:
+        wait_for(lambda: "198.18.0.3" not in _peer_hosts(env, 1, net), timeout=90,
+                 interval=0.5, message="host3 dropped from host1's tunnel")
+        FIGURES["host lost -> gone from tunnels"] = f"{time.monotonic() - t0:.1f}s"
+        wait_for(lambda: not [k for k in kv_keys("services/") if k in members], timeout=30,
+                 interval=0.5, message="host3's members withdrawn")
+        # Nothing else changed on host1: its own container and host2's are still reachable.
+        l1 = _c(env, "l", 1)
+        assert env.ping(l1, env.wait_address(_c(env, "l", 2)))
+    finally:
+        env.lab.exec(3, "ip", "link", "set", "eth0", "up", check=True)
+    t1 = time.monotonic()
+    wait_for(lambda: "198.18.0.3" in _peer_hosts(env, 1, net), timeout=120, interval=0.5,
+             message="host3 back in host1's tunnel without manual steps")
+    FIGURES["host back -> in tunnels again"] = f"{time.monotonic() - t1:.1f}s"
+    a3 = env.wait_address(_c(env, "l", 3))
+    wait_for(lambda: env.ping(_c(env, "l", 1), a3), timeout=20, interval=0.3,
+             message="host1's container reaches host3's again")
+
+
+def test_a_container_moved_between_hosts_is_reachable_everywhere(env: Env) -> None:
+    spec = f"mhm-{env.rid}"
+    env.specs.append(spec)
+    addr = "10.77.210.50"
+    kv_put(f"containers/{spec}", {"interfaces": [
+        {"name": "eth1", "network": f"mhl-{env.rid}", "address": f"{addr}/24"}]})
+    first = env.run(1, f"mhm1-{env.rid}", spec)
+    watchers = [_c(env, "l", 2), _c(env, "l", 3)]
+    for w in watchers:
+        wait_for(lambda ww=w: env.ping(ww, addr), timeout=20, interval=0.2,  # type: ignore[misc]
+                 message=f"{w} reaches {addr} on host1")
+    env.lab.docker(1, "rm", "-f", first)
+    del env.containers[first]
+    t0 = time.monotonic()
+    moved = env.run(2, f"mhm2-{env.rid}", spec)
+    for w in (_c(env, "l", 3), _c(env, "l", 1)):
+        got = wait_for(lambda ww=w: env.fetch(ww, addr), timeout=20,  # type: ignore[misc]
+                       interval=0.1, message=f"{w} reaches {addr} on host2")
+        assert got == moved
+    FIGURES["container moved host1 -> host2: reachable from hosts 3 and 1"] = \
+        f"{time.monotonic() - t0:.2f}s after docker run returned"
+    with contextlib.suppress(Exception):
+        env.lab.docker(2, "rm", "-f", moved)
