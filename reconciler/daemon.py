@@ -343,6 +343,11 @@ class Daemon:
                      ", ".join(res.changes))
         if res.changes or info is None or not info.running:
             self.controller.queue.add(MEMBERS)
+        if info is None and not self._once:
+            # Gone: what only its presence kept (an overlay's tunnel on this host, when it
+            # was the network's last container here) goes with the next quiet sweep (the
+            # queue folds a burst of removals into one).
+            self.controller.queue.add(SWEEP)
 
     def _handle_ports(self, key: PortsKey) -> None:
         self.netctl.flush_ports()

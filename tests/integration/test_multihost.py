@@ -51,6 +51,12 @@ def kv_delete(key: str, recurse: bool = False) -> None:
     urllib.request.urlopen(req, timeout=10).read()
 
 
+def kv_get(key: str) -> Any:
+    with urllib.request.urlopen(f"http://{CONSUL}/v1/kv/reconciler/{key}?raw=true",
+                                timeout=10) as r:
+        return json.loads(r.read())
+
+
 def kv_keys(prefix: str) -> list[str]:
     try:
         with urllib.request.urlopen(
@@ -330,3 +336,29 @@ def test_a_container_moved_between_hosts_is_reachable_everywhere(env: Env) -> No
         f"{time.monotonic() - t0:.2f}s after docker run returned"
     with contextlib.suppress(Exception):
         env.lab.docker(2, "rm", "-f", moved)
+
+
+def test_a_tunnel_exists_only_where_a_container_of_the_network_runs(env: Env) -> None:
+    """Host3's OVS-overlay container goes: its tunnel (and the host's address on the
+    network) go from host3, and host3 goes from the others' tunnels; back with a new one."""
+    net = f"mho-{env.rid}"
+    name = _c(env, "o", 3)
+
+    def tunnel_on_3() -> bool:
+        return f"reconciler:{net}@host3" in env.lab.exec(
+            3, "ip", "-d", "link", "show", "type", "vxlan").stdout
+
+    assert tunnel_on_3()
+    env.lab.docker(3, "rm", "-f", name)
+    wait_for(lambda: not tunnel_on_3(), timeout=20, interval=0.3,
+             message="host3's tunnel of the network removed with its last container")
+    wait_for(lambda: "198.18.0.3" not in _peer_hosts(env, 1, net), timeout=20,
+             interval=0.3, message="host3 dropped from host1's tunnel of the network")
+    holders = [kv_get(k.removeprefix("reconciler/"))["container"]
+               for k in kv_keys(f"ipam/{net}/")]
+    assert "host:host3" not in holders and "host:host1" in holders, holders
+    env.run(3, name, f"mho-{env.rid}")
+    addr = env.wait_address(name)
+    wait_for(tunnel_on_3, timeout=20, interval=0.3, message="host3's tunnel back")
+    wait_for(lambda: env.ping(_c(env, "o", 1), addr), timeout=20, interval=0.3,
+             message="host1 reaches host3's new container")
