@@ -530,8 +530,11 @@ class Daemon:
             self.controller.run(stop)
         finally:
             stop.set()
+            # The watchers only read: the Consul one may sit in a blocking query for up to
+            # its wait time, and is not waited for beyond a moment (stopping took 5.5 s).
+            deadline = time.monotonic() + 1.0
             for t in threads:
-                t.join(timeout=5)
+                t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def run_once(self) -> int:
         """Reconcile everything once, in order, through the same handlers as `run`;
