@@ -105,7 +105,7 @@ class GlobalView:
     mworker_max_reloads: int = 50
     """Old workers that survived this many reloads are killed."""
     maxconn: int = 4096
-    timeout_connect_ms: int = 5000
+    timeout_connect_ms: int = 1000
     timeout_client_ms: int = 30000
     timeout_server_ms: int = 30000
     timeout_http_request_ms: int = 10000

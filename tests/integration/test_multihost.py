@@ -17,6 +17,7 @@ import json
 import os
 import secrets
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -362,3 +363,68 @@ def test_a_tunnel_exists_only_where_a_container_of_the_network_runs(env: Env) ->
     wait_for(tunnel_on_3, timeout=20, interval=0.3, message="host3's tunnel back")
     wait_for(lambda: env.ping(_c(env, "o", 1), addr), timeout=20, interval=0.3,
              message="host1 reaches host3's new container")
+
+
+def _hey_failures(out: str) -> tuple[int, int]:
+    """(requests answered 200, everything else: other statuses and errors) from hey."""
+    ok = bad = 0
+    section = ""
+    for line in out.splitlines():
+        s = line.strip()
+        if s.startswith("Status code distribution"):
+            section = "status"
+        elif s.startswith("Error distribution"):
+            section = "error"
+        elif section == "status" and s.startswith("[") and "]" in s:
+            code, n = s[1:].split("]", 1)
+            count = int(n.split()[0])
+            ok, bad = (ok + count, bad) if code == "200" else (ok, bad + count)
+        elif section == "error" and s.startswith("["):
+            bad += int(s[1:].split("]", 1)[0])
+    return ok, bad
+
+
+def test_flips_and_member_changes_under_load_on_every_host_fail_no_request(
+        env: Env) -> None:
+    svc, port = f"mhld{env.rid}", 19000 + int(env.rid, 16) % 1000
+    env.services.append(svc)
+    net = f"mho-{env.rid}"
+    kv_put(f"services/{svc}/config", {"bind": f"127.0.0.1:{port}", "mode": "http",
+                                      "health": {"path": "/health", "interval_ms": 300}})
+    kv_put(f"services/{svc}/active", b"blue")
+    members = {pool: [env.run(h, f"mhld{pool[0]}{h}-{env.rid}", net, service=svc,
+                              pool=pool, port="8080", network=net) for h in HOSTS]
+               for pool in ("blue", "green")}
+    for h in HOSTS:
+        wait_for(lambda hh=h: _serves(env, hh, port) == set(members["blue"]),  # type: ignore[misc]
+                 timeout=40, interval=0.3, message=f"host{h} serves the 3 blue members")
+    # Green passes the cutover's health gate (its members answer) before the flips.
+    wait_for(lambda: env.lab.exec(1, "reconciler", "cutover", svc, "--to", "green",
+                                  "--dry-run").returncode == 0,
+             timeout=30, interval=0.5, message="green ready")
+    loads = [subprocess.Popen([str(env.lab.script), "exec", f"host{h}", "--", "hey", "-z",
+                               "8s", "-c", "4", "-t", "10", f"http://127.0.0.1:{port}/"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for h in HOSTS]
+    flips = 0
+    t_end = time.monotonic() + 6.5
+    target = "green"
+    while time.monotonic() < t_end:
+        cut = env.lab.exec(1, "reconciler", "cutover", svc, "--to", target, "--timeout", "10")
+        assert cut.returncode == 0, cut.stdout + cut.stderr
+        flips += 1
+        target = "blue" if target == "green" else "green"
+        if flips == 2:  # a member of each pool goes, another comes
+            env.lab.docker(2, "stop", "-t", "1", members["blue"][1])
+            env.run(2, f"mhldn2-{env.rid}", net, service=svc, pool="green", port="8080",
+                    network=net)
+    results = [p.communicate(timeout=60)[0] for p in loads]
+    totals = [_hey_failures(out) for out in results]
+    slowest = [next((ln.split()[1] for ln in out.splitlines()
+                     if ln.strip().startswith("Slowest:")), "?") for out in results]
+    FIGURES["load on 3 HAProxies during flips"] = ", ".join(
+        f"host{h}: {ok} ok / {bad} failed (slowest {slow} s)"
+        for h, (ok, bad), slow in zip(HOSTS, totals, slowest, strict=True)
+    ) + f" ({flips} flips, 2 member changes)"
+    for h, (ok, bad), out in zip(HOSTS, totals, results, strict=True):
+        assert ok > 0 and bad == 0, f"host{h}: {ok} ok, {bad} failed\n{out}"

@@ -76,7 +76,7 @@ def test_render_returns_bytes_with_global_and_defaults() -> None:
     assert "server-state-file /var/lib/reconciler/server-state" in glob
     defaults = section(cfg, "defaults")
     assert "load-server-state-from-file global" in defaults
-    assert "option redispatch" in defaults
+    assert "option redispatch 1" in defaults  # every retry goes to another member
     assert "retries 3" in defaults
     assert cfg.endswith("\n")
 
