@@ -224,6 +224,10 @@ class Daemon:
     def _on_docker_list(self, containers: list[ContainerInfo]) -> None:
         with self._lock:
             self.known.containers = {c.id: c for c in containers if c.running}
+        if self._listed.is_set():
+            # Docker's stream came back (dockerd restarted?): look inside every container
+            # again, not only at those whose process changed.
+            self.netctl.mark_all_dirty()
         self._listed.set()
         if self.snapshot is not None:
             self._preallocate()

@@ -394,8 +394,8 @@ class EventWatcher:
         on_event: Callable[[ContainerEvent], None],
         on_list: Callable[[list[ContainerInfo]], None],
         *,
-        backoff_base: float = 0.5,
-        backoff_cap: float = 30.0,
+        backoff_base: float = 0.25,
+        backoff_cap: float = 1.0,
         actions: Iterable[str] | None = DEFAULT_ACTIONS,
     ) -> None:
         self._engine = engine
@@ -417,9 +417,15 @@ class EventWatcher:
                 if not stop.is_set():
                     log.warning("docker event stream ended; reconnecting")
             except DockerError as exc:
-                delay = min(self._backoff_cap, self._backoff_base * 2**failures)
-                failures = min(failures + 1, 30)
-                log.warning("docker watch: %s; retrying in %.1fs", exc, delay)
+                # The engine is local: trying its socket every second costs nothing, and
+                # a longer cap made containers started right after dockerd came back wait
+                # for the next attempt (~20 s with a 30 s cap).
+                delay = min(self._backoff_cap, self._backoff_base * 2**min(failures, 30))
+                failures += 1
+                level = logging.WARNING if failures == 1 or failures % 60 == 0 \
+                    else logging.DEBUG
+                log.log(level, "docker watch: %s; retrying every %.1fs (attempt %d)", exc,
+                        delay, failures)
                 stop.wait(delay)
 
     def _session(self, stop: threading.Event) -> None:
