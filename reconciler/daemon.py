@@ -312,7 +312,7 @@ class Daemon:
         self._status_dirty.set()
         return result
 
-    def _handle_container(self, key: ContainerKey) -> None:
+    def _handle_container(self, key: ContainerKey) -> Result | None:
         cid = key.cid
         with self._lock:
             cached = self.known.containers.get(cid)
@@ -326,6 +326,11 @@ class Daemon:
         else:
             info = self.docker.inspect(cid)
         self._reconcile_container(cid, info)
+        if self.netctl.claim_pending(cid) and not self._once:
+            # Attached from the cached state while Consul was away: claim it when Consul
+            # answers (tried every second; a backoff would delay convergence).
+            return Result(requeue_after=1.0)
+        return None
 
     def _reconcile_container(self, cid: str, info: ContainerInfo | None) -> None:
         with self._lock:

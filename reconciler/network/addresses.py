@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from reconciler.errors import AdapterError, ReconcilerError
+from reconciler.errors import AdapterError, ConsulError, ReconcilerError
 from reconciler.ipam import Allocation, Ipam
 from reconciler.model import IPAddress, Network
 
@@ -34,6 +34,7 @@ class AddressBook:
         self._lock = threading.Lock()
         self._cache: dict[IfaceKey, IPAddress] = {}
         self._view: Mapping[str, Any] | None = None  # ipam/ keys as last watched
+        self._unclaimed: dict[IfaceKey, IPAddress] = {}  # used while Consul was away
 
     def set_view(self, view: Mapping[str, Any]) -> None:
         """The allocation keys as the daemon's watch last saw them (saves a read)."""
@@ -48,14 +49,39 @@ class AddressBook:
             self._cache[key] = ip
 
     def claim(self, net: Network, ip: IPAddress, cid: str, ifname: str) -> Allocation | None:
-        """Claim a static address; the holder when another container has it."""
+        """Claim a static address; the holder when another container has it.
+
+        While Consul is unreachable the address is the user's own, from the cached
+        desired state: it is used at once (unless another container of this node uses
+        it) and claimed when Consul answers again (`unclaimed`); if someone else claimed
+        it meanwhile, that one keeps it and this container gives way."""
         key = (cid, net.name, ifname)
         if self.cached(key) == ip:
             return None
-        holder = self._ipam.claim(net, ip, cid, ifname)
+        try:
+            holder = self._ipam.claim(net, ip, cid, ifname)
+        except ConsulError as e:
+            with self._lock:
+                local = next((k for k, v in self._cache.items() if v == ip
+                              and k[1] == net.name and k[0] != cid), None)
+                local = local or next((k for k, v in self._unclaimed.items()
+                                       if v == ip and k[1] == net.name and k[0] != cid), None)
+                if local is not None:
+                    return Allocation(net.name, ip, self._node, local[0], local[2])
+                self._unclaimed[key] = ip
+            log.warning("%s %s: Consul unreachable (%s): %s attached from the cached state, "
+                        "claimed when Consul answers", cid[:12], ifname, e, ip)
+            return None
+        with self._lock:
+            self._unclaimed.pop(key, None)
         if holder is None:
             self._remember(key, ip)
         return holder
+
+    def unclaimed(self, cid: str) -> bool:
+        """Whether a static address of `cid` is in use but not claimed in Consul yet."""
+        with self._lock:
+            return any(k[0] == cid for k in self._unclaimed)
 
     def holder(self, net: Network, ip: IPAddress, cid: str) -> Allocation | None:
         """Read only: the allocation of `ip` by another container, if any."""
@@ -109,6 +135,8 @@ class AddressBook:
         with self._lock:
             for key in [k for k in self._cache if k[0] == cid]:
                 del self._cache[key]
+            for key in [k for k in self._unclaimed if k[0] == cid]:
+                del self._unclaimed[key]
 
     def release_container(self, cid: str) -> int:
         return self._ipam.release_container(cid)

@@ -186,9 +186,14 @@ class NetworkController:
         self._store(cid, res)
         if res.errors:
             raise ContainerError("; ".join(res.errors))
-        if not self.dry_run:
+        if not self.dry_run and not self._addresses.unclaimed(cid):
             self._dirty.record_clean(cid, fp)
         return res
+
+    def claim_pending(self, cid: str) -> bool:
+        """A static address of `cid` is in use but not yet claimed in Consul (it was
+        unreachable): reconcile it again soon."""
+        return self._addresses.unclaimed(cid)
 
     def _watch(self, info: ContainerInfo, ns: netlink.ContainerNetns) -> None:
         if self.netns_watcher is None or self.dry_run:

@@ -95,7 +95,7 @@ class KVWatcher:
     """Calls `on_change(snapshot)` for every snapshot whose content changed."""
 
     def __init__(self, kv: PrefixReader, prefix: str, on_change: Callable[[Snapshot], None], *,
-                 wait: str = "30s", min_interval: float = 0.05, max_backoff: float = 30.0,
+                 wait: str = "30s", min_interval: float = 0.05, max_backoff: float = 2.0,
                  on_error: Callable[[ConsulError], None] | None = None) -> None:
         self.kv = kv
         self.prefix = prefix
@@ -144,8 +144,11 @@ class KVWatcher:
                 failures += 1
                 delay = min(self.max_backoff, 0.5 * 2 ** min(failures, 10))
                 delay *= random.uniform(0.8, 1.2)
-                log.warning("consul watch failed (%s); keeping the last good state, "
-                            "retrying in %.1fs", e, delay)
+                # Tried every 2 s at most (convergence within seconds of Consul's
+                # return); said at the first failure and every minute or so after.
+                log.log(logging.WARNING if failures == 1 or failures % 30 == 0
+                        else logging.DEBUG, "consul watch failed (%s); keeping the last "
+                        "good state, retrying in %.1fs (attempt %d)", e, delay, failures)
                 if self.on_error is not None:
                     self.on_error(e)
                 stop.wait(delay)

@@ -20,10 +20,11 @@ from reconciler.errors import (
     ContainerError,
     NetlinkError,
     OvsError,
+    PoolExhausted,
     Problem,
 )
 from reconciler.kvlayout import Layout
-from reconciler.model import DesiredState, InterfaceSpec, Network
+from reconciler.model import AddressPool, DesiredState, InterfaceSpec, Network
 from reconciler.network.controller import NAME_LABEL, spec_for, spec_key_for
 from reconciler.network.drivers.base import gateway_port_name
 from reconciler.network.drivers.ovs import NODE_ID
@@ -38,6 +39,7 @@ from .netfakes import (
     cid_of,
     cidr,
     info,
+    ip,
     itf,
     make_rig,
     state,
@@ -309,20 +311,45 @@ def test_an_ipam_error_is_reported_for_that_interface(rig: Rig) -> None:
 
 
 def test_an_ipam_error_leaves_an_attached_interface_waiting(rig: Rig) -> None:
-    # "an IPAM error: this interface waits" (controller._reconcile_in): the static
-    # address was edited while Consul is unreachable; the attached interface must stay
-    # as it is until the claim can be made, not be torn down as if no longer wanted.
-    attached(rig, itf("eth1", address="10.77.1.5/24"))
-    rig.ipam.fail["claim"] = ConsulUnavailable("connection refused")
-    rig.ctrl.set_state(state({"web": [itf("eth1", address="10.77.1.6/24")]}))
+    # "an IPAM error: this interface waits" (controller._reconcile_in): the pool was
+    # edited (the cached address is no longer in it) while IPAM fails; the attached
+    # interface must stay as it is until an address can be had, not be torn down as if
+    # no longer wanted.
+    attached(rig, itf("eth1"))
+    rig.ipam.fail["allocate"] = PoolExhausted("pool 10.77.1.200-10.77.1.201 is full")
+    moved = Network(OVS_NET.name, OVS_NET.subnet, OVS_NET.bridge, OVS_NET.driver,
+                    OVS_NET.vlan, OVS_NET.gateway, OVS_NET.mtu,
+                    AddressPool(ip("10.77.1.200"), ip("10.77.1.201")))
+    rig.ctrl.set_state(state({"web": [itf("eth1")]}, [moved]))
 
-    with pytest.raises(ContainerError, match="web eth1: connection refused"):
+    with pytest.raises(ContainerError, match=r"web eth1: pool 10\.77\.1\.200-\S+ is full"):
         rig.reconcile(WEB)
 
     assert rig.nl.called("detach") == []
     assert (CID, "eth1") in rig.nl.inside and VETH1 in rig.nl.host
     rig.ctrl.flush_ports()
     assert VETH1 in rig.ovs.ports
+
+
+def test_a_static_address_is_attached_from_the_cached_state_while_consul_is_away(
+        rig: Rig) -> None:
+    # Consul unreachable: the static address (the user's own, in the cached desired
+    # state) is attached at once, claimed when Consul answers; the container is not
+    # recorded clean meanwhile, so the next reconcile tries the claim again.
+    rig.ipam.fail["claim"] = ConsulUnavailable("connection refused")
+    rig.ctrl.set_state(state({"web": [itf("eth1", address="10.77.1.6/24")]}))
+    res = rig.reconcile(WEB)
+    assert res.addresses == {"eth1": "10.77.1.6/24"}
+    assert rig.ctrl.claim_pending(CID)
+    # Another local container with the same static address gives way meanwhile.
+    other = info(OTHER, "web", pid=4343)
+    with pytest.raises(ContainerError, match="is held by container"):
+        rig.ctrl.reconcile_container(OTHER, other)
+    # Consul is back: claimed, nothing pending.
+    del rig.ipam.fail["claim"]
+    rig.reconcile(WEB)
+    assert not rig.ctrl.claim_pending(CID)
+    assert ("vnet", "10.77.1.6", CID, "eth1") in rig.ipam.held()
 
 
 def test_an_unopenable_namespace_is_a_container_error(rig: Rig) -> None:
