@@ -428,3 +428,125 @@ def test_flips_and_member_changes_under_load_on_every_host_fail_no_request(
     ) + f" ({flips} flips, 2 member changes)"
     for h, (ok, bad), out in zip(HOSTS, totals, results, strict=True):
         assert ok > 0 and bad == 0, f"host{h}: {ok} ok, {bad} failed\n{out}"
+
+
+def _service(env: Env, tag: str, base_port: int) -> tuple[str, int, dict[str, set[str]]]:
+    """A service with a blue and a green member on every host (OVS overlay); returns
+    (name, port, pool -> member container names) once every host serves blue."""
+    svc, port = f"mh{tag}{env.rid}", base_port + int(env.rid, 16) % 1000
+    env.services.append(svc)
+    net = f"mho-{env.rid}"
+    kv_put(f"services/{svc}/config", {"bind": f"127.0.0.1:{port}", "mode": "http",
+                                      "health": {"path": "/health", "interval_ms": 300}})
+    kv_put(f"services/{svc}/active", b"blue")
+    pools = {pool: {env.run(h, f"mh{tag}{pool[0]}{h}-{env.rid}", net, service=svc,
+                            pool=pool, port="8080", network=net) for h in HOSTS}
+             for pool in ("blue", "green")}
+    for h in HOSTS:
+        wait_for(lambda hh=h: _serves(env, hh, port) == pools["blue"],  # type: ignore[misc]
+                 timeout=40, interval=0.3, message=f"host{h} serves blue")
+    return svc, port, pools
+
+
+def _kv_put_via(host: int, key: str, value: bytes) -> None:
+    req = urllib.request.Request(f"http://198.18.0.{host}:8500/v1/kv/reconciler/{key}",
+                                 data=value, method="PUT")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.read().strip() == b"true"
+
+
+def test_consul_leader_lost_nothing_torn_down_and_a_flip_applies_everywhere(
+        env: Env) -> None:
+    svc, port, pools = _service(env, "ldr", 20000)
+    before = {name: env.address(name) for name in env.containers
+              if env.lab.docker(env.containers[name][0], "inspect", "-f", "{{.State.Running}}",
+                                name, check=False).stdout.strip() == "true"}
+    leader = env.lab.consul_get(1, "/v1/status/leader")
+    lost = int(leader.split(":")[0].rsplit(".", 1)[1])
+    pid = int((env.lab.ovs_rundir(lost).parent / "consul.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    others = [h for h in HOSTS if h != lost]
+    try:
+        new = wait_for(lambda: (lambda ld: ld if ld and ld != leader else None)(
+            env.lab.consul_get(others[0], "/v1/status/leader")), timeout=60, interval=0.3,
+            ignore=(OSError,), message="a new Consul leader")
+        t0 = time.monotonic()
+        _kv_put_via(others[0], f"services/{svc}/active", b"green")
+        for h in others:
+            wait_for(lambda hh=h: _serves(env, hh, port) == pools["green"],  # type: ignore[misc]
+                     timeout=20, interval=0.2, message=f"host{h} serves green after election")
+        FIGURES["flip right after a leader election, on the other hosts"] = \
+            f"{time.monotonic() - t0:.2f}s (new leader {new})"
+        # The host without its agent keeps serving what it had: nothing torn down there.
+        assert _serves(env, lost, port) == pools["blue"]
+    finally:
+        env.lab.up()  # brings host{lost}'s agent back
+    wait_for(lambda: _serves(env, lost, port) == pools["green"], timeout=60, interval=0.3,
+             message=f"host{lost} applies the flip once its agent is back")
+    after = {name: env.address(name) for name in before}
+    assert after == before, "an interface changed while Consul lost its leader"
+    for h in HOSTS:
+        log = env.lab.log_path(h, "reconciler").read_text(errors="replace")
+        assert "Traceback" not in log, f"host{h}'s daemon logged a traceback"
+
+
+def test_a_static_address_attaches_while_consul_is_away_and_is_claimed_on_return(
+        env: Env) -> None:
+    """Host2's agent is down: a container with a static address starts there and gets it
+    from the cached desired state; the claim is made within seconds of Consul's return."""
+    spec = f"mhs-{env.rid}"
+    env.specs.append(spec)
+    addr = "10.77.210.60"
+    kv_put(f"containers/{spec}", {"interfaces": [
+        {"name": "eth1", "network": f"mhl-{env.rid}", "address": f"{addr}/24"}]})
+    with urllib.request.urlopen(f"http://{CONSUL}/v1/kv/reconciler/containers/{spec}",
+                                timeout=10) as r:
+        index = json.loads(r.read())[0]["ModifyIndex"]
+    wait_for(lambda: kv_get("nodes/host2/status").get("index", 0) >= index, timeout=20,
+             interval=0.2, message="host2's daemon applied the desired state with the spec")
+    pid = int((env.lab.ovs_rundir(2).parent / "consul.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+    try:
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=10, interval=0.1,
+                 message="host2's agent gone")
+        name = env.run(2, f"mhs2-{env.rid}", spec)
+        got = env.wait_address(name, timeout=20)
+        assert got == addr, "not attached from the cached state while Consul was away"
+        assert f"ipam/mhl-{env.rid}/{addr}" not in kv_keys(f"ipam/mhl-{env.rid}/")
+    finally:
+        env.lab.up()  # the agent comes back
+    t0 = time.monotonic()
+    held = wait_for(lambda: f"reconciler/ipam/mhl-{env.rid}/{addr}" in kv_keys(
+        f"ipam/mhl-{env.rid}/") and kv_get(f"ipam/mhl-{env.rid}/{addr}"), timeout=30,
+        interval=0.2, message="the static address claimed once Consul is back")
+    FIGURES["Consul back -> static address claimed"] = f"{time.monotonic() - t0:.2f}s"
+    assert held["node"] == "host2"
+    wait_for(lambda: env.ping(_c(env, "l", 1), addr), timeout=20, interval=0.2,
+             message="reachable from host1 once claimed")
+
+
+def test_dockerd_restart_reconnects_and_reattaches_restarted_containers(env: Env) -> None:
+    """Last in the module: stopping host2's engine stops its containers."""
+    spec = f"mhl-{env.rid}"
+    name = f"mhr2-{env.rid}"
+    env.lab.docker(2, "rm", "-f", name, check=False)
+    env.lab.docker(2, "run", "-d", "--name", name, "--restart", "always", "--net", "none",
+                   "-l", f"reconciler.name={spec}", IMAGE, "sleep", "3600")
+    env.containers[name] = (2, spec)
+    first = env.wait_address(name)
+    watcher = _c(env, "l", 1)
+    wait_for(lambda: env.ping(watcher, first), timeout=20, interval=0.2,
+             message="the restart-always container is reachable from host1")
+    pid = int((env.lab.ovs_rundir(2).parent / "dockerd.pid").read_text())
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=60, interval=0.2,
+             message="host2's dockerd stopped")
+    env.lab.up()  # starts it again; the restart policy starts the container
+    t0 = time.monotonic()
+    again = env.wait_address(name, timeout=30)
+    wait_for(lambda: env.ping(watcher, again), timeout=20, interval=0.2,
+             message="re-attached container reachable from host1")
+    FIGURES["dockerd back -> restart-always container re-attached and reachable"] = \
+        f"{time.monotonic() - t0:.2f}s"
+    log = env.lab.log_path(2, "reconciler").read_text(errors="replace")
+    assert "Traceback" not in log
