@@ -1,6 +1,8 @@
 """Assembly: builds the adapters and the daemon from settings (the one place that does).
 
-Also runs the daemon in the foreground with signal handling, for `reconciler run`.
+Also runs the daemon in the foreground with signal handling, for `reconciler run`, with
+its health and metrics endpoint (reconciler.observe.server). The one `Metrics` of the
+process is made here and handed to the parts that report to it.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.adapters import netlink
@@ -29,8 +31,11 @@ from reconciler.network.controller import NetworkController
 from reconciler.network.drivers import build_drivers
 from reconciler.network.portbatch import PendingPort, PortBatcher
 from reconciler.network.segments import Segments
+from reconciler.observe.health import liveness, readiness
+from reconciler.observe.metrics import Metrics
+from reconciler.observe.server import HealthServer
 from reconciler.proxy.controller import ProxyController
-from reconciler.settings import Settings
+from reconciler.settings import ObserveSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,8 @@ class Parts:
     ovs: OvsAdapter
     netctl: NetworkController
     daemon: Daemon
+    metrics: Metrics = field(default_factory=Metrics)
+    observe: ObserveSettings = field(default_factory=ObserveSettings)
 
     def close(self) -> None:
         if self.netctl.netns_watcher is not None:
@@ -56,7 +63,8 @@ class Parts:
 
 def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
           workers: int = 4) -> Parts:
-    kv = ConsulKV(ConsulSettings.from_env())
+    metrics = Metrics()
+    kv = ConsulKV(ConsulSettings.from_env(), observe=metrics.consul_request)
     docker = DockerEngine()
     nl = netlink.NetlinkAdapter()
     ovs = OvsAdapter(settings.network.ovs_db, settings.network.ovs_datapath)
@@ -98,13 +106,13 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
         addresses=AddressBook(ipam, settings.node),
         batcher=batcher, inspect=docker.inspect, dry_run=dry_run,
         netns_watcher=None if dry_run else netlink.NetnsWatcher(), tunnels=vx)
-    proxy = _build_proxy(settings, kv, dry_run) if with_proxy else None
+    proxy = _build_proxy(settings, kv, dry_run, metrics) if with_proxy else None
     session_file = os.path.join(settings.proxy.state_dir, f"session-{settings.node}")
     daemon = Daemon(DaemonOptions(settings.node, settings.prefix, settings.resync,
                                   workers=workers, dry_run=dry_run,
                                   session_file=session_file, advertise=advertise),
-                    kv=kv, docker=docker, netctl=netctl, proxy=proxy)
-    return Parts(kv, docker, nl, ovs, netctl, daemon)
+                    kv=kv, docker=docker, netctl=netctl, proxy=proxy, metrics=metrics)
+    return Parts(kv, docker, nl, ovs, netctl, daemon, metrics, settings.observe)
 
 
 def advertise_towards_consul() -> str | None:
@@ -124,8 +132,21 @@ def advertise_towards_consul() -> str | None:
     return None if ipaddress.ip_address(src).is_loopback else src
 
 
-def _build_proxy(settings: Settings, kv: Any, dry_run: bool) -> ProxyPart:
-    return ProxyController(settings.proxy, dry_run=dry_run, prefix=settings.prefix)
+def _build_proxy(settings: Settings, kv: Any, dry_run: bool, metrics: Metrics) -> ProxyPart:
+    return ProxyController(settings.proxy, dry_run=dry_run, prefix=settings.prefix,
+                           metrics=metrics)
+
+
+def health_server(parts: Parts) -> HealthServer | None:
+    """/livez, /readyz, /metrics for the daemon of `parts` (None: `--listen off`)."""
+    o = parts.observe
+    if o.listen is None:
+        return None
+    d = parts.daemon
+    return HealthServer(o.listen, metrics=parts.metrics,
+                        live=liveness(d, stuck_after=o.stuck_after),
+                        ready=readiness(d, failing_after=o.unready_after,
+                                        consul_age=parts.metrics.consul_contact_age))
 
 
 def run_forever(parts: Parts) -> int:
@@ -138,11 +159,23 @@ def run_forever(parts: Parts) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     d = parts.daemon
-    extra: list[Callable[[threading.Event], None]] = [
-        lambda s: netlink.watch_links(d.on_link_event, s)]
+    server = health_server(parts)
+    if server is not None:
+        # Up before the first read of Consul: /readyz says what the daemon waits for.
+        threading.Thread(target=server.run, args=(stop,), name="http", daemon=True).start()
+
+    # Named: a loop's name is what /livez reports when it stops.
+    def link_watch(s: threading.Event) -> None:
+        netlink.watch_links(d.on_link_event, s)
+
+    extra: list[Callable[[threading.Event], None]] = [link_watch]
     watcher = parts.netctl.netns_watcher
     if watcher is not None:
-        extra.append(lambda s: watcher.run(d.on_netns_event, s))
+        def netns_watch(s: threading.Event) -> None:
+            assert watcher is not None
+            watcher.run(d.on_netns_event, s)
+
+        extra.append(netns_watch)
     unsubscribe = parts.ovs.subscribe(d.on_port_event)
     try:
         d.run(stop, extra)

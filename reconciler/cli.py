@@ -24,8 +24,11 @@ from reconciler.errors import (
     ReconcilerError,
 )
 from reconciler.kvlayout import NAME_RE, kv_entries, normalize_prefix
+from reconciler.observe import logs
+from reconciler.observe.server import DEFAULT_LISTEN, parse_listen
 from reconciler.settings import (
     NetworkSettings,
+    ObserveSettings,
     ProxySettings,
     Settings,
     default_node,
@@ -58,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV prefix (default: $RECONCILER_PREFIX or reconciler/)")
     p.add_argument("--log-level", default=os.environ.get("RECONCILER_LOG_LEVEL", "info"),
                    choices=["debug", "info", "warning", "error"], help="log verbosity")
+    p.add_argument("--log-format", default=os.environ.get("RECONCILER_LOG_FORMAT", "text"),
+                   choices=["text", "json"], help="log lines as text, or one JSON object "
+                   "per line (default: $RECONCILER_LOG_FORMAT or text)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
@@ -99,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print what would change and exit, changing nothing (implies --once)")
     r.add_argument("--resync", type=_positive_float, default=_env_float("RECONCILER_RESYNC", 30),
                    metavar="SECONDS", help="full resync period (default 30)")
+    r.add_argument("--listen", default=os.environ.get("RECONCILER_LISTEN", DEFAULT_LISTEN),
+                   metavar="HOST:PORT", help="serve /livez, /readyz and /metrics here, or "
+                   f"`off` (default: $RECONCILER_LISTEN or {DEFAULT_LISTEN})")
+    r.add_argument("--unready-after", type=_positive_float,
+                   default=_env_float("RECONCILER_UNREADY_AFTER", 60), metavar="SECONDS",
+                   help="/readyz fails while a key has been failing for longer than this "
+                   "(default 60)")
+    # Also after `run` (`reconciler run --log-format json`), as a unit file would put it.
+    r.add_argument("--log-format", default=argparse.SUPPRESS, choices=["text", "json"],
+                   help="as before the command")
     _daemon_args(r)
     r.set_defaults(func=cmd_run)
 
@@ -198,6 +214,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
                             templates_dir=getattr(args, "templates", None),
                             master_socket=getattr(args, "haproxy_master_socket", None),
                             config_path=getattr(args, "haproxy_config", None)),
+        observe=ObserveSettings(
+            listen=parse_listen(getattr(args, "listen", "off")),
+            unready_after=getattr(args, "unready_after", 60.0)),
     )
 
 
@@ -213,8 +232,9 @@ def _advertise(value: str | None) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_format not in ("text", "json"):  # from the environment: not checked yet
+        parser.error(f"RECONCILER_LOG_FORMAT {args.log_format!r}: text or json")
+    logs.configure(args.log_level, args.log_format)
     args.prefix = normalize_prefix(args.prefix) if args.prefix is not None \
         else env_prefix()
     func: Callable[[argparse.Namespace], int] = args.func

@@ -15,7 +15,11 @@ Owns the wiring and nothing else:
   per-key exponential backoff, terminal errors reported not retried, periodic resync
   (which skips containers that are clean; every DEEP_EVERY-th looks inside all);
 - node status under a Consul session (status.StatusPublisher), members published under
-  the same session (members.MemberSync).
+  the same session (members.MemberSync);
+- what it tells the outside (reconciler.observe): every reconcile's outcome and duration
+  to the `Metrics` given at assembly and to the readiness trackers, the state series
+  read at scrape time (`sample`), the facts /livez and /readyz check (`loops`,
+  `consul_watch_ok`, ...), and the log context (work key, container) of each reconcile.
 
 Work keys are typed (reconciler.workkeys); `_handlers` maps each type to its handler,
 for `run` and `run --once` alike. A failure is reported under the user's Consul key
@@ -44,6 +48,9 @@ from reconciler.kvlayout import Layout, kv_digest, user_digest
 from reconciler.members import MemberSync
 from reconciler.model import DesiredState
 from reconciler.network.controller import NetworkController, spec_key_for
+from reconciler.observe import logs
+from reconciler.observe.health import FailureClock, FirstSync
+from reconciler.observe.metrics import Metrics, StateSample
 from reconciler.runtime.kvwatch import KVWatcher, Snapshot
 from reconciler.runtime.workqueue import Controller, Result
 from reconciler.status import NodeStatus, StatusPublisher, build_status, hosts_from
@@ -92,6 +99,7 @@ class ProxyPart(Protocol):
     def reconcile(self) -> dict[str, Any]: ...
     def errors(self) -> dict[str, list[str]]: ...
     def status(self) -> dict[str, Any]: ...
+    def poll_after(self) -> float | None: ...
 
 
 @dataclass
@@ -115,8 +123,14 @@ class _Known:
 
 class Daemon:
     def __init__(self, opts: DaemonOptions, *, kv: Any, docker: DockerEngine,
-                 netctl: NetworkController, proxy: ProxyPart | None = None) -> None:
+                 netctl: NetworkController, proxy: ProxyPart | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.opts = opts
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.failures = FailureClock()  # keys failing, and since when (readiness)
+        self.first_sync = FirstSync()
+        self.events: EventWatcher | None = None  # the Docker event watcher, once running
+        self._threads: list[threading.Thread] = []  # the main loops, once running
         self.kv = kv
         self.docker = docker
         self.netctl = netctl
@@ -142,7 +156,8 @@ class Daemon:
         self.controller: Controller[WorkKey] = Controller(
             self._reconcile, name="reconciler", workers=opts.workers,
             list_keys=self._resync_keys, resync=opts.resync,
-            on_error=self._on_error, on_success=self._on_success)
+            on_error=self._on_error, on_success=self._on_success, observe=self._observed)
+        self.metrics.set_state_source(self.sample)
         self.ready = threading.Event()
         self._acted_digest = ""  # of the user keys of the last snapshot acted on
         self._peers_digest = ""  # of the allocations and host addresses last programmed
@@ -222,6 +237,7 @@ class Daemon:
             log.debug("allocated %d address(es) in a batch", n)
 
     def _on_docker_list(self, containers: list[ContainerInfo]) -> None:
+        self.metrics.docker_connected()
         with self._lock:
             self.known.containers = {c.id: c for c in containers if c.running}
         if self._listed.is_set():
@@ -231,6 +247,12 @@ class Daemon:
         self._listed.set()
         if self.snapshot is not None:
             self._preallocate()
+        if self.snapshot is not None and self.first_sync.remaining() is None:
+            # The first full pass (readiness): every key, expected before it is enqueued.
+            first = [*self._all_keys(), *(ContainerKey(c.id) for c in containers)]
+            self.first_sync.expect(first)
+            for key in first:
+                self.controller.queue.add(key)
         for c in containers:
             self.controller.queue.add(ContainerKey(c.id))
         self.controller.queue.add(SWEEP)
@@ -308,9 +330,24 @@ class Daemon:
     def _reconcile(self, key: WorkKey) -> Result | None:
         if self.snapshot is None:
             return Result(requeue_after=1.0)
-        result = self._handlers[type(key)](key)
+        # Every line logged during this reconcile says which key it is about.
+        token = logs.set_context(key=str(key))
+        try:
+            result = self._handlers[type(key)](key)
+        finally:
+            logs.reset_context(token)
         self._status_dirty.set()
         return result
+
+    def _observed(self, key: WorkKey, outcome: str, seconds: float) -> None:
+        """The controller's report of each reconcile: metrics and readiness."""
+        self.metrics.reconciled(key.kind, outcome, seconds)
+        if outcome == "error":
+            self.failures.failed(key)
+        else:
+            self.failures.succeeded(key)
+        if outcome != "requeued":  # deferred: it did nothing yet
+            self.first_sync.reconciled(key)
 
     def _handle_container(self, key: ContainerKey) -> Result | None:
         cid = key.cid
@@ -333,6 +370,7 @@ class Daemon:
         return None
 
     def _reconcile_container(self, cid: str, info: ContainerInfo | None) -> None:
+        logs.bind(container=info.name if info is not None else cid[:12])
         with self._lock:
             if info is not None and info.running:
                 self.known.containers[cid] = info
@@ -347,6 +385,9 @@ class Daemon:
             after = self.netctl.result(cid)
             if (before.addresses if before else {}) != (after.addresses if after else {}):
                 self.controller.queue.add(MEMBERS)
+            was = set(before.addresses) if before else set()
+            now = set(after.addresses) if after else set()
+            self.metrics.interfaces_changed(len(now - was), len(was - now))
         if res.changes:
             log.info("container %s: %s", info.name if info else cid[:12],
                      ", ".join(res.changes))
@@ -399,6 +440,8 @@ class Daemon:
         if changes:
             log.info("members: %s", ", ".join(changes))
             self.controller.queue.add(PROXY)
+            published = sum(1 for c in changes if c.startswith("published"))
+            self.metrics.members_changed(published, len(changes) - published)
         with self._lock:
             if problems:
                 self.known.errors[MEMBERS] = problems
@@ -427,7 +470,10 @@ class Daemon:
         finally:
             # A failed reload shows in `reconciler status` too (last_reload).
             self.status.proxy = self.proxy.status()
-        return None
+        again = None if self._once else self.proxy.poll_after()
+        # While a progressive cutover runs, HAProxy's counters are re-read and published
+        # this often (the command driving it judges each step by them; issue 13).
+        return Result(requeue_after=again) if again is not None else None
 
     # ------------------------------------------------------------------ errors
 
@@ -475,6 +521,57 @@ class Daemon:
             problems=self.snapshot.state.problems if self.snapshot is not None else (),
             errors=known, results=self.netctl.results().values(), running=running,
             proxy_errors=self.proxy.errors() if self.proxy is not None else {})
+
+    # ------------------------------------------------------------------ observed
+
+    def sample(self) -> StateSample:
+        """The state series of the metrics, read at scrape time."""
+        q = self.controller.queue
+        results = self.netctl.results()
+        allocations: dict[str, int] = {}
+        pools: dict[str, int] = {}
+        invalid = 0
+        snap = self.snapshot
+        if snap is not None:
+            view = {e.key: e for e in snap.items if e.key.startswith(self.layout.ipam_prefix())}
+            for a in parse_allocations(self.opts.prefix, view):
+                if a.node == self.opts.node:
+                    allocations[a.network] = allocations.get(a.network, 0) + 1
+            for name, net in snap.state.networks.items():
+                allocations.setdefault(name, 0)
+                if net.pool is not None:
+                    pools[name] = int(net.pool.end) - int(net.pool.start) + 1
+            invalid = len(snap.state.invalid_keys)
+        return StateSample(
+            queue_depth=len(q.pending()), in_flight=len(q.in_flight()),
+            attached_interfaces=sum(len(r.addresses) for r in results.values()),
+            attached_containers=sum(1 for r in results.values() if r.addresses),
+            members_published=self.members.publisher.published, invalid_keys=invalid,
+            ipam_allocations=allocations, ipam_pool_size=pools,
+            overlay_peers=dict(self.netctl.peer_counts()))
+
+    def consul_watch_ok(self) -> bool:
+        return self.watcher.healthy.is_set()
+
+    def docker_events_ok(self) -> bool:
+        return self.events is not None and self.events.connected
+
+    def first_sync_remaining(self) -> int | None:
+        return 0 if self.first_sync.done else self.first_sync.remaining()
+
+    def failing(self, longer_than: float) -> list[tuple[str, float]]:
+        return self.failures.failing(longer_than)
+
+    def loops(self) -> dict[str, bool]:
+        """The main loops (empty while waiting for Consul's first answer at start)."""
+        out = {t.name: t.is_alive() for t in self._threads}
+        if self._threads:
+            out["workers"] = self.controller.workers_alive() == self.opts.workers
+        return out
+
+    def oldest_in_flight(self) -> tuple[str, float] | None:
+        oldest = self.controller.oldest_in_flight()
+        return None if oldest is None else (str(oldest[0]), oldest[1])
 
     def _status_loop(self, stop: threading.Event) -> None:
         last_beat = 0.0
@@ -524,6 +621,7 @@ class Daemon:
         if not self.initial_read(stop):
             return
         watcher = EventWatcher(self.docker, self._on_docker_event, self._on_docker_list)
+        self.events = watcher
         threads = [
             threading.Thread(target=self.watcher.run, args=(stop,), name="kv-watch",
                              daemon=True),
@@ -531,7 +629,9 @@ class Daemon:
                              daemon=True),
             threading.Thread(target=self._status_loop, args=(stop,), name="status",
                              daemon=True),
-        ] + [threading.Thread(target=f, args=(stop,), daemon=True) for f in extra]
+        ] + [threading.Thread(target=f, args=(stop,), daemon=True,
+                              name=getattr(f, "__name__", "watch")) for f in extra]
+        self._threads = threads
         for t in threads:
             t.start()
         self.ready.set()

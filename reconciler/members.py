@@ -194,6 +194,7 @@ class MemberPublisher:
         self.layout = Layout(prefix)
         self.node = node
         self.errors: dict[str, str] = {}
+        self.published = 0  # members held under the session after the last sync (metrics)
 
     def sync(self, session: str, wanted: Mapping[str, Wanted],
              keep: Collection[str] = ()) -> list[str]:
@@ -205,14 +206,17 @@ class MemberPublisher:
         mine = {k: i for k, i in snap.items.items()
                 if i.session == session and "/pools/" in k}
         changes: list[str] = []
+        held = 0
         for key, w in wanted.items():
             cur = snap.items.get(key)
             if cur is not None and cur.value == w.value and cur.session == session:
+                held += 1
                 continue
             try:
                 if self.kv.put(key, w.value, acquire=session):
                     changes.append(f"published {key[len(self.prefix):]}")
                     self.errors.pop(key, None)
+                    held += 1
                 else:
                     self.errors[key] = "held by another node's session"
             except ConsulError as e:
@@ -221,4 +225,7 @@ class MemberPublisher:
             if key not in wanted and key not in keep:
                 self.kv.delete(key)
                 changes.append(f"withdrew {key[len(self.prefix):]}")
+            elif key not in wanted:
+                held += 1  # kept as it is for a container not reconciled yet
+        self.published = held
         return changes

@@ -70,6 +70,18 @@ class ProxySettings:
 
 
 @dataclass(frozen=True)
+class ObserveSettings:
+    """What the daemon tells the outside: health, metrics (reconciler.observe)."""
+
+    listen: tuple[str, int] | None = ("127.0.0.1", 9901)
+    """Where /livez, /readyz and /metrics are served (None: nowhere)."""
+    unready_after: float = 60.0
+    """A key failing for longer than this many seconds makes /readyz fail."""
+    stuck_after: float = 300.0
+    """A reconcile running for longer than this many seconds makes /livez fail."""
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the daemon and the CLI need, grouped."""
 
@@ -81,3 +93,4 @@ class Settings:
     """Seconds between full resyncs."""
     network: NetworkSettings = field(default_factory=NetworkSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
+    observe: ObserveSettings = field(default_factory=ObserveSettings)

@@ -2,17 +2,21 @@
 
 Owns the key types and nothing else. A key names what to reconcile, never how: the
 daemon maps each type to its handler in one registry (reconciler.daemon), used by both
-`run` and `run --once`. Keys are hashable, so the work queue de-duplicates them.
+`run` and `run --once`. Keys are hashable, so the work queue de-duplicates them. Each
+type's `kind` names it in metrics (a label with one value per type, never per key).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
 class ContainerKey:
     """One container's interfaces (and its member, through MembersKey)."""
+
+    kind: ClassVar[str] = "container"
 
     cid: str
 
@@ -24,6 +28,8 @@ class ContainerKey:
 class PortsKey:
     """Commit the OVS ports queued by container reconciles, in one transaction."""
 
+    kind: ClassVar[str] = "ports"
+
     def __str__(self) -> str:
         return "ovs-ports"
 
@@ -31,6 +37,8 @@ class PortsKey:
 @dataclass(frozen=True)
 class SweepKey:
     """Remove what this node owns and has no reason to exist."""
+
+    kind: ClassVar[str] = "sweep"
 
     def __str__(self) -> str:
         return "sweep"
@@ -40,6 +48,8 @@ class SweepKey:
 class MembersKey:
     """Publish this node's pool members, withdraw the rest."""
 
+    kind: ClassVar[str] = "members"
+
     def __str__(self) -> str:
         return "members"
 
@@ -48,6 +58,8 @@ class MembersKey:
 class ProxyKey:
     """Make HAProxy equal to the services."""
 
+    kind: ClassVar[str] = "proxy"
+
     def __str__(self) -> str:
         return "proxy"
 
@@ -55,6 +67,8 @@ class ProxyKey:
 @dataclass(frozen=True)
 class PeersKey:
     """Program the remote endpoints of this host's overlay tunnels."""
+
+    kind: ClassVar[str] = "peers"
 
     def __str__(self) -> str:
         return "peers"

@@ -26,7 +26,7 @@ import re
 import socket
 import ssl
 import urllib.parse
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
@@ -381,8 +381,12 @@ class ConsulKV:
     `ValueError` for a key starting with "/", a programming error).
     """
 
-    def __init__(self, settings: ConsulSettings) -> None:
+    def __init__(self, settings: ConsulSettings, *,
+                 observe: Callable[[ConsulError | None], None] | None = None) -> None:
+        """`observe` is told how every request ended: None when Consul answered, else the
+        ConsulError raised (the daemon counts them, and when Consul last answered)."""
         self._settings = settings
+        self._observe = observe
         if settings.scheme == "unix":
             host, port, scheme = _UNIX_HOST, 80, "http"
         else:
@@ -606,7 +610,22 @@ class ConsulKV:
 
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:
-        """Turn whatever py-consul or requests raise during `what` into a ConsulError."""
+        """Turn whatever py-consul or requests raise during `what` into a ConsulError,
+        and tell `observe` how the request ended."""
+        if self._observe is None:
+            with self._translate_errors(what):
+                yield
+            return
+        try:
+            with self._translate_errors(what):
+                yield
+        except ConsulError as exc:
+            self._observe(exc)
+            raise
+        self._observe(None)
+
+    @contextlib.contextmanager
+    def _translate_errors(self, what: str) -> Iterator[None]:
         addr = self._settings.address
         try:
             yield

@@ -406,6 +406,7 @@ class EventWatcher:
         self._actions = tuple(actions) if actions is not None else None
         self.last_event_nano: int | None = None
         self.connections = 0  # successful (re)subscriptions, for status and tests
+        self.connected = False  # subscribed and listed, the stream not broken (readiness)
 
     def run(self, stop: threading.Event) -> None:
         """Block until `stop` is set; never raises for Docker failures (it retries)."""
@@ -438,6 +439,7 @@ class EventWatcher:
         try:
             containers = self._engine.list_containers()
             self.connections += 1
+            self.connected = True
             self._deliver(self._on_list, containers)
             for event in stream:
                 # Remember where we are: a reconnect resumes from here (inclusive, so the
@@ -447,6 +449,7 @@ class EventWatcher:
                 if stop.is_set():
                     break
         finally:
+            self.connected = False
             cancel()
             stream.close()
 

@@ -369,6 +369,10 @@ class NetworkController:
                 self.planned += [f"overlay {c}" for c in changes]
         return changes
 
+    def peer_counts(self) -> Mapping[str, int]:
+        """Overlay network -> remote endpoints its tunnel here knows (as last programmed)."""
+        return self._peers.counts if self._peers is not None else {}
+
     def host_address(self, net: Network) -> netlink.IpInterface:
         """This host's own address on an overlay network (the overlay driver asks)."""
         with self._lock:

@@ -42,18 +42,23 @@ class PeerProgrammer:
     def __init__(self, vx: Any, node: str) -> None:
         self._vx = vx  # adapters.vxlan.VxlanAdapter
         self._node = node
+        # Overlay network -> remote endpoints its tunnel here should know (metrics);
+        # replaced whole by each reconcile.
+        self.counts: Mapping[str, int] = {}
 
     def reconcile(self, networks: Iterable[Network], allocations: list[Allocation],
                   hosts: Mapping[str, str], *, dry_run: bool = False) -> list[str]:
         changes: list[str] = []
+        counts: dict[str, int] = {}
         for net in networks:
             if net.overlay is None:
                 continue
             dev = tunnel_name(net.name)
             if self._vx.observe(dev) is None:
                 continue
-            add, remove = plan_peers(wanted_peers(net, allocations, hosts, self._node),
-                                     self._vx.peers(dev))
+            wanted = wanted_peers(net, allocations, hosts, self._node)
+            counts[net.name] = len(wanted)
+            add, remove = plan_peers(wanted, self._vx.peers(dev))
             if not add and not remove:
                 continue
             changes += [f"{net.name}: peer {p.ip} at {p.host}" for p in sorted(
@@ -62,4 +67,5 @@ class PeerProgrammer:
                         for p in sorted(remove, key=lambda p: (p.ip, p.host))]
             if not dry_run:
                 self._vx.set_peers(dev, add, remove)
+        self.counts = counts
         return changes

@@ -10,6 +10,8 @@ Switching `active` changes only the map: the adapter applies it with `set map` t
 the runtime API (no reload) and persists the map file. Members, services or settings
 change the config bytes: then it goes through check -> atomic swap -> reload ->
 confirm, and a config that fails is never loaded (the adapter keeps the last good one).
+Every reload and runtime change is counted in the `Metrics` given at assembly
+(`_apply_counted`, and in `_apply_at_runtime`).
 """
 
 from __future__ import annotations
@@ -24,10 +26,17 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from reconciler.adapters.haproxy import HaproxyProcess, parse_map
-from reconciler.errors import ConfigurationError, HaproxyError, Problem, ValidationError
+from reconciler.adapters.haproxy import ApplyResult, HaproxyProcess, parse_map
+from reconciler.errors import (
+    ConfigInvalid,
+    ConfigurationError,
+    HaproxyError,
+    Problem,
+    ValidationError,
+)
 from reconciler.kvlayout import Layout
 from reconciler.model import DesiredState, Service
+from reconciler.observe.metrics import Metrics
 from reconciler.proxy.render import Renderer, render_map
 from reconciler.proxy.view import (
     GlobalView,
@@ -113,7 +122,9 @@ class ProxyController:
     """Runs in the daemon under the `proxy` work key."""
 
     def __init__(self, settings: ProxySettings, *, dry_run: bool = False,
-                 haproxy: HaproxyProcess | None = None, prefix: str = "") -> None:
+                 haproxy: HaproxyProcess | None = None, prefix: str = "",
+                 metrics: Metrics | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
         self.prefix = prefix  # error keys name the KV key, like every other status key
         self.layout = Layout(prefix)
         self.settings = settings
@@ -233,7 +244,7 @@ class ProxyController:
         try:
             try:
                 runtime = self._apply_at_runtime(config_view(view), cfg)
-                result = self.hap.apply_config(cfg, map_bytes)
+                result = self._apply_counted(cfg, map_bytes)
             except HaproxyError as e:
                 # A service HAProxy could not load (its bind: an address the host lacks,
                 # a port someone else holds) is named in the alert: leave it out,
@@ -253,7 +264,7 @@ class ProxyController:
                 digest = hashlib.sha256(cfg).hexdigest()[:16]
                 active = {sv.name: sv.active for sv in view.services}
                 runtime = []
-                result = self.hap.apply_config(cfg, map_bytes)
+                result = self._apply_counted(cfg, map_bytes)
             for name, (_, why) in self._unloadable.items():
                 errors.setdefault(self.layout.service_config(name), []).append(
                     f"cannot load; kept at its last loaded definition, if any: {why}")
@@ -300,7 +311,7 @@ class ProxyController:
     def _apply_map_only(self, map_bytes: bytes) -> None:
         try:
             running = self.hap.config_path.read_bytes()
-            self.hap.apply_config(running, map_bytes)  # same bytes: `set map` only
+            self._apply_counted(running, map_bytes)  # same bytes: `set map` only
         except (OSError, HaproxyError) as e:
             log.warning("haproxy: could not apply the pool switches either: %s", e)
 
@@ -328,15 +339,46 @@ class ProxyController:
         if not changed:
             return []
         done = []
-        for backend, ma, mb in changed:
-            if mb.state != ma.state:
-                self.hap.set_state(backend, mb.name, mb.state)
-                done.append(f"{backend}/{mb.name} {mb.state}")
-            if mb.weight != ma.weight:
-                self.hap.set_weight(backend, mb.name, mb.weight)
-                done.append(f"{backend}/{mb.name} weight {mb.weight}")
+        try:
+            for backend, ma, mb in changed:
+                if mb.state != ma.state:
+                    self.hap.set_state(backend, mb.name, mb.state)
+                    done.append(f"{backend}/{mb.name} {mb.state}")
+                if mb.weight != ma.weight:
+                    self.hap.set_weight(backend, mb.name, mb.weight)
+                    done.append(f"{backend}/{mb.name} weight {mb.weight}")
+        except HaproxyError:
+            self.metrics.haproxy_runtime_change("failed")
+            raise
+        finally:
+            self.metrics.haproxy_runtime_change("ok", len(done))
         self.hap.stage_config(cfg)
         return done
+
+    def _apply_counted(self, cfg: bytes, map_bytes: bytes) -> ApplyResult:
+        """`apply_config`, counted: a reload when the config bytes differ from the file
+        (ok, failed and reverted, or invalid: refused by the check), else the active-pool
+        switches it made at runtime."""
+        try:
+            reload = self.hap.config_path.read_bytes() != cfg
+        except OSError:
+            reload = False  # no config yet: HAProxy is started, not reloaded
+        try:
+            result = self.hap.apply_config(cfg, map_bytes)
+        except ConfigInvalid:
+            self.metrics.haproxy_reload("invalid")
+            raise
+        except HaproxyError:
+            if reload:
+                self.metrics.haproxy_reload("failed")
+            else:
+                self.metrics.haproxy_runtime_change("failed")
+            raise
+        if result.reloaded:
+            self.metrics.haproxy_reload("ok")
+        elif result.map_changed and not result.config_changed:
+            self.metrics.haproxy_runtime_change("ok")
+        return result
 
     def _plan(self, cfg: bytes, map_bytes: bytes, digest: str, active: dict[str, str]
               ) -> None:

@@ -24,6 +24,11 @@ Modelled on client-go's workqueue and controller-runtime's reconcile contract:
   A periodic resync adds every key of `list_keys()` (at start, then every `resync` seconds),
   so a missed event is repaired by the next resync.
 
+  `observe(key, outcome, seconds)` is told how each reconcile ended — "ok", "requeued"
+  (a Result asking to look again), "error" (retried) or "invalid" (terminal) — and how
+  long it took (metrics, readiness); `oldest_in_flight()` and `workers_alive()` tell
+  liveness whether a worker is stuck or gone.
+
 All timing goes through a `Clock` (see `reconciler.runtime.backoff`) so unit tests drive it
 with `FakeClock`.
 """
@@ -34,6 +39,7 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
@@ -236,6 +242,7 @@ class Controller(Generic[K]):
         queue: WorkQueue[K] | None = None,
         clock: Clock | None = None,
         drain_timeout: float = 30.0,
+        observe: Callable[[K, str, float], None] | None = None,
     ) -> None:
         """
         reconcile: called with one key at a time per key (never concurrently for one key).
@@ -244,6 +251,7 @@ class Controller(Generic[K]):
         on_error: called as `on_error(key, exc, terminal)` after a failed reconcile.
         on_success: called with the key after a successful reconcile.
         drain_timeout: how long `run` waits for in-flight reconciles at shutdown.
+        observe: called as `observe(key, outcome, seconds)` after every reconcile.
         """
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -262,6 +270,11 @@ class Controller(Generic[K]):
             queue if queue is not None else WorkQueue(clock=self._clock, name=name)
         )
         self._drain_timeout = drain_timeout
+        self._observe = observe
+        # key -> when its reconcile started (time.monotonic: the real duration, whatever
+        # the clock). One item set and popped per reconcile: atomic under the GIL.
+        self._started: dict[K, float] = {}
+        self._threads: list[threading.Thread] = []
         self._cond = threading.Condition()  # resync loop sleeps on it; stop wakes it
         self._stopping = False
 
@@ -279,6 +292,19 @@ class Controller(Generic[K]):
         return True
 
     def _handle(self, key: K) -> None:
+        started = self._started[key] = time.monotonic()
+        outcome = "error"
+        try:
+            outcome = self._handle_timed(key)
+        finally:
+            self._started.pop(key, None)
+            if self._observe is not None:
+                try:
+                    self._observe(key, outcome, time.monotonic() - started)
+                except Exception:
+                    log.exception("%s: observe hook failed for %r", self.name, key)
+
+    def _handle_timed(self, key: K) -> str:
         try:
             result = self._reconcile(key)
         except ValidationError as exc:
@@ -287,7 +313,7 @@ class Controller(Generic[K]):
             self.queue.forget(key)
             log.warning("%s: %r: invalid, not retrying: %s", self.name, key, exc)
             self._call_on_error(key, exc, terminal=True)
-            return
+            return "invalid"
         except Exception as exc:
             self.queue.add_rate_limited(key)
             log.warning(
@@ -299,10 +325,10 @@ class Controller(Generic[K]):
                 exc_info=not _is_expected(exc),
             )
             self._call_on_error(key, exc, terminal=False)
-            return
+            return "error"
         if result is not None and result.requeue:
             self.queue.add_rate_limited(key)
-            return
+            return "requeued"
         self.queue.forget(key)
         if result is not None and result.requeue_after is not None:
             self.queue.add_after(key, result.requeue_after)
@@ -311,6 +337,7 @@ class Controller(Generic[K]):
                 self._on_success(key)
             except Exception:
                 log.exception("%s: on_success hook failed for %r", self.name, key)
+        return "ok" if result is None or result.requeue_after is None else "requeued"
 
     def _call_on_error(self, key: K, exc: BaseException, *, terminal: bool) -> None:
         if self._on_error is None:
@@ -339,6 +366,18 @@ class Controller(Generic[K]):
         while not self.queue.shutting_down:
             self.process_next(timeout=None)
 
+    def oldest_in_flight(self) -> tuple[K, float] | None:
+        """The key whose reconcile has been running longest, and for how many seconds."""
+        started = dict(self._started)  # a copy: workers change it meanwhile
+        if not started:
+            return None
+        key = min(started, key=started.__getitem__)
+        return key, time.monotonic() - started[key]
+
+    def workers_alive(self) -> int:
+        """Worker threads running (0 before `run` and after it returned)."""
+        return sum(1 for t in self._threads if t.is_alive())
+
     def stop(self) -> None:
         """Ask `run` to return (same as setting its stop event)."""
         with self._cond:
@@ -360,6 +399,7 @@ class Controller(Generic[K]):
             threading.Thread(target=self._worker, name=f"{self.name}-worker-{i}", daemon=True)
             for i in range(self._workers)
         ]
+        self._threads = threads
         for t in threads:
             t.start()
         try:
