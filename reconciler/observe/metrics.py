@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 # The `_created` series (one per labelled counter, meant for OpenMetrics) doubled what a
 # scrape carries and say nothing a restart counter would not. The switch is the library's
 # (process-wide); this is the one module using the library.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 PREFIX = "reconciler"
 
