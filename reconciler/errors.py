@@ -14,6 +14,7 @@
     │   ├── FirewallError          iptables/ip6tables failed (bridge forwarding rules)
     │   └── HaproxyError
     │       ├── ConfigInvalid      `haproxy -c` refused a rendered config
+    │       │   └── CertificateInvalid  a TLS certificate directory HAProxy cannot load
     │       └── ReloadFailed       the master reported a failed reload
     ├── PoolExhausted              every address of a network's pool is taken (retried)
     ├── CutoverRefused             `reconciler cutover` refused before changing anything
@@ -126,6 +127,10 @@ class HaproxyError(AdapterError):
 
 class ConfigInvalid(HaproxyError):
     """`haproxy -c` refused a rendered configuration."""
+
+
+class CertificateInvalid(ConfigInvalid):
+    """A `tls.certs` directory is missing, empty, or holds a PEM file HAProxy refuses."""
 
 
 class ReloadFailed(HaproxyError):

@@ -7,6 +7,8 @@ Every Consul key reconciler reads or writes is built and parsed here, and nowher
     <prefix>containers/<name>                          user: interfaces of matching containers
     <prefix>services/<service>/config                  user: a frontend + health check
     <prefix>services/<service>/active                  user: the live pool
+    <prefix>services/<service>/cutover                 `reconciler cutover`: a progressive
+                                                       cutover (share of traffic, steps)
     <prefix>services/<service>/pools/<pool>/<member>   user (or a node's session): a backend
     <prefix>ipam/<network>/<address>                   daemon: one allocated address
     <prefix>nodes/<node>/status                        daemon: a node's status document
@@ -51,7 +53,8 @@ DAEMON_AREAS: tuple[DaemonArea, ...] = get_args(DaemonArea)
 """Daemon-owned areas under the prefix. User commands never write or prune these; the
 model ignores them; a change in them is not a change of desired state."""
 
-KeyKind = Literal["network", "container", "service_config", "service_active", "member"]
+KeyKind = Literal["network", "container", "service_config", "service_active", "member",
+                  "service_cutover"]
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -91,6 +94,8 @@ def classify_key(rel: str) -> KeyRef | str | None:
             return KeyRef("service_config", parts[1])
         if len(parts) == 3 and parts[2] == "active":
             return KeyRef("service_active", parts[1])
+        if len(parts) == 3 and parts[2] == "cutover":
+            return KeyRef("service_cutover", parts[1])
         if len(parts) == 5 and parts[2] == "pools":
             return KeyRef("member", parts[1], parts[3], parts[4])
     user_area = f"{kind}/" in USER_AREAS
@@ -130,6 +135,11 @@ class Layout:
     def service_active(self, service: str) -> str:
         return f"{self.service(service)}/active"
 
+    def service_cutover(self, service: str) -> str:
+        """`services/<s>/cutover`: the state of a progressive cutover (written by
+        `reconciler cutover --steps`, held by its session while it runs)."""
+        return f"{self.service(service)}/cutover"
+
     def pool(self, service: str, pool: str) -> str:
         """A pool as a whole (`services/<s>/pools/<p>`; names it in reports)."""
         return f"{self.service(service)}/pools/{pool}"
@@ -147,6 +157,8 @@ class Layout:
             return self.service_config(ref.name)
         if ref.kind == "service_active":
             return self.service_active(ref.name)
+        if ref.kind == "service_cutover":
+            return self.service_cutover(ref.name)
         return self.member(ref.name, ref.pool, ref.member)
 
     # --- daemon-owned keys

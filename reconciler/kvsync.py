@@ -20,7 +20,8 @@ from typing import Literal
 from reconciler.kvlayout import KeyRef, Layout
 from reconciler.model import RawEntry, entry_kv_value
 
-_RANK = {"network": 0, "container": 1, "service_config": 2, "member": 3, "service_active": 4}
+_RANK = {"network": 0, "container": 1, "service_config": 2, "member": 3, "service_active": 4,
+         "service_cutover": 5}
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,8 @@ def diff_kv(
             found = layout.parse(key)
             if found is None:  # daemon-owned, not part of the layout, outside the prefix
                 continue  # never pruned
-            if found.kind == "member" and cur.session:
-                continue  # published by a node; it goes away with the node's session
+            if found.kind in ("member", "service_cutover") and cur.session:
+                continue  # published by a node, or a cutover running: held by a session
             deletes.append((-_RANK[found.kind], Change("delete", key, b"", cur.modify_index)))
     writes.sort(key=lambda rc: (rc[0], rc[1].key))
     deletes.sort(key=lambda rc: (rc[0], rc[1].key))

@@ -42,6 +42,14 @@ IFNAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")  # IFNAMSIZ 16 incl. NUL
 MAC_RE = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 # The same set the renderer accepts (proxy/view.py): what is valid here must render.
 HEALTH_PATH_RE = re.compile(r"/[A-Za-z0-9/_.~%?=&+-]{0,255}\Z")
+# Host names routed on a shared bind: lower-case DNS labels, or `*.` + a name (issue 13).
+HOST_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+HOST_RE = re.compile(rf"(?:\*\.)?{HOST_LABEL}(?:\.{HOST_LABEL})*\Z")
+# A path prefix: URL path characters only (no query, spaces, quotes, # or controls).
+PATH_PREFIX_RE = re.compile(r"/[A-Za-z0-9/_.~%+-]{0,255}\Z")
+# A directory on the host (certificates): absolute, plain characters, no `..`.
+DIR_RE = re.compile(r"/[A-Za-z0-9/_.+-]{0,4095}\Z")
+CUTOVER_STATES = ("running", "done", "rolled_back", "aborted")
 
 DRIVERS = ("ovs", "linux")
 MODES = ("http", "tcp")
@@ -144,14 +152,33 @@ class HealthCheck:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    """`tls` of a service config: TLS termination on its bind (issue 13)."""
+
+    certs: str
+    """A directory on the host holding PEM files (certificate + key each); SNI picks."""
+    redirect_http: int | None = None
+    """Also listen on this port of the bind's host and redirect plain HTTP to https."""
+
+
+@dataclass(frozen=True)
 class ServiceConfig:
-    """`services/<name>/config`: one HAProxy frontend and its health check."""
+    """`services/<name>/config`: one HAProxy frontend (or a share of one: several
+    services may route on one bind by host name and path) and its health check."""
 
     bind_host: str  # an IP literal, or "*" for every address
     bind_port: int
     mode: Literal["http", "tcp"] = "http"
     balance: Literal["roundrobin", "leastconn", "source"] = "roundrobin"
     health: HealthCheck | None = None
+    hosts: tuple[str, ...] = ()
+    """Host names (lower case; `*.suffix` for any name below suffix) routed to this
+    service on a shared bind; empty: the bind's default service."""
+    path_prefix: str | None = None
+    """Only requests whose path is this prefix or below it (`/api`: `/api`, `/api/x`)."""
+    tls: TlsConfig | None = None
+    forwardfor: bool = True
+    """`option forwardfor` (X-Forwarded-For) in http mode."""
 
     @property
     def bind(self) -> str:
@@ -172,6 +199,25 @@ class Member:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """`services/<s>/cutover`: a progressive cutover's share of new requests."""
+
+    to: str
+    """The pool taking the share."""
+    weight: int
+    """Percent of new requests sent to `to` (0-100)."""
+    state: Literal["running", "done", "rolled_back", "aborted"] = "running"
+    held: bool = True
+    """The key is held by the session of the command driving it. A running cutover
+    whose driver is gone (session invalidated) sends nothing to `to`: it is aborted."""
+
+    @property
+    def share(self) -> int:
+        """The percentage HAProxy applies (0 unless running and driven)."""
+        return self.weight if self.state == "running" and self.held else 0
+
+
+@dataclass(frozen=True)
 class Service:
     """A service: its config, the live pool, and every pool's members."""
 
@@ -179,6 +225,7 @@ class Service:
     config: ServiceConfig
     active: str | None  # None when missing or invalid; see Problems
     pools: Mapping[str, Mapping[str, Member]] = field(default_factory=dict)
+    canary: Canary | None = None
 
 
 @dataclass(frozen=True)
@@ -542,7 +589,8 @@ def _parse_interface(
 
 def parse_service_config(where: str, raw: Any) -> tuple[ServiceConfig | None, list[Problem]]:
     c = _Checker(where)
-    d = c.obj(raw, "", ("bind", "mode", "balance", "health"), required=("bind",))
+    d = c.obj(raw, "", ("bind", "mode", "balance", "health", "hosts", "path_prefix", "tls",
+                        "forwardfor"), required=("bind",))
     if d is None:
         return None, c.problems
     host, port = None, None
@@ -567,9 +615,104 @@ def parse_service_config(where: str, raw: Any) -> tuple[ServiceConfig | None, li
                                  HEALTH_INTERVAL_MIN_MS, HEALTH_INTERVAL_MAX_MS)
             if path is not None:
                 health = HealthCheck(path, interval if interval is not None else 2000)
+    hosts = _parse_hosts(c, d.get("hosts"))
+    prefix = _parse_path_prefix(c, d.get("path_prefix"))
+    if (hosts or prefix is not None) and mode != "http":
+        c.add("hosts" if hosts else "path_prefix", "routing by host or path needs mode http")
+    tls = _parse_tls(c, d.get("tls"), mode)
+    forwardfor = d.get("forwardfor", True)
+    if not isinstance(forwardfor, bool):
+        c.add("forwardfor", f"must be true or false, not {_typename(forwardfor)}", forwardfor)
     if not c.ok or host is None or port is None:
         return None, c.problems
-    return ServiceConfig(host, port, mode, balance, health), []  # type: ignore[arg-type]
+    return ServiceConfig(host, port, mode, balance, health, hosts, prefix,  # type: ignore[arg-type]
+                         tls, bool(forwardfor)), []
+
+
+def _parse_hosts(c: _Checker, raw: Any) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        c.add("hosts", "must be a non-empty array of host names", raw)
+        return ()
+    out: list[str] = []
+    for i, h in enumerate(raw):
+        if not isinstance(h, str):
+            c.add(f"hosts[{i}]", f"must be a string, not {_typename(h)}", h)
+            continue
+        name = h.lower()
+        if len(name) > 253 or not HOST_RE.match(name):
+            c.add(f"hosts[{i}]", "must be a host name (letters, digits, '-' in dot-separated "
+                  "labels) or *.name", h)
+            continue
+        if name in out:
+            c.add(f"hosts[{i}]", "listed twice", h)
+            continue
+        out.append(name)
+    return tuple(sorted(out))
+
+
+def _parse_path_prefix(c: _Checker, raw: Any) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not PATH_PREFIX_RE.match(raw) or "//" in raw:
+        c.add("path_prefix", "must start with / and hold only [A-Za-z0-9/_.~%+-] (no "
+              "query, spaces, quotes, # or //)", raw)
+        return None
+    trimmed = raw.rstrip("/")
+    return trimmed or None  # "/" is every path: the same as no prefix
+
+
+def _parse_tls(c: _Checker, raw: Any, mode: str) -> TlsConfig | None:
+    if raw is None:
+        return None
+    t = c.obj(raw, "tls", ("certs", "redirect_http"), required=("certs",))
+    if t is None or t.get("certs") is None:
+        return None
+    certs = c.string(t, "certs", "tls")
+    if certs is None:
+        return None
+    if not DIR_RE.match(certs) or "/../" in certs + "/" or "/./" in certs + "/":
+        c.add("tls.certs", "must be an absolute directory path of [A-Za-z0-9/_.+-] "
+              "(certificates are read from the host, never from KV)", certs)
+        return None
+    red = t.get("redirect_http")
+    port: int | None = None
+    if red is True:
+        port = 80
+    elif red is None or red is False:
+        port = None
+    elif isinstance(red, int) and not isinstance(red, bool) and 1 <= red <= 65535:
+        port = red
+    else:
+        c.add("tls.redirect_http", "must be true (port 80) or a port number 1-65535", red)
+        return None
+    if port is not None and mode != "http":
+        c.add("tls.redirect_http", "needs mode http")
+        return None
+    return TlsConfig(certs.rstrip("/") or "/", port)
+
+
+def parse_cutover(where: str, raw: Any, session: str | None) -> tuple[Canary | None,
+                                                                       list[Problem]]:
+    """`services/<s>/cutover`, written by `reconciler cutover --steps`. The daemon uses
+    `to`, `weight` and `state`; the other fields are the command's bookkeeping."""
+    c = _Checker(where)
+    d = c.obj(raw, "", ("id", "from", "to", "weight", "state", "steps", "step", "interval_s",
+                        "max_error_rate", "started", "step_started", "updated", "by",
+                        "reason", "history"), required=("to", "weight", "state"))
+    if d is None:
+        return None, c.problems
+    to = c.string(d, "to", "")
+    if to is not None and not NAME_RE.match(to):
+        c.add("to", "must name a pool: 1-63 characters of [A-Za-z0-9_.-]", to)
+    weight = c.integer(d, "weight", "", 0, 100)
+    state = c.string(d, "state", "")
+    if state is not None and state not in CUTOVER_STATES:
+        c.add("state", f"must be one of {', '.join(CUTOVER_STATES)}", state)
+    if not c.ok or to is None or weight is None or state is None:
+        return None, c.problems
+    return Canary(to, weight, state, session is not None), []  # type: ignore[arg-type]
 
 
 def _parse_bind(c: _Checker, b: str) -> tuple[str | None, int | None]:
@@ -712,7 +855,7 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
 
     # Services: config, active, members.
     configs: dict[str, ServiceConfig] = {}
-    binds: dict[tuple[str, int], str] = {}
+    binds: dict[tuple[str, int], list[tuple[str, ServiceConfig]]] = {}
     config_seen: set[str] = set()  # has a config key, valid or not
     for e in by_kind.get("service_config", []):
         config_seen.add(e.ref.name)
@@ -721,15 +864,14 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
         if not probs:
             cfg, probs = parse_service_config(e.where, raw)
         if cfg is not None:
-            other = _bind_clash(cfg, binds)
-            if other is not None:
-                probs = [Problem(e.where, "bind", f"already used by {other}", cfg.bind)]
+            probs = _bind_clash(e.where, cfg, binds)
+            if probs:
                 cfg = None
         if cfg is None:
             problems.extend(probs)
             continue
         configs[e.ref.name] = cfg
-        binds[(cfg.bind_host, cfg.bind_port)] = e.where
+        binds.setdefault((cfg.bind_host, cfg.bind_port), []).append((e.where, cfg))
 
     actives: dict[str, tuple[str | None, str]] = {}
     for e in by_kind.get("service_active", []):
@@ -742,6 +884,16 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
                                         _show(e.value))]
         problems.extend(probs)
         actives[e.ref.name] = (act, e.where)
+
+    canaries: dict[str, Canary] = {}
+    for e in by_kind.get("service_cutover", []):
+        raw, probs = _decode(e)
+        can = None
+        if not probs:
+            can, probs = parse_cutover(e.where, raw, e.session)
+        problems.extend(probs)
+        if can is not None:
+            canaries[e.ref.name] = can
 
     pools: dict[str, dict[str, dict[str, Member]]] = {}
     for e in by_kind.get("member", []):
@@ -771,7 +923,8 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
         # `active` may name a pool with no members yet: members published from container
         # labels arrive after the key is written. HAProxy then answers 503 for it, and
         # `reconciler cutover` refuses to switch to such a pool.
-        services[name] = Service(name, cfg, act, {p: dict(m) for p, m in svc_pools.items()})
+        services[name] = Service(name, cfg, act, {p: dict(m) for p, m in svc_pools.items()},
+                                 canaries.get(name))
 
     return DesiredState(networks, containers, services, tuple(sorted(set(problems))))
 
@@ -795,10 +948,49 @@ def _network_clash(net: Network, existing: Iterable[Network]) -> tuple[str, str]
     return None
 
 
-def _bind_clash(cfg: ServiceConfig, binds: Mapping[tuple[str, int], str]) -> str | None:
-    for (host, port), where in binds.items():
-        if port == cfg.bind_port and (host == cfg.bind_host or "*" in (host, cfg.bind_host)):
-            return where
+def _bind_clash(where: str, cfg: ServiceConfig,
+                binds: Mapping[tuple[str, int], list[tuple[str, ServiceConfig]]]
+                ) -> list[Problem]:
+    """Why `cfg` cannot take its bind next to the older claims (empty: it can). Services
+    share a bind only on exactly the same host:port, all in http mode with the same
+    TLS settings, and routed apart by hosts/path_prefix."""
+    for (host, port), claims in binds.items():
+        if port != cfg.bind_port:
+            continue
+        other = claims[0][0]
+        if host != cfg.bind_host and "*" in (host, cfg.bind_host):
+            return [Problem(where, "bind", f"already used by {other}", cfg.bind)]
+        if host != cfg.bind_host:
+            continue
+        for owhere, ocfg in claims:
+            if cfg.mode != "http" or ocfg.mode != "http":
+                return [Problem(where, "bind", f"already used by {owhere} (only http "
+                                "services share a bind)", cfg.bind)]
+            if cfg.tls != ocfg.tls:
+                return [Problem(where, "tls", f"differs from {owhere}, which shares bind "
+                                f"{cfg.bind} (services on one bind share its TLS settings)")]
+            if not (cfg.hosts or cfg.path_prefix or ocfg.hosts or ocfg.path_prefix):
+                # Both the bind's default (contract v1's message: no routing asked for).
+                return [Problem(where, "bind", f"already used by {owhere}", cfg.bind)]
+            overlap = _route_overlap(cfg, ocfg)
+            if overlap is not None:
+                fld, what = overlap
+                return [Problem(where, fld, f"{what} on bind {cfg.bind} is already routed "
+                                f"to {owhere}", cfg.bind if fld == "bind" else "")]
+    return []
+
+
+def _route_overlap(a: ServiceConfig, b: ServiceConfig) -> tuple[str, str] | None:
+    """(field, what) when a request could match both `a` and `b` at the same rank."""
+    if a.path_prefix != b.path_prefix:
+        return None
+    path = f" with path_prefix {a.path_prefix}" if a.path_prefix else ""
+    if not a.hosts and not b.hosts:
+        return ("bind" if not path else "path_prefix",
+                f"the default (no hosts){path}")
+    common = sorted(set(a.hosts) & set(b.hosts))
+    if common:
+        return "hosts", f"host {common[0]!r}{path}"
     return None
 
 

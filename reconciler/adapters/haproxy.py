@@ -29,23 +29,38 @@ keeps them (``load-server-state-from-file global`` in the rendered defaults).
 
 Worker commands go through the master socket as ``@1 <cmd>`` (the newest worker) or
 ``@!<pid> <cmd>``, so an external HAProxy needs only its master socket.
+
+Progressive cutovers use two more runtime maps (``canary.map``: service -> backend,
+``canary-weight.map``: service -> percent), synced like the active map (`extra_maps`).
+`backend_counters` reads the current worker's ``show stat`` (requests, 5xx, connection
+and response errors, servers up) for the cutover's error rate.
+
+TLS certificates (`stage_certs`): the PEM files of a directory on the host are copied
+into ``certs/<digest>/`` of the state directory (0700/0600) after HAProxy itself loaded
+them (``haproxy -c`` on a one-line frontend), and the config points there. A broken
+or missing file therefore never reaches a reload, a rotation shows as a new digest (a
+new config), and the copy HAProxy runs with stays while it is in use (`prune_certs`).
+The config file is written 0600: it may hold the stats credentials.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from reconciler.errors import ConfigInvalid, HaproxyError, ReloadFailed
+from reconciler.errors import CertificateInvalid, ConfigInvalid, HaproxyError, ReloadFailed
 
 CONFIG_FILE = "haproxy.cfg"
 MAP_FILE = "active.map"
@@ -55,11 +70,17 @@ MASTER_SOCKET = "master.sock"
 PID_FILE = "haproxy.pid"
 LOG_FILE = "haproxy.log"
 LAST_GOOD_SUFFIX = ".last-good"
+CANARY_MAP_FILE = "canary.map"
+CANARY_WEIGHT_MAP_FILE = "canary-weight.map"
+EXTRA_MAP_FILES = (CANARY_MAP_FILE, CANARY_WEIGHT_MAP_FILE)
+CERTS_DIR = "certs"
+_DIGEST_RE = re.compile(r"[0-9a-f]{16}\Z")
 
 SERVER_STATES = ("ready", "drain", "maint")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}\Z")
 _BACKEND_RE = re.compile(r"[A-Za-z0-9_.:-]{1,200}\Z")
 _LOG_MAX_BYTES = 1 << 20
+_CONFIG_MODE = 0o600  # the config may hold the stats credentials
 
 
 @dataclass(frozen=True)
@@ -91,6 +112,54 @@ class ProcInfo:
         if not self.workers:
             return None
         return min(self.workers, key=lambda w: (w.reloads, -w.pid))
+
+
+@dataclass(frozen=True)
+class BackendCounters:
+    """One backend in the current worker's ``show stat``."""
+
+    requests: int
+    """HTTP requests (``req_tot``), or sessions (``stot``) in tcp mode."""
+    errors: int
+    """5xx responses + connection errors + response errors."""
+    up: int
+    """Servers whose check status is UP (or that are not checked)."""
+    servers: int
+
+
+def parse_show_stat(text: str) -> dict[str, BackendCounters]:
+    """Backends of ``show stat`` (CSV with a ``# `` header), by name."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith("# "):
+        raise HaproxyError(f"unexpected `show stat` output: {text[:200]!r}")
+    col = {name: i for i, name in enumerate(lines[0][2:].split(","))}
+
+    def num(row: list[str], name: str) -> int:
+        i = col.get(name)
+        v = row[i] if i is not None and i < len(row) else ""
+        return int(v) if v.isdigit() else 0
+
+    up: dict[str, int] = {}
+    total: dict[str, int] = {}
+    out: dict[str, BackendCounters] = {}
+    for line in lines[1:]:
+        row = line.split(",")
+        if len(row) < 3:
+            continue
+        px, sv = row[col["pxname"]], row[col["svname"]]
+        if sv == "FRONTEND":
+            continue
+        if sv == "BACKEND":
+            req = num(row, "req_tot") or num(row, "stot")
+            err = num(row, "hrsp_5xx") + num(row, "econ") + num(row, "eresp")
+            out[px] = BackendCounters(req, err, 0, 0)
+            continue
+        total[px] = total.get(px, 0) + 1
+        status = row[col["status"]] if "status" in col else ""
+        if status.startswith("UP") or status == "no check":
+            up[px] = up.get(px, 0) + 1
+    return {px: BackendCounters(c.requests, c.errors, up.get(px, 0), total.get(px, 0))
+            for px, c in out.items()}
 
 
 @dataclass(frozen=True)
@@ -165,10 +234,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_temp(target: Path, data: bytes) -> Path:
+def _write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
     """Write `data` to a fsynced temp file beside `target` and return its path."""
     tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}.{threading.get_ident()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # O_CREAT keeps the mode of a leftover file
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         os.write(fd, data)
         os.fsync(fd)
@@ -183,9 +254,9 @@ def _child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
 
 
-def atomic_write(target: Path, data: bytes) -> None:
+def atomic_write(target: Path, data: bytes, mode: int = 0o644) -> None:
     """Replace `target` with `data`: temp file in the same dir, fsync, rename, fsync dir."""
-    tmp = _write_temp(target, data)
+    tmp = _write_temp(target, data, mode)
     try:
         os.replace(tmp, target)
     except OSError:
@@ -323,19 +394,20 @@ class HaproxyProcess:
             return None
         return pid if _pid_alive(pid) and _is_haproxy(pid) else None
 
-    def _launch(self, cfg: bytes, map_bytes: bytes) -> ApplyResult:
+    def _launch(self, cfg: bytes, map_bytes: bytes,
+                extra_maps: Mapping[str, bytes] | None = None) -> ApplyResult:
         if self.master_pid() is not None:
             # A master from the pid file that no longer answers on its socket: a second
             # one would share its ports (SO_REUSEPORT), so end it first.
             self.stop()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self._ensure_runtime_files()
-        tmp = _write_temp(self.config_path, cfg)
+        tmp = _write_temp(self.config_path, cfg, _CONFIG_MODE)
         try:
             self._check_file(tmp)
             current = _read(self.config_path)
             if current is not None and current != cfg:
-                atomic_write(self.last_good_path, current)
+                atomic_write(self.last_good_path, current, _CONFIG_MODE)
             os.replace(tmp, self.config_path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -343,6 +415,8 @@ class HaproxyProcess:
             raise
         _fsync_dir(self.state_dir)
         atomic_write(self.map_path, map_bytes)
+        for name, data in (extra_maps or {}).items():
+            atomic_write(self._extra_map_path(name), data)
         for stale in (self.master_socket, self.pid_path):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
@@ -447,7 +521,7 @@ class HaproxyProcess:
         """Write `cfg` beside the config, `haproxy -c` it, keep `current` as the last good
         one and rename `cfg` into place (fsynced). A refused config changes nothing."""
         self._ensure_runtime_files()
-        tmp = _write_temp(self.config_path, cfg)
+        tmp = _write_temp(self.config_path, cfg, _CONFIG_MODE)
         try:
             self._check_file(tmp)
         except BaseException:
@@ -455,11 +529,11 @@ class HaproxyProcess:
                 tmp.unlink()
             raise
         if current is not None:
-            atomic_write(self.last_good_path, current)
+            atomic_write(self.last_good_path, current, _CONFIG_MODE)
         os.replace(tmp, self.config_path)
         _fsync_dir(self.config_path.parent)
 
-    def _check_file(self, path: Path) -> None:
+    def _check_file(self, path: Path, label: str | None = None) -> None:
         try:
             proc = subprocess.run(
                 [self.haproxy_bin, "-c", "-f", str(path)],
@@ -473,22 +547,30 @@ class HaproxyProcess:
             raise HaproxyError(f"cannot run {self.haproxy_bin} -c: {exc}") from exc
         if proc.returncode != 0:
             text = (proc.stdout + proc.stderr).decode("utf-8", "replace")
-            text = text.replace(str(path), str(self.config_path))
+            text = text.replace(str(path), label or str(self.config_path))
             lines = [ln for ln in text.splitlines() if "[ALERT]" in ln] or text.splitlines()
             raise ConfigInvalid("haproxy -c refused the config: " + "\n".join(lines).strip())
 
     def _ensure_runtime_files(self) -> None:
         """The map and server-state files must exist for ``-c`` and for a clean start."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        if not self.map_path.exists():
-            atomic_write(self.map_path, b"")
+        for path in (self.map_path, *(self._extra_map_path(n) for n in EXTRA_MAP_FILES)):
+            if not path.exists():
+                atomic_write(path, b"")
         if not self.server_state_path.exists():
             atomic_write(self.server_state_path, b"1\n")
 
-    def apply_config(self, cfg: bytes, map_bytes: bytes) -> ApplyResult:
-        """Make the running HAProxy use `cfg` and the active pools in `map_bytes`.
+    def _extra_map_path(self, name: str) -> Path:
+        if name not in EXTRA_MAP_FILES:
+            raise HaproxyError(f"unknown map file {name!r}")
+        return self.state_dir / name
 
-        Same config bytes as on disk: only the map is synced at runtime (no reload).
+    def apply_config(self, cfg: bytes, map_bytes: bytes,
+                     extra_maps: Mapping[str, bytes] | None = None) -> ApplyResult:
+        """Make the running HAProxy use `cfg` and the active pools in `map_bytes`
+        (and the maps of `extra_maps`, by file name: the canary maps).
+
+        Same config bytes as on disk: only the maps are synced at runtime (no reload).
         An HAProxy of ours that is not running (never started, or died) is started.
         Otherwise check, swap atomically, reload and confirm; on a failed reload the last
         good config is restored and reloaded, and ReloadFailed is raised.
@@ -496,10 +578,13 @@ class HaproxyProcess:
         with self._lock:
             if not self.external and self.master_pid() is None and not self.is_running():
                 # Never started, or it died: (re)start it with this config.
-                return self._launch(cfg, map_bytes)
+                return self._launch(cfg, map_bytes, extra_maps)
             current = _read(self.config_path)
             if current == cfg:
                 map_changed = self._sync_map(map_bytes)
+                for name, data in (extra_maps or {}).items():
+                    map_changed = self._sync_map(data, self._extra_map_path(name)) \
+                        or map_changed
                 info = self.show_proc()
                 w = info.current_worker
                 return ApplyResult(False, map_changed, False, w.pid if w else None, info.reloads)
@@ -507,6 +592,9 @@ class HaproxyProcess:
             self._swap_in(cfg, current)
             if old_map != map_bytes:
                 atomic_write(self.map_path, map_bytes)
+            for name, data in (extra_maps or {}).items():
+                # The new worker loads these files; the old one keeps its runtime maps.
+                atomic_write(self._extra_map_path(name), data)
             try:
                 info = self._reload_confirmed()
             except ReloadFailed as exc:
@@ -516,7 +604,7 @@ class HaproxyProcess:
                 # stay on disk looking applied, or the retry would see "same bytes" and
                 # never reload. Put the last good one back; the retry starts over.
                 if current is not None:
-                    atomic_write(self.config_path, current)
+                    atomic_write(self.config_path, current, _CONFIG_MODE)
                 if old_map != map_bytes:
                     atomic_write(self.map_path, old_map)
                 raise HaproxyError(f"reload not confirmed ({exc}); config put back") \
@@ -530,7 +618,7 @@ class HaproxyProcess:
     ) -> NoReturn:
         if previous is None:
             raise ReloadFailed(f"{cause}; no previous config to go back to")
-        atomic_write(self.config_path, previous)
+        atomic_write(self.config_path, previous, _CONFIG_MODE)
         if old_map != new_map:
             atomic_write(self.map_path, old_map)
         try:
@@ -593,12 +681,15 @@ class HaproxyProcess:
 
     # --- runtime API -------------------------------------------------------------------
 
-    def _set_map_entry(self, key: str, value: str, present: bool, worker: int) -> None:
+    def _set_map_entry(self, key: str, value: str, present: bool, worker: int,
+                       path: Path) -> None:
         verb = "set" if present else "add"
-        self._worker_ok(f"{verb} map {self.map_path} {key} {value}", worker)
+        self._worker_ok(f"{verb} map {path} {key} {value}", worker)
 
-    def _sync_map(self, map_bytes: bytes) -> bool:
-        """Bring every worker's runtime map and the map file to `map_bytes`."""
+    def _sync_map(self, map_bytes: bytes, path: Path | None = None) -> bool:
+        """Bring every worker's runtime map and the map file (`path`, default the
+        active map) to `map_bytes`."""
+        path = self.map_path if path is None else path
         desired = parse_map(map_bytes.decode("utf-8"))
         for key, value in desired.items():
             self._check_arg("map key", key, _NAME_RE)
@@ -608,20 +699,20 @@ class HaproxyProcess:
         current = info.current_worker
         for w in info.all_workers:
             try:
-                runtime = parse_map(self.worker_command(f"show map {self.map_path}", w.pid))
+                runtime = parse_map(self.worker_command(f"show map {path}", w.pid))
                 for key, value in desired.items():
                     if runtime.get(key) != value:
-                        self._set_map_entry(key, value, key in runtime, w.pid)
+                        self._set_map_entry(key, value, key in runtime, w.pid, path)
                         changed = changed or (current is not None and w.pid == current.pid)
                 for key in runtime.keys() - desired.keys():
-                    self._worker_ok(f"del map {self.map_path} {key}", w.pid)
+                    self._worker_ok(f"del map {path} {key}", w.pid)
                     changed = changed or (current is not None and w.pid == current.pid)
             except HaproxyError:
                 # An old worker may exit at any moment; the current one must succeed.
                 if current is not None and w.pid == current.pid:
                     raise
-        if _read(self.map_path) != map_bytes:
-            atomic_write(self.map_path, map_bytes)
+        if _read(path) != map_bytes:
+            atomic_write(path, map_bytes)
             changed = True
         return changed
 
@@ -649,6 +740,88 @@ class HaproxyProcess:
         with self._lock:
             self._worker_ok(f"set server {backend}/{server} state {state}")
 
+    def backend_counters(self) -> tuple[int | None, dict[str, BackendCounters]]:
+        """(current worker pid, counters per backend) of the newest worker. The counters
+        start at zero in a new worker (after a reload): compare pids between reads."""
+        info = self.show_proc()
+        w = info.current_worker
+        text = self.worker_command("show stat -1 6 -1")
+        return (w.pid if w else None), parse_show_stat(text)
+
+    # --- TLS certificates --------------------------------------------------------------
+
+    @property
+    def certs_root(self) -> Path:
+        return self.state_dir / CERTS_DIR
+
+    def stage_certs(self, source: str) -> str:
+        """The validated copy of the PEM files (``*.pem``) of directory `source`, as a
+        path for ``crt``. Raises CertificateInvalid (naming the file and HAProxy's
+        reason) when the directory is missing or empty, or HAProxy refuses a file."""
+        src = Path(source)
+        try:
+            names = sorted(p.name for p in src.iterdir() if p.name.endswith(".pem")
+                           and p.is_file())
+        except OSError as exc:
+            raise CertificateInvalid(f"cannot read {source}: {exc.strerror or exc}") \
+                from exc
+        if not names:
+            raise CertificateInvalid(f"{source} holds no .pem file")
+        files: list[tuple[str, bytes]] = []
+        h = hashlib.sha256()
+        for name in names:
+            try:
+                data = (src / name).read_bytes()
+            except OSError as exc:
+                raise CertificateInvalid(f"cannot read {src / name}: "
+                                         f"{exc.strerror or exc}") from exc
+            files.append((name, data))
+            h.update(name.encode() + b"\0" + data + b"\0")
+        target = self.certs_root / h.hexdigest()[:16]
+        if target.is_dir():
+            return str(target)
+        self.certs_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = self.certs_root / f".tmp-{target.name}-{os.getpid()}-{threading.get_ident()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(mode=0o700)
+        try:
+            for name, data in files:
+                fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, data)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            probe = tmp.with_name(tmp.name + ".cfg")
+            probe.write_text("defaults\n    mode http\n    timeout client 1s\n"
+                             "    timeout server 1s\n    timeout connect 1s\n"
+                             f"frontend certcheck\n    bind 127.0.0.1:1 ssl crt {tmp}\n")
+            try:
+                self._check_file(probe, label=str(probe))
+            except ConfigInvalid as exc:
+                text = str(exc).replace(str(tmp), source).replace(
+                    "haproxy -c refused the config: ", "")
+                raise CertificateInvalid(f"HAProxy cannot load the certificates of "
+                                         f"{source}: {text}") from None
+            finally:
+                with contextlib.suppress(OSError):
+                    probe.unlink()
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return str(target)
+
+    def prune_certs(self, keep: set[str]) -> None:
+        """Remove staged certificate copies that are not in `keep` and not named by the
+        config file or its last good copy (HAProxy may reload either)."""
+        if not self.certs_root.is_dir():
+            return
+        used = b"".join(_read(p) or b"" for p in (self.config_path, self.last_good_path))
+        for d in self.certs_root.iterdir():
+            if not _DIGEST_RE.match(d.name) or str(d) in keep or str(d).encode() in used:
+                continue
+            shutil.rmtree(d, ignore_errors=True)
+
     def dump_server_state(self) -> None:
         """Write the current worker's server states (weights, maint/drain) to the
         server-state file, which the next worker loads at start."""
@@ -662,14 +835,18 @@ class HaproxyProcess:
 
 __all__ = [
     "ADMIN_SOCKET",
+    "CANARY_MAP_FILE",
+    "CANARY_WEIGHT_MAP_FILE",
     "MAP_FILE",
     "SERVER_STATES",
     "SERVER_STATE_FILE",
     "ApplyResult",
+    "BackendCounters",
     "HaproxyProcess",
     "ProcInfo",
     "WorkerInfo",
     "atomic_write",
     "parse_map",
     "parse_show_proc",
+    "parse_show_stat",
 ]

@@ -5,7 +5,7 @@ strict allow-lists; `render` turns a view into haproxy.cfg and active.map bytes.
 Running, validating and reloading HAProxy is reconciler.adapters.haproxy.
 """
 
-from reconciler.proxy.render import Renderer, render, render_map
+from reconciler.proxy.render import Renderer, render, render_canary_maps, render_map
 from reconciler.proxy.view import (
     GlobalView,
     MemberView,
@@ -30,5 +30,6 @@ __all__ = [
     "frontend_name",
     "parse_backend_name",
     "render",
+    "render_canary_maps",
     "render_map",
 ]

@@ -26,6 +26,7 @@ from reconciler.proxy.view import (
     check_view,
     format_address,
     frontend_name,
+    frontends,
     sorted_view,
 )
 
@@ -66,7 +67,8 @@ class Renderer:
         view = _with_active_pools(sorted_view(view))
         try:
             template = self._env.get_template(MAIN_TEMPLATE)
-            text = template.render(settings=view.settings, services=view.services)
+            text = template.render(settings=view.settings, services=view.services,
+                                   frontends=frontends(view))
         except jinja2.TemplateError as exc:
             # A broken user template is a configuration problem, not bad desired state.
             raise ConfigurationError(f"rendering {MAIN_TEMPLATE} failed: {exc}") from exc
@@ -119,3 +121,18 @@ def render_map(view: ProxyView) -> bytes:
         for svc in sorted(view.services, key=lambda s: s.name)
     ]
     return "".join(lines).encode("utf-8")
+
+
+def render_canary_maps(view: ProxyView) -> tuple[bytes, bytes]:
+    """The progressive-cutover maps: ``<service> <backend>`` of the canary pool and
+    ``<service> <percent>``, for services with a share above 0 whose canary pool exists
+    (sorted). Applied with `set map`, like the active map."""
+    check_view(view)
+    pools, weights = [], []
+    for svc in sorted(view.services, key=lambda s: s.name):
+        if svc.canary is None or svc.canary_weight <= 0 or \
+                not any(p.name == svc.canary for p in svc.pools):
+            continue
+        pools.append(f"{svc.name} {backend_name(svc.name, svc.canary)}\n")
+        weights.append(f"{svc.name} {svc.canary_weight}\n")
+    return "".join(pools).encode(), "".join(weights).encode()

@@ -1,7 +1,9 @@
 """The renderer's input: frozen dataclasses describing the HAProxy config to write.
 
-Owns `ProxyView` / `ServiceView` / `PoolView` / `MemberView` / `GlobalView`, the naming
-of HAProxy sections (`frontend_name`, `backend_name`), and `check_view`, the renderer's
+Owns `ProxyView` / `ServiceView` / `PoolView` / `MemberView` / `GlobalView`, the grouping
+of services into frontends by bind (`FrontendView`, `RouteView`, `frontends`: several
+services on one bind are routed by host name and path prefix, most specific first), the
+naming of HAProxy sections (`frontend_name`, `backend_name`), and `check_view`, the renderer's
 own defensive allow-list check of every value that reaches a template. Values are
 validated upstream (reconciler.model), but a string that could add a line, a comment
 or an option to haproxy.cfg must never get through, so every string field is checked
@@ -31,6 +33,17 @@ FILE_PATH_RE = re.compile(r"/[A-Za-z0-9/_.+-]{0,4095}\Z")
 """Absolute paths of the map, socket and server-state files."""
 IP_CHARS_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
 """Characters of an IPv4/IPv6 literal (no zone index, no brackets)."""
+HOST_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+HOST_RE = re.compile(rf"(?:\*\.)?{HOST_LABEL}(?:\.{HOST_LABEL}){{0,126}}\Z")
+"""A routed host name (lower case) or ``*.suffix``."""
+PATH_PREFIX_RE = re.compile(r"/[A-Za-z0-9/_.~%+-]{0,255}\Z")
+"""A routed path prefix: no query, space, quote, ``#`` or control character."""
+LOG_TARGET_RE = re.compile(r"(stdout|stderr|(?:udp@)?[0-9.]{7,15}:\d{1,5}"
+                           r"|(?:udp@)?\[[0-9A-Fa-f:.]{2,45}\]:\d{1,5}|/[A-Za-z0-9/_.+-]{1,4095})\Z")
+"""Where HAProxy sends its logs: stdout/stderr, a syslog IP:port, a unix socket path."""
+STATS_USER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+STATS_PASSWORD_RE = re.compile(r"[A-Za-z0-9!%&()*+,./:;<=>?@^_{|}~-]{8,128}\Z")
+"""Stats credentials: no space, quote, backslash, ``#`` or ``$`` (HAProxy's syntax)."""
 MODES = ("http", "tcp")
 BALANCES = ("roundrobin", "leastconn", "source")
 MEMBER_STATES = ("ready", "drain", "maint")
@@ -42,6 +55,8 @@ _KEYS = Layout("")
 MAP_FILE = "active.map"
 ADMIN_SOCKET = "admin.sock"
 SERVER_STATE_FILE = "server-state"
+CANARY_MAP_FILE = "canary.map"
+CANARY_WEIGHT_MAP_FILE = "canary-weight.map"
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,64 @@ class ServiceView:
     """HTTP check path; None means a TCP connect check."""
     health_interval_ms: int = 2000
     """Check interval, 100 ms - 1 h."""
+    hosts: tuple[str, ...] = ()
+    """Host names routed to this service on its bind (``*.suffix`` for any name below
+    suffix); empty: the bind's default."""
+    path_prefix: str | None = None
+    """Only this path and below (``/api``: ``/api`` and ``/api/...``)."""
+    tls_certs: str | None = None
+    """TLS termination: the directory of PEM files HAProxy loads (``crt``; the daemon's
+    validated copy in the state directory)."""
+    redirect_http_port: int | None = None
+    """With TLS: also listen on this port and redirect plain HTTP to https."""
+    forwardfor: bool = True
+    """``option forwardfor`` in http mode."""
+    canary: str | None = None
+    """A progressive cutover: the pool taking `canary_weight` percent of new requests
+    (applied through the canary maps, no reload)."""
+    canary_weight: int = 0
+    """0-100."""
+
+
+@dataclass(frozen=True)
+class RouteView:
+    """One routing rule of a shared frontend: requests whose Host is one of `hosts` (or
+    ends with `suffix`) and whose path is `path_prefix` or below it go to `service`."""
+
+    service: ServiceView
+    hosts: tuple[str, ...] = ()
+    """Exact host names (lower case)."""
+    suffix: str | None = None
+    """``.example.com`` for ``*.example.com``."""
+    path_prefix: str | None = None
+    index: int = 0
+    """Position in the frontend (names its ACLs ``r<index>_host``/``r<index>_path``)."""
+    slot: int = 0
+    """Position of `service` in the frontend (names its canary variable)."""
+
+
+@dataclass(frozen=True)
+class FrontendView:
+    """One ``bind``: one service (named ``fe_<service>``), or several routed apart."""
+
+    name: str
+    bind_host: str
+    bind_port: int
+    mode: str
+    services: tuple[ServiceView, ...]
+    """Sorted by name; `slot` of a route is an index into this."""
+    routes: tuple[RouteView, ...] = ()
+    """Rules in match order: exact hosts, then ``*.suffix`` (longest first), then
+    path-only; within each, the longest path prefix first. Empty for one service."""
+    default: ServiceView | None = None
+    """The service without hosts and path prefix (the catch-all), if any."""
+    default_slot: int = 0
+    tls_certs: str | None = None
+    redirect_http_port: int | None = None
+
+    @property
+    def shared(self) -> bool:
+        return len(self.services) > 1 or bool(self.routes)
 
 
 @dataclass(frozen=True)
@@ -112,16 +185,37 @@ class GlobalView:
     timeout_http_keep_alive_ms: int = 10000
     timeout_check_ms: int = 2000
     retries: int = 3
+    canary_map_path: str = ""
+    """Progressive cutovers: ``<service> <backend>`` of the pool taking a share."""
+    canary_weight_map_path: str = ""
+    """Progressive cutovers: ``<service> <percent>``."""
+    log_target: str | None = None
+    """``--haproxy-log``: stdout, stderr, a syslog ``IP:port`` or a unix socket path;
+    None: no access log."""
+    stats_host: str | None = None
+    """``--haproxy-stats``: the stats page and ``/metrics`` listen here (None: off)."""
+    stats_port: int = 8404
+    stats_user: str = ""
+    """From the credentials file (never from KV)."""
+    stats_password: str = ""
 
     @classmethod
-    def for_state_dir(cls, state_dir: str | os.PathLike[str]) -> GlobalView:
+    def for_state_dir(cls, state_dir: str | os.PathLike[str], **extra: object) -> GlobalView:
         """Settings whose runtime files live in `state_dir` (the adapter's layout)."""
         base = os.path.abspath(os.fspath(state_dir))
         return cls(
             map_path=os.path.join(base, MAP_FILE),
             admin_socket=os.path.join(base, ADMIN_SOCKET),
             server_state_file=os.path.join(base, SERVER_STATE_FILE),
+            canary_map_path=os.path.join(base, CANARY_MAP_FILE),
+            canary_weight_map_path=os.path.join(base, CANARY_WEIGHT_MAP_FILE),
+            **extra,  # type: ignore[arg-type]
         )
+
+    @property
+    def log_format(self) -> str:
+        """HAProxy's ``log ... format``: raw lines on stdout/stderr, else RFC 3164."""
+        return "raw" if self.log_target in ("stdout", "stderr") else "rfc3164"
 
 
 @dataclass(frozen=True)
@@ -135,6 +229,55 @@ class ProxyView:
 def frontend_name(service: str) -> str:
     """The HAProxy frontend of `service`."""
     return f"fe_{service}"
+
+
+def shared_frontend_name(host: str, port: int) -> str:
+    """The frontend of a bind several services share: ``fe_bind:<host>:<port>``
+    (``any`` for ``*``). ``:`` never occurs in a service name, so it cannot collide."""
+    return f"fe_bind:{'any' if host == '*' else host}:{port}"
+
+
+def _route_order(r: RouteView) -> tuple[int, int, int, str]:
+    rank = 0 if r.hosts else (1 if r.suffix else 2)
+    return (rank, -len(r.suffix or ""), -len(r.path_prefix or ""), r.service.name)
+
+
+def frontends(view: ProxyView) -> tuple[FrontendView, ...]:
+    """The services grouped by bind (host, port), in the order of their first service's
+    name (a bind of one service stays where v1 had its frontend); each group's routes in
+    match order. A bind with one service and no routing is rendered as before."""
+    groups: dict[tuple[str, int], list[ServiceView]] = {}
+    for svc in sorted(view.services, key=lambda s: s.name):
+        groups.setdefault((svc.bind_host, svc.bind_port), []).append(svc)
+    out = []
+    for (host, port), svcs in sorted(groups.items(), key=lambda kv: kv[1][0].name):
+        first = svcs[0]
+        if len(svcs) == 1 and not first.hosts and first.path_prefix is None:
+            out.append(FrontendView(frontend_name(first.name), host, port, first.mode,
+                                    (first,), (), first, 0, first.tls_certs,
+                                    first.redirect_http_port))
+            continue
+        routes: list[RouteView] = []
+        default: ServiceView | None = None
+        default_slot = 0
+        for slot, svc in enumerate(svcs):
+            exact = tuple(h for h in svc.hosts if not h.startswith("*."))
+            if exact:
+                routes.append(RouteView(svc, exact, None, svc.path_prefix, 0, slot))
+            for h in svc.hosts:
+                if h.startswith("*."):
+                    routes.append(RouteView(svc, (), h[1:], svc.path_prefix, 0, slot))
+            if not svc.hosts:
+                if svc.path_prefix is None:
+                    default, default_slot = svc, slot
+                else:
+                    routes.append(RouteView(svc, (), None, svc.path_prefix, 0, slot))
+        ordered = tuple(replace(r, index=i) for i, r in enumerate(sorted(routes,
+                                                                          key=_route_order)))
+        name = shared_frontend_name(host, port) if len(svcs) > 1 else frontend_name(first.name)
+        out.append(FrontendView(name, host, port, first.mode, tuple(svcs), ordered, default,
+                                default_slot, first.tls_certs, first.redirect_http_port))
+    return tuple(out)
 
 
 def backend_name(service: str, pool: str) -> str:
@@ -220,7 +363,8 @@ def _safe_key(name: object) -> str:
 
 def _check_settings(problems: list[Problem], g: GlobalView) -> None:
     key = "haproxy settings"
-    for fld in ("map_path", "admin_socket", "server_state_file"):
+    for fld in ("map_path", "admin_socket", "server_state_file", "canary_map_path",
+                "canary_weight_map_path"):
         value = getattr(g, fld)
         if not isinstance(value, str) or not FILE_PATH_RE.match(value) or "/../" in value:
             problems.append(
@@ -239,6 +383,22 @@ def _check_settings(problems: list[Problem], g: GlobalView) -> None:
     ):
         _check_int(problems, key, fld, getattr(g, fld), 1, 86_400_000)
     _check_int(problems, key, "retries", g.retries, 0, 100)
+    if g.log_target is not None and not (isinstance(g.log_target, str)
+                                         and LOG_TARGET_RE.match(g.log_target)):
+        problems.append(Problem(key, "log_target", "must be stdout, stderr, IP:port or an "
+                                "absolute socket path", _shown(g.log_target)))
+    if g.stats_host is not None:
+        if not _is_ip(g.stats_host):
+            problems.append(Problem(key, "stats_host", "must be an IP literal",
+                                    _shown(g.stats_host)))
+        _check_int(problems, key, "stats_port", g.stats_port, 1, 65535)
+        if not (isinstance(g.stats_user, str) and STATS_USER_RE.match(g.stats_user)):
+            problems.append(Problem(key, "stats_user", "must be 1-64 of [A-Za-z0-9_.-]"))
+        if not (isinstance(g.stats_password, str)
+                and STATS_PASSWORD_RE.match(g.stats_password)):
+            # Never shown: it is a secret.
+            problems.append(Problem(key, "stats_password", "must be 8-128 printable "
+                                    "characters without space, quote, backslash, # or $"))
 
 
 def _check_service(problems: list[Problem], svc: ServiceView) -> None:
@@ -265,6 +425,33 @@ def _check_service(problems: list[Problem], svc: ServiceView) -> None:
         )
     _check_int(problems, key, "health.interval_ms", svc.health_interval_ms, 100, 3_600_000)
     _check_name(problems, _KEYS.service_active(sname), "active", svc.active)
+    if not isinstance(svc.hosts, tuple):
+        problems.append(Problem(key, "hosts", "must be a tuple", _shown(svc.hosts)))
+    else:
+        for h in svc.hosts:
+            if not (isinstance(h, str) and len(h) <= 253 and HOST_RE.match(h)):
+                problems.append(Problem(key, "hosts", "must be lower-case host names or "
+                                        "*.name", _shown(h)))
+    if svc.path_prefix is not None and not (
+            isinstance(svc.path_prefix, str) and PATH_PREFIX_RE.match(svc.path_prefix)):
+        problems.append(Problem(key, "path_prefix", "must start with / and use only "
+                                "[A-Za-z0-9/_.~%+-]", _shown(svc.path_prefix)))
+    if (svc.hosts or svc.path_prefix is not None) and svc.mode != "http":
+        problems.append(Problem(key, "hosts", "routing by host or path needs mode http"))
+    if svc.tls_certs is not None and not (
+            isinstance(svc.tls_certs, str) and FILE_PATH_RE.match(svc.tls_certs)
+            and "/../" not in svc.tls_certs + "/"):
+        problems.append(Problem(key, "tls.certs", "must be an absolute path of "
+                                "[A-Za-z0-9/_.+-]", _shown(svc.tls_certs)))
+    if svc.redirect_http_port is not None:
+        _check_int(problems, key, "tls.redirect_http", svc.redirect_http_port, 1, 65535)
+        if svc.tls_certs is None or svc.mode != "http":
+            problems.append(Problem(key, "tls.redirect_http", "needs tls and mode http"))
+    if not isinstance(svc.forwardfor, bool):
+        problems.append(Problem(key, "forwardfor", "must be a boolean", _shown(svc.forwardfor)))
+    if svc.canary is not None:
+        _check_name(problems, _KEYS.service_cutover(sname), "to", svc.canary)
+    _check_int(problems, _KEYS.service_cutover(sname), "weight", svc.canary_weight, 0, 100)
     seen_pools: set[str] = set()
     for pool in svc.pools:
         pname = _safe_key(pool.name)
@@ -290,12 +477,27 @@ def _check_service(problems: list[Problem], svc: ServiceView) -> None:
                                         f"{', '.join(MEMBER_STATES)}", _shown(m.state)))
 
 
+def _share_refused(a: ServiceView, b: ServiceView) -> str | None:
+    """Why `a` and `b` cannot share one bind (None when they can; the model explains it
+    better: this is the renderer's own line of defence)."""
+    if a.mode != "http" or b.mode != "http":
+        return " (only http services share a bind)"
+    if (a.tls_certs, a.redirect_http_port) != (b.tls_certs, b.redirect_http_port):
+        return " (with other TLS settings)"
+    if a.path_prefix == b.path_prefix:
+        if not a.hosts and not b.hosts:
+            return "" if a.path_prefix is None else " (same path_prefix)"
+        if set(a.hosts) & set(b.hosts):
+            return " (same host and path)"
+    return None
+
+
 def check_view(view: ProxyView) -> None:
     """Raise `ValidationError` listing every value that may not reach the template."""
     problems: list[Problem] = []
     _check_settings(problems, view.settings)
     seen: set[str] = set()
-    binds: dict[tuple[str, int], str] = {}
+    binds: dict[tuple[str, int], list[ServiceView]] = {}
     for svc in view.services:
         _check_service(problems, svc)
         if svc.name in seen:
@@ -304,16 +506,13 @@ def check_view(view: ProxyView) -> None:
             )
         seen.add(svc.name)
         bind = (str(svc.bind_host), svc.bind_port)
-        other = binds.get(bind)
-        if other is not None and other != svc.name:
-            problems.append(
-                Problem(
-                    _KEYS.service_config(_safe_key(svc.name)),
-                    "bind",
-                    f"already used by service {_safe_key(other)}",
-                    _shown(f"{bind[0]}:{bind[1]}"),
-                )
-            )
-        binds.setdefault(bind, svc.name)
+        for other in binds.get(bind, ()):
+            why = _share_refused(svc, other)
+            if why is not None:
+                problems.append(Problem(_KEYS.service_config(_safe_key(svc.name)), "bind",
+                                        f"already used by service {_safe_key(other.name)}"
+                                        f"{why}", _shown(f"{bind[0]}:{bind[1]}")))
+                break
+        binds.setdefault(bind, []).append(svc)
     if problems:
         raise ValidationError(problems)

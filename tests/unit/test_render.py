@@ -97,6 +97,7 @@ def test_one_backend_per_pool_sorted_with_members_sorted() -> None:
     assert green == [
         "mode http",
         "balance roundrobin",
+        "option forwardfor",
         "option httpchk GET /health",
         "default-server inter 1500ms",
         "server g1 10.77.1.11:8080 weight 100 check",
@@ -145,7 +146,7 @@ def test_wildcard_bind() -> None:
 def test_active_pool_without_entry_gets_empty_backend() -> None:
     cfg = text(view(web(active="canary")))
     assert section(cfg, "backend be_web:canary") == [
-        "mode http", "balance roundrobin", "option httpchk GET /health",
+        "mode http", "balance roundrobin", "option forwardfor", "option httpchk GET /health",
         "default-server inter 1500ms",
     ]
     assert "default_backend be_web:canary" in section(cfg, "frontend fe_web")
