@@ -34,6 +34,9 @@ from reconciler.settings import (
     default_node,
     default_ovs_db,
     env_prefix,
+    parse_log_target,
+    parse_stats_bind,
+    read_stats_auth,
 )
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -196,6 +199,18 @@ def _daemon_args(p: argparse.ArgumentParser) -> None:
                    help="drive an HAProxy run by someone else through this master socket")
     p.add_argument("--haproxy-config", default=None,
                    help="with --haproxy-master-socket: the config file it loads")
+    p.add_argument("--haproxy-log", default=os.environ.get("RECONCILER_HAPROXY_LOG"),
+                   metavar="TARGET",
+                   help="HAProxy access logs (httplog/tcplog) to stdout (of HAProxy: "
+                   "haproxy.log in the state dir), stderr, a syslog IP:port or a unix "
+                   "socket path (default: $RECONCILER_HAPROXY_LOG, else none)")
+    p.add_argument("--haproxy-stats", default=os.environ.get("RECONCILER_HAPROXY_STATS"),
+                   metavar="HOST:PORT",
+                   help="serve HAProxy's stats page and Prometheus /metrics here "
+                   "(needs --haproxy-stats-auth)")
+    p.add_argument("--haproxy-stats-auth",
+                   default=os.environ.get("RECONCILER_HAPROXY_STATS_AUTH"), metavar="FILE",
+                   help="file holding one line user:password for the stats listener")
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -205,6 +220,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if bool(getattr(args, "haproxy_master_socket", None)) != bool(
             getattr(args, "haproxy_config", None)):
         raise ConfigurationError("--haproxy-master-socket and --haproxy-config go together")
+    stats = parse_stats_bind(getattr(args, "haproxy_stats", None))
+    stats_auth = getattr(args, "haproxy_stats_auth", None) or None
+    if stats is not None and stats_auth is None:
+        raise ConfigurationError("--haproxy-stats needs --haproxy-stats-auth FILE "
+                                 "(credentials are never optional)")
+    if stats_auth is not None:
+        read_stats_auth(stats_auth)  # refuse a bad file now, not at the first render
     return Settings(
         prefix=args.prefix, node=node, resync=getattr(args, "resync", 30.0),
         network=NetworkSettings(ovs_db=getattr(args, "ovs_db", None) or default_ovs_db(),
@@ -213,7 +235,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         proxy=ProxySettings(state_dir=getattr(args, "state_dir", "/var/lib/reconciler"),
                             templates_dir=getattr(args, "templates", None),
                             master_socket=getattr(args, "haproxy_master_socket", None),
-                            config_path=getattr(args, "haproxy_config", None)),
+                            config_path=getattr(args, "haproxy_config", None),
+                            log_target=parse_log_target(getattr(args, "haproxy_log", None)),
+                            stats_bind=stats, stats_auth_file=stats_auth),
         observe=ObserveSettings(
             listen=parse_listen(getattr(args, "listen", "off")),
             unready_after=getattr(args, "unready_after", 60.0)),

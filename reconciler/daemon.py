@@ -99,6 +99,7 @@ class ProxyPart(Protocol):
     def reconcile(self) -> dict[str, Any]: ...
     def errors(self) -> dict[str, list[str]]: ...
     def status(self) -> dict[str, Any]: ...
+    def poll_after(self) -> float | None: ...
 
 
 @dataclass
@@ -469,7 +470,10 @@ class Daemon:
         finally:
             # A failed reload shows in `reconciler status` too (last_reload).
             self.status.proxy = self.proxy.status()
-        return None
+        again = None if self._once else self.proxy.poll_after()
+        # While a progressive cutover runs, HAProxy's counters are re-read and published
+        # this often (the command driving it judges each step by them; issue 13).
+        return Result(requeue_after=again) if again is not None else None
 
     # ------------------------------------------------------------------ errors
 

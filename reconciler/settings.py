@@ -6,7 +6,9 @@ connection itself follows Consul's own variables (see `adapters.consul_kv.Consul
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -67,6 +69,82 @@ class ProxySettings:
     """Quiescence window: wait this long after a change for more changes."""
     quiet_max: float = 0.5
     """...but never longer than this after the first change."""
+    log_target: str | None = None
+    """`--haproxy-log`: HAProxy's access log goes to `stdout` (of the HAProxy process:
+    haproxy.log in the state dir), `stderr`, a syslog `IP:port` (UDP) or a unix socket
+    path; None: no access log."""
+    stats_bind: tuple[str, int] | None = None
+    """`--haproxy-stats HOST:PORT`: the stats page and `/metrics` listen here."""
+    stats_auth_file: str | None = None
+    """`--haproxy-stats-auth FILE`: one line `user:password` (never from KV or argv)."""
+    cutover_poll: float = 0.5
+    """While a progressive cutover runs: seconds between reads of HAProxy's counters
+    (published in the node status for the command driving it)."""
+
+
+_LOG_TARGET_RE = re.compile(r"(?:udp@)?(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})\Z")
+
+
+def parse_log_target(value: str | None) -> str | None:
+    """`--haproxy-log`: stdout, stderr, IP:port / [IPv6]:port (syslog over UDP), or an
+    absolute unix socket path; '' / off / None: no access log."""
+    if value is None or value in ("", "off", "none"):
+        return None
+    if value in ("stdout", "stderr"):
+        return value
+    if value.startswith("/"):
+        if not re.fullmatch(r"/[A-Za-z0-9/_.+-]{1,4095}", value) or "/../" in value:
+            raise ConfigurationError(f"--haproxy-log {value!r}: a socket path of "
+                                     "[A-Za-z0-9/_.+-]")
+        return value
+    m = _LOG_TARGET_RE.match(value)
+    if m:
+        try:
+            ipaddress.ip_address(m.group(1).strip("[]"))
+        except ValueError:
+            m = None
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise ConfigurationError(f"--haproxy-log {value!r}: stdout, stderr, IP:port, "
+                                 "[IPv6]:port or an absolute socket path")
+    return value
+
+
+def parse_stats_bind(value: str | None) -> tuple[str, int] | None:
+    """`--haproxy-stats`: IP:port or [IPv6]:port; '' / off / None: no stats listener."""
+    if value is None or value in ("", "off"):
+        return None
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9.]+):(\d{1,5})", value)
+    try:
+        if not m:
+            raise ValueError(value)
+        host = str(ipaddress.ip_address(m.group(1) or m.group(3)))
+        port = int(m.group(2) or m.group(4))
+        if not 1 <= port <= 65535:
+            raise ValueError(value)
+    except ValueError:
+        raise ConfigurationError(f"--haproxy-stats {value!r}: IP:port, e.g. "
+                                 "127.0.0.1:8404") from None
+    return host, port
+
+
+def read_stats_auth(path: str) -> tuple[str, str]:
+    """(user, password) from the credentials file: one line `user:password`. The
+    password is never put in an error message."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            line = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigurationError(f"--haproxy-stats-auth {path}: cannot read it "
+                                 f"({getattr(e, 'strerror', None) or type(e).__name__})"
+                                 ) from None
+    user, sep, password = line.partition(":")
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", user) or not re.fullmatch(
+            r"[A-Za-z0-9!%&()*+,./:;<=>?@^_{|}~-]{8,128}", password):
+        raise ConfigurationError(
+            f"--haproxy-stats-auth {path}: must hold one line user:password (user 1-64 of "
+            "[A-Za-z0-9_.-]; password 8-128 printable characters without space, quote, "
+            "backslash, # or $)")
+    return user, password
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ from reconciler.errors import (
 from reconciler.kvlayout import Layout
 from reconciler.model import DesiredState, Service
 from reconciler.observe.metrics import Metrics
+from reconciler.proxy.canary import canary_maps, cutover_status
+from reconciler.proxy.canary import running as canary_running
+from reconciler.proxy.certs import stage_all
 from reconciler.proxy.render import Renderer, render_map
 from reconciler.proxy.view import (
     GlobalView,
@@ -45,16 +48,17 @@ from reconciler.proxy.view import (
     ProxyView,
     ServiceView,
     backend_name,
+    frontends,
     parse_backend_name,
     sorted_view,
 )
-from reconciler.settings import ProxySettings
+from reconciler.settings import ProxySettings, read_stats_auth
 
 log = logging.getLogger(__name__)
 
 
 # "Binding [...haproxy.cfg:24] for frontend fe_far: cannot bind socket (...) for [ip:port]"
-_UNLOADABLE_RE = re.compile(r"frontend fe_([A-Za-z0-9_.-]+): cannot bind socket")
+_UNLOADABLE_RE = re.compile(r"frontend (fe_[A-Za-z0-9_.:-]+): cannot bind socket")
 _VIEW_KEYS = Layout("")  # the renderer's problems name keys relative to the prefix
 
 
@@ -64,15 +68,34 @@ def service_view(svc: Service, active: str) -> ServiceView:
         PoolView(pname, tuple(MemberView(m.name, str(m.address), m.port, m.weight, m.state)
                               for m in members.values()))
         for pname, members in svc.pools.items())
+    canary = svc.canary if svc.canary is not None and svc.canary.share > 0 \
+        and svc.canary.to in svc.pools and svc.canary.to != active else None
     return ServiceView(
         name=svc.name, bind_host=cfg.bind_host, bind_port=cfg.bind_port, active=active,
         pools=pools, mode=cfg.mode, balance=cfg.balance,
         health_path=cfg.health.path if cfg.health else None,
-        health_interval_ms=cfg.health.interval_ms if cfg.health else 2000)
+        health_interval_ms=cfg.health.interval_ms if cfg.health else 2000,
+        hosts=cfg.hosts, path_prefix=cfg.path_prefix,
+        tls_certs=cfg.tls.certs if cfg.tls else None,
+        redirect_http_port=cfg.tls.redirect_http if cfg.tls else None,
+        forwardfor=cfg.forwardfor,
+        canary=canary.to if canary else None, canary_weight=canary.share if canary else 0)
 
 
 def _without_active(services: Mapping[str, Service]) -> dict[str, Service]:
-    return {name: replace(svc, active=None) for name, svc in services.items()}
+    # A cutover's share is a runtime map too (no reload): not a config change either.
+    return {name: replace(svc, active=None, canary=None) for name, svc in services.items()}
+
+
+def global_view(settings: ProxySettings) -> GlobalView:
+    """The process-wide part of the config from the daemon's settings (the stats
+    credentials are read from their file here, never from KV)."""
+    extra: dict[str, object] = {"log_target": settings.log_target}
+    if settings.stats_bind is not None and settings.stats_auth_file is not None:
+        user, password = read_stats_auth(settings.stats_auth_file)
+        extra.update(stats_host=settings.stats_bind[0], stats_port=settings.stats_bind[1],
+                     stats_user=user, stats_password=password)
+    return GlobalView.for_state_dir(settings.state_dir, **extra)
 
 
 def choose_active(svc: Service, last: str | None) -> str:
@@ -104,7 +127,8 @@ def config_view(view: ProxyView) -> ProxyView:
         if not any(p.name == svc.active for p in pools):
             pools = (*pools, PoolView(svc.active))
         stable = min(p.name for p in pools)
-        services.append(replace(svc, pools=pools, active=stable))
+        services.append(replace(svc, pools=pools, active=stable, canary=None,
+                                canary_weight=0))
     return replace(view, services=tuple(services))
 
 
@@ -132,7 +156,7 @@ class ProxyController:
         self.hap = haproxy or HaproxyProcess(
             settings.state_dir, settings.haproxy_bin, master_socket=settings.master_socket,
             config_path=settings.config_path)
-        self.globals = GlobalView.for_state_dir(settings.state_dir)
+        self.globals = global_view(settings)
         self.renderer = Renderer(settings.templates_dir)
         self.state = DesiredState()
         # What was applied before a daemon restart is in the persisted map: while an
@@ -145,6 +169,7 @@ class ProxyController:
         self._applied: ProxyView | None = None  # config view last applied
         self._unloadable: dict[str, tuple[ServiceView, str]] = {}  # left out, and why
         self._last_change = 0.0
+        self._cutovers: list[str] = []  # services with a canary share applied
         self.planned: list[str] = []
 
     def _persisted_active(self) -> dict[str, str]:
@@ -200,6 +225,20 @@ class ProxyController:
                             if any(v == sv for v in view.services)}
         if self._unloadable and len(self._unloadable) < len(view.services):
             view = self._hold_back(view, set(self._unloadable))
+        if not self.dry_run and view.services:
+            # TLS: the validated copy of each certificate directory; a service whose
+            # certificates HAProxy cannot load keeps its last loaded definition.
+            view, bad_certs = stage_all(view, self.hap.stage_certs)
+            for name, why in bad_certs.items():
+                errors.setdefault(self.layout.service_config(name), []).append(
+                    f"tls.certs: {why}; keeping the last good config")
+            if bad_certs:
+                log.error("haproxy: certificates of %s cannot load; kept at their last "
+                          "good config", ", ".join(sorted(bad_certs)))
+                view = self._hold_back(view, set(bad_certs))
+                if not view.services:  # nothing else to apply: the running config stays
+                    self._errors = errors
+                    return self._status
         if not view.services:
             self._status = {"services": 0, "active": {}, "last_reload": "no services"}
             self._errors = {}
@@ -244,12 +283,14 @@ class ProxyController:
         try:
             try:
                 runtime = self._apply_at_runtime(config_view(view), cfg)
-                result = self._apply_counted(cfg, map_bytes)
+                result = self._apply_counted(cfg, map_bytes, canary_maps(view))
             except HaproxyError as e:
                 # A service HAProxy could not load (its bind: an address the host lacks,
                 # a port someone else holds) is named in the alert: leave it out,
                 # remembered until its definition changes, and apply everything else.
-                bad = set(_UNLOADABLE_RE.findall(str(e)))
+                failed = set(_UNLOADABLE_RE.findall(str(e)))
+                bad = {sv.name for fe in frontends(config_view(view)) if fe.name in failed
+                       for sv in fe.services}
                 kept = tuple(sv for sv in view.services if sv.name not in bad)
                 if not bad or not kept or len(kept) == len(view.services):
                     raise
@@ -264,7 +305,7 @@ class ProxyController:
                 digest = hashlib.sha256(cfg).hexdigest()[:16]
                 active = {sv.name: sv.active for sv in view.services}
                 runtime = []
-                result = self._apply_counted(cfg, map_bytes)
+                result = self._apply_counted(cfg, map_bytes, canary_maps(view))
             for name, (_, why) in self._unloadable.items():
                 errors.setdefault(self.layout.service_config(name), []).append(
                     f"cannot load; kept at its last loaded definition, if any: {why}")
@@ -293,7 +334,22 @@ class ProxyController:
         }
         if result.reloaded:
             log.info("haproxy reloaded (config %s, worker %s)", digest, result.worker_pid)
+        self._cutovers = canary_running(view)
+        if self._cutovers:
+            # Read by `reconciler cutover --steps` (the error rate of each step).
+            try:
+                worker, counters = self.hap.backend_counters()
+                self._status["cutover"] = cutover_status(view, worker, counters)
+            except HaproxyError as e:
+                log.warning("haproxy: cannot read the counters: %s", e)
+        if not self.hap.external:
+            self.hap.prune_certs({sv.tls_certs for sv in view.services if sv.tls_certs})
         return self._status
+
+    def poll_after(self) -> float | None:
+        """Seconds until the proxy wants to be reconciled again on its own: while a
+        progressive cutover runs, HAProxy's counters are read and published this often."""
+        return self.settings.cutover_poll if self._cutovers else None
 
     def _hold_back(self, view: ProxyView, names: set[str]) -> ProxyView:
         """`view` with the services `names` at their last loaded definition (with their
@@ -355,7 +411,8 @@ class ProxyController:
         self.hap.stage_config(cfg)
         return done
 
-    def _apply_counted(self, cfg: bytes, map_bytes: bytes) -> ApplyResult:
+    def _apply_counted(self, cfg: bytes, map_bytes: bytes,
+                       extra_maps: Mapping[str, bytes] | None = None) -> ApplyResult:
         """`apply_config`, counted: a reload when the config bytes differ from the file
         (ok, failed and reverted, or invalid: refused by the check), else the active-pool
         switches it made at runtime."""
@@ -364,7 +421,7 @@ class ProxyController:
         except OSError:
             reload = False  # no config yet: HAProxy is started, not reloaded
         try:
-            result = self.hap.apply_config(cfg, map_bytes)
+            result = self.hap.apply_config(cfg, map_bytes, extra_maps)
         except ConfigInvalid:
             self.metrics.haproxy_reload("invalid")
             raise

@@ -116,6 +116,9 @@ def make(proxy: bool = True) -> tuple[Daemon, FakeNetctl]:
         def status(self) -> dict[str, Any]:
             return {}
 
+        def poll_after(self) -> float | None:
+            return None
+
     nc = FakeNetctl()
     d = Daemon(DaemonOptions("n1", P), kv=FakeKV(), docker=FakeDocker(),  # type: ignore[arg-type]
                netctl=nc, proxy=FakeProxy() if proxy else None)  # type: ignore[arg-type]
