@@ -91,6 +91,13 @@ def _same_process(info: ContainerInfo) -> bool:
         and read_process_start_time(info.pid) == info.start_time
 
 
+@dataclass(frozen=True)
+class _Deferred(Result):
+    """Nothing done yet: look at the key again after `requeue_after` seconds. Unlike a
+    reconcile that did its work and asks to look again, it does not count for the first
+    full pass (readiness)."""
+
+
 class ProxyPart(Protocol):
     """What the daemon needs of the HAProxy side (reconciler.proxy.controller)."""
 
@@ -329,13 +336,15 @@ class Daemon:
 
     def _reconcile(self, key: WorkKey) -> Result | None:
         if self.snapshot is None:
-            return Result(requeue_after=1.0)
+            return _Deferred(requeue_after=1.0)
         # Every line logged during this reconcile says which key it is about.
         token = logs.set_context(key=str(key))
         try:
             result = self._handlers[type(key)](key)
         finally:
             logs.reset_context(token)
+        if not isinstance(result, _Deferred):
+            self.first_sync.reconciled(key)
         self._status_dirty.set()
         return result
 
@@ -346,7 +355,7 @@ class Daemon:
             self.failures.failed(key)
         else:
             self.failures.succeeded(key)
-        if outcome != "requeued":  # deferred: it did nothing yet
+        if outcome in ("error", "invalid"):  # tried: it counts for the first pass
             self.first_sync.reconciled(key)
 
     def _handle_container(self, key: ContainerKey) -> Result | None:
@@ -414,7 +423,7 @@ class Daemon:
                                   for k in q.in_flight() | q.pending()):
             # A container being attached right now may own a fresh veth/port that
             # the sweep's "running" list does not know yet: sweep when it is quiet.
-            return Result(requeue_after=1.0)
+            return _Deferred(requeue_after=1.0)
         self._sweep()
         return None
 
@@ -464,7 +473,7 @@ class Daemon:
             return None
         delay = 0.0 if self._once else self.proxy.quiet_delay()
         if delay > 0:  # coalesce a burst of changes into one reload
-            return Result(requeue_after=delay)
+            return _Deferred(requeue_after=delay)
         try:
             self.status.proxy = self.proxy.reconcile()
         finally:
