@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
 from reconciler.errors import ConsulAuthError, ConsulError, ConsulUnavailable
@@ -220,8 +220,9 @@ class Metrics:
     # ------------------------------------------------------------------ exposition
 
     def exposition(self) -> tuple[bytes, str]:
-        """The text format of every series, and its content type."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        """The text format of every series, and its content type: announced as 0.0.4, the
+        version every scraper reads (our names are plain ASCII: the bytes are the same)."""
+        return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
 
 
 class _StateCollector(Collector):

@@ -134,6 +134,12 @@ class HealthServer:
         log.info("serving /livez, /readyz, /metrics on %s:%d", self.address[0],
                  self.port or 0)
 
+    def close(self) -> None:
+        """Release the socket of a server bound but never run (`run` closes its own)."""
+        server = self._server
+        if server is not None:
+            server.server_close()
+
     def run(self, stop: threading.Event) -> None:
         """Bind (retrying every `retry` seconds) and serve until `stop` is set."""
         failures = 0
