@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from helpers import stop_process
+from helpers import free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,10 +40,18 @@ def run(args: Sequence[str], check: bool = True, timeout: float = 30.0,
 
 
 class DaemonProcess:
-    """`python -m reconciler --prefix P run --node N ...` with its log in a file."""
+    """`python -m reconciler --prefix P run --node N ...` with its log in a file.
+
+    Each daemon serves /livez, /readyz and /metrics on a free loopback port of its own
+    (`listen`, `url`), so test daemons never compete for the default 127.0.0.1:9901;
+    `listen="off"` disables it, `listen=""` passes no --listen (the default, or
+    $RECONCILER_LISTEN). `run_args` go after `run` (e.g. --log-format json)."""
 
     def __init__(self, prefix: str, node: str, workdir: Path, resync: float = 2.0,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, listen: str | None = None,
+                 run_args: Sequence[str] = ()) -> None:
+        self.listen = listen if listen is not None else f"127.0.0.1:{free_port()}"
+        self.run_args = list(run_args)
         self.prefix = prefix
         self.node = node
         self.workdir = workdir
@@ -68,11 +76,18 @@ class DaemonProcess:
                         + (f" (templates {templates})" if templates is not None else "") + "\n")
         self._log.flush()
         args = ["run", "--node", self.node, "--resync", str(self.resync),
-                "--state-dir", str(self.state_dir)]
+                "--state-dir", str(self.state_dir), *self.run_args]
+        if self.listen:
+            args += ["--listen", self.listen]
         if templates is not None:
             args += ["--templates", str(templates)]
         self.proc = subprocess.Popen(self.command(*args), stdout=self._log,
                                      stderr=subprocess.STDOUT, env=self.env, cwd=REPO)
+
+    def url(self, path: str) -> str:
+        """http://HOST:PORT/path of the daemon's health and metrics endpoint."""
+        assert self.listen != "off", "this daemon serves no endpoint"
+        return f"http://{self.listen}{path}"
 
     @property
     def pid(self) -> int:
