@@ -3,7 +3,7 @@
 Owns the attach figures of docs/performance.md. For each N (``--n 50,200``):
 
 1. N containers run with ``--net none`` from the local test image, all labelled
-   ``reconciler.name=<spec>``; one OVS network (vlan 100, a /24 pool) is in Consul.
+   ``reconciler.name=<spec>``; one OVS network (vlan 100, a /22 pool) is in Consul.
 2. `reconciler run` starts (its own process, default settings: resync 30 s, 4 workers)
    and settles (its start-up pass over N unattached containers is not measured).
 3. Attach: the clock starts just before ONE put of ``containers/<spec>`` (``auto``
@@ -142,18 +142,33 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+BLOCK = 4  # a /22 of four /24s: pools from x.10 of the first to .250 of the last
+
+
 def free_octets(count: int) -> list[int]:
-    """Third octets X of 10.77.X.0/24 that no host route uses (the host is shared)."""
+    """First third octets X of blocks 10.77.X.0/22 (X a multiple of 4) of which no
+    /24 is used by a host route (the host is shared)."""
     used: set[int] = set()
     for word in sh("ip", "-4", "route", "show", "table", "all").stdout.split():
-        if word.startswith("10.77."):
+        if word.startswith("10.77.") and word != "10.77.0.0/16":
             with contextlib.suppress(ValueError, IndexError):
-                used.add(int(word.split(".")[2].split("/")[0]))
-    seed = secrets.randbelow(200)
-    out = [x for x in (20 + (seed + i * 11) % 230 for i in range(230)) if x not in used]
+                net = ipaddress.ip_network(word if "/" in word else f"{word}/32",
+                                           strict=False)
+                first = int(net.network_address.packed[2])
+                last = int(net.broadcast_address.packed[2])
+                used.update(range(first, last + 1))
+    seed = secrets.randbelow(40)
+    starts = [BLOCK * ((5 + seed + i * 7) % 60) for i in range(60)]
+    out = [x for x in dict.fromkeys(starts)
+           if x >= 20 and not used & set(range(x, x + BLOCK))]
     if len(out) < count:
-        raise RuntimeError("no free 10.77.X.0/24")
+        raise RuntimeError("no free 10.77.X.0/22")
     return out[:count]
+
+
+def block_address(first_octet: int, i: int) -> str:
+    """The i-th address (0-based) of a /22 block's pool: x.10-x.250 of each /24."""
+    return f"10.77.{first_octet + i // 241}.{10 + i % 241}"
 
 
 def wait_all(probes: dict[str, NetnsProbe], done: Callable[[NetnsProbe], bool],
@@ -309,10 +324,11 @@ class Bench:
     # ---------------------------------------------------------------- phases
 
     def daemon_phase(self) -> None:
-        subnet = ipaddress.ip_network(f"10.77.{self.octet_d}.0/24")
+        subnet = ipaddress.ip_network(f"10.77.{self.octet_d}.0/22")
         self.put(f"networks/bn-{self.rid}", {
             "subnet": str(subnet), "bridge": self.bridge_d, "driver": "ovs", "vlan": 100,
-            "pool": {"start": f"10.77.{self.octet_d}.10", "end": f"10.77.{self.octet_d}.250"}})
+            "pool": {"start": f"10.77.{self.octet_d}.10",
+                     "end": f"10.77.{self.octet_d + BLOCK - 1}.250"}})
         pid = self.start_daemon()
         # The daemon's own start (listing and inspecting N unattached containers, its first
         # sweep) is not part of the attach: put the spec into a settled daemon, as when
@@ -371,11 +387,11 @@ class Bench:
         self.fig.datapath = datapath
         sh("ovs-vsctl", "--timeout=10", "--may-exist", "add-br", self.bridge_b, "--", "set",
            "bridge", self.bridge_b, f"datapath_type={datapath}")
-        subnet = ipaddress.ip_network(f"10.77.{self.octet_b}.0/24")
+        subnet = ipaddress.ip_network(f"10.77.{self.octet_b}.0/22")
         t0 = time.perf_counter()
         for i, c in enumerate(self.containers):
             sh("ovs-docker", "add-port", self.bridge_b, IFNAME, c.id,
-               f"--ipaddress=10.77.{self.octet_b}.{10 + i}/24")
+               f"--ipaddress={block_address(self.octet_b, i)}/22")
 
         def attached(p: NetnsProbe) -> bool:
             a = p.address(IFNAME)
@@ -477,8 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--keep-log", action="store_true", help="keep the daemon log directory")
     args = p.parse_args(argv)
     ns = [int(x) for x in args.n.split(",") if x.strip()]
-    if not ns or min(ns) < 1 or max(ns) > 240:
-        p.error("--n: counts between 1 and 240 (one /24 pool)")
+    if not ns or min(ns) < 1 or max(ns) > 964:
+        p.error("--n: counts between 1 and 964 (a /22 pool: .10-.250 of four /24s)")
     if shutil.which("ovs-docker") is None:
         print("ovs-docker is missing (it ships with openvswitch-common)", file=sys.stderr)
         return 1
