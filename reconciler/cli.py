@@ -31,11 +31,13 @@ from reconciler.settings import (
     ObserveSettings,
     ProxySettings,
     Settings,
+    default_haproxy_user,
     default_node,
     default_ovs_db,
     env_prefix,
     parse_log_target,
     parse_stats_bind,
+    read_env_file,
     read_stats_auth,
 )
 
@@ -142,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="members of the pool that must pass the health check "
                    "(default: all of them, and at least one)")
     c.add_argument("--dry-run", action="store_true", help="check and print, change nothing")
+    c.add_argument("--steps", default=None, metavar="P1,P2,...,100",
+                   help="progressive: move these percentages of new requests to POOL in "
+                   "steps (e.g. 10,50,100), judging each by HAProxy's counters, and roll "
+                   "back automatically; `active` switches after the last step")
+    c.add_argument("--interval", default="30s", metavar="DURATION",
+                   help="with --steps: how long each step is watched (default 30s)")
+    c.add_argument("--max-error-rate", default="1%", metavar="RATE",
+                   help="with --steps: roll back above this share of failed requests "
+                   "(5xx, connection and response errors) of POOL (default 1%%)")
     c.set_defaults(func=cmd_cutover)
 
     rd = sub.add_parser("render", help="print the HAProxy config the daemon would write",
@@ -208,6 +219,10 @@ def _daemon_args(p: argparse.ArgumentParser) -> None:
                    metavar="HOST:PORT",
                    help="serve HAProxy's stats page and Prometheus /metrics here "
                    "(needs --haproxy-stats-auth)")
+    p.add_argument("--haproxy-user", default=None, metavar="USER",
+                   help="HAProxy's workers drop root to USER and its group (default: "
+                   "$RECONCILER_HAPROXY_USER, else haproxy when that user exists; root: "
+                   "keep root)")
     p.add_argument("--haproxy-stats-auth",
                    default=os.environ.get("RECONCILER_HAPROXY_STATS_AUTH"), metavar="FILE",
                    help="file holding one line user:password for the stats listener")
@@ -237,11 +252,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
                             master_socket=getattr(args, "haproxy_master_socket", None),
                             config_path=getattr(args, "haproxy_config", None),
                             log_target=parse_log_target(getattr(args, "haproxy_log", None)),
-                            stats_bind=stats, stats_auth_file=stats_auth),
+                            stats_bind=stats, stats_auth_file=stats_auth,
+                            run_as=_haproxy_user(getattr(args, "haproxy_user", None))),
         observe=ObserveSettings(
             listen=parse_listen(getattr(args, "listen", "off")),
             unready_after=getattr(args, "unready_after", 60.0)),
     )
+
+
+def _haproxy_user(value: str | None) -> str | None:
+    if value is None:
+        return default_haproxy_user()
+    return None if value in ("", "root") else value
 
 
 def _advertise(value: str | None) -> str | None:
@@ -256,6 +278,7 @@ def _advertise(value: str | None) -> str | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # SIGHUP parses it again
     if args.log_format not in ("text", "json"):  # from the environment: not checked yet
         parser.error(f"RECONCILER_LOG_FORMAT {args.log_format!r}: text or json")
     logs.configure(args.log_level, args.log_format)
@@ -431,7 +454,31 @@ def cmd_run(args: argparse.Namespace) -> int:
         return rc
     log.info("reconciler %s starting on node %s (prefix %s)", _version(), settings.node,
              settings.prefix)
-    return app.run_forever(parts)
+    argv = list(getattr(args, "argv", None) or [])
+
+    def reload() -> Settings:
+        # SIGHUP: the environment file again (systemd's EnvironmentFile is read only at
+        # start), then the same command line over the new environment.
+        env_file = os.environ.get("RECONCILER_ENV_FILE")
+        if env_file:
+            os.environ.update(read_env_file(env_file))
+        new_args = build_parser().parse_args(argv)
+        new_args.prefix = normalize_prefix(new_args.prefix) if new_args.prefix is not None \
+            else env_prefix()
+        new = settings_from(new_args)
+        fixed = [name for name, old, now in (
+            ("--node", settings.node, new.node), ("--prefix", settings.prefix, new.prefix),
+            ("--resync", settings.resync, new.resync),
+            ("--state-dir", settings.proxy.state_dir, new.proxy.state_dir),
+            ("--ovs-db", settings.network.ovs_db, new.network.ovs_db),
+            ("--listen", settings.observe.listen, new.observe.listen)) if old != now]
+        if fixed:
+            log.warning("SIGHUP: %s changed: applies at the next start only",
+                        ", ".join(fixed))
+        logs.configure(new_args.log_level, new_args.log_format)
+        return new
+
+    return app.run_forever(parts, reload)
 
 
 def _version() -> str:
@@ -447,13 +494,17 @@ def cmd_status(args: argparse.Namespace) -> int:
     import json
 
     from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
+    from reconciler.progressive import describe
     from reconciler.status import format_table, read_statuses
 
-    statuses = read_statuses(ConsulKV(ConsulSettings.from_env()), args.prefix)
+    kv = ConsulKV(ConsulSettings.from_env())
+    statuses = read_statuses(kv, args.prefix)
     if args.json:
         print(json.dumps(statuses, indent=2, sort_keys=True))
     else:
         print(format_table(statuses))
+        for line in describe(kv, args.prefix):  # progressive cutovers, their steps
+            print(line)
     return EXIT_OK
 
 
@@ -466,6 +517,24 @@ def cmd_cutover(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return EXIT_USAGE
     kv = ConsulKV(ConsulSettings.from_env())
+    if args.steps is not None:
+        from reconciler.progressive import (
+            Progressive,
+            parse_duration,
+            parse_rate,
+            parse_steps,
+        )
+
+        if args.rollback or args.dry_run:
+            raise ConfigurationError("--steps goes with --to (not --rollback, --dry-run)")
+        steps, interval = parse_steps(args.steps), parse_duration(args.interval)
+        rate = parse_rate(args.max_error_rate)
+        try:
+            return Progressive(kv, args.prefix, apply_timeout=args.timeout).run(
+                args.service, args.to, steps, interval, rate, args.min_healthy)
+        except (CutoverRefused, CasConflict) as e:
+            print(f"reconciler cutover: {e}", file=sys.stderr)
+            return EXIT_FAILED
     try:
         return Cutover(kv, args.prefix).run(
             args.service, args.to, timeout=args.timeout, min_healthy=args.min_healthy,

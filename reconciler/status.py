@@ -6,7 +6,8 @@ rendering as a table for `reconciler status`.
 
 Document fields: node, index (last applied Consul index), updated (unix time), counts
 (containers, interfaces, ...), errors ({key: [reason, ...]}), proxy ({config_hash,
-last_reload, active: {service: pool}}), version.
+last_reload, active: {service: pool}, cutover: {service: {to, weight, worker, pools:
+{pool: {requests, errors, up, servers}}}} while a progressive cutover runs}), version.
 """
 
 from __future__ import annotations
@@ -196,7 +197,11 @@ def format_table(statuses: Mapping[str, Mapping[str, Any]], now: float | None = 
     for node in sorted(statuses):
         s = statuses[node]
         counts, proxy = _dict(s.get("counts")), _dict(s.get("proxy"))
-        active = ",".join(f"{k}={v}" for k, v in sorted(_dict(proxy.get("active")).items()))
+        cut = _dict(proxy.get("cutover"))
+        active = ",".join(
+            f"{k}={v}" + (f"+{_dict(cut[k]).get('to')}:{_dict(cut[k]).get('weight')}%"
+                          if k in cut else "")
+            for k, v in sorted(_dict(proxy.get("active")).items()))
         try:
             age = f"{now - float(s.get('updated') or now):.0f}s"
         except (TypeError, ValueError):

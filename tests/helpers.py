@@ -190,14 +190,15 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0,
 
 
 class _BackendHandler(BaseHTTPRequestHandler):
-    """``/health*`` answers the server's health code; any other path its body (200)."""
+    """``/health*`` answers the server's health code; any other path its body (with the
+    server's `status`, 200 unless set)."""
 
     server: HttpBackend
 
     def do_GET(self) -> None:
         srv = self.server
         code, body = (srv.health, b"ok\n") if self.path.startswith("/health") \
-            else (200, srv.body)
+            else (srv.status, srv.body)
         self.send_response(code)
         self.send_header("Content-Type", "text/plain")
         self.send_header("Content-Length", str(len(body)))
@@ -217,12 +218,14 @@ class HttpBackend(ThreadingHTTPServer):
 
     daemon_threads = True
 
-    def __init__(self, body: str | bytes, host: str = "127.0.0.1", health: int = 200) -> None:
+    def __init__(self, body: str | bytes, host: str = "127.0.0.1", health: int = 200,
+                 status: int = 200) -> None:
         if ":" in host:
             self.address_family = socket.AF_INET6
         super().__init__((host, 0), _BackendHandler)
         self.body = body.encode() if isinstance(body, str) else body
         self.health = health
+        self.status = status  # of every other path (settable: a pool that fails)
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
 
@@ -244,9 +247,9 @@ class HttpBackends:
     def __init__(self) -> None:
         self.servers: list[HttpBackend] = []
 
-    def start(self, body: str | bytes, host: str = "127.0.0.1", health: int = 200
-              ) -> HttpBackend:
-        srv = HttpBackend(body, host, health)
+    def start(self, body: str | bytes, host: str = "127.0.0.1", health: int = 200,
+              status: int = 200) -> HttpBackend:
+        srv = HttpBackend(body, host, health, status)
         self.servers.append(srv)
         return srv
 
@@ -268,8 +271,10 @@ class KeepAliveLoad:
     `stop` (or leaving it), `max_seconds` at the most.
     """
 
-    def __init__(self, port: int, think: float = 0.005, max_seconds: float = 90.0) -> None:
+    def __init__(self, port: int, think: float = 0.005, max_seconds: float = 90.0,
+                 host: str | None = None) -> None:
         self.port, self.think, self.max_seconds = port, think, max_seconds
+        self.headers = {"Host": host} if host else {}  # routing by Host on a shared bind
         self.ok: dict[str, int] = {}
         self.failures: list[str] = []
         self.requests = 0
@@ -290,7 +295,7 @@ class KeepAliveLoad:
             while not self._stop.is_set() and time.monotonic() < deadline:
                 self.requests += 1
                 try:
-                    conn.request("GET", "/")
+                    conn.request("GET", "/", headers=self.headers)
                     resp = conn.getresponse()
                     body = resp.read().decode()
                     if resp.status != 200:
