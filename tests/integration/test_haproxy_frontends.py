@@ -24,6 +24,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,10 @@ def get(port: int, host: str | None = None, path: str = "/",
         conn.close()
 
 
+def _serves(port: int, host: str, first_word: str) -> bool:
+    return word(port, host) == first_word
+
+
 def reloads_of(env: Env) -> int:
     """The master's reload counter (its socket is briefly away while it re-executes)."""
     return wait_for(env.hap.show_proc, ignore=(HaproxyError,), message="show proc").reloads
@@ -170,7 +175,7 @@ def test_two_services_on_one_bind_routed_by_host_each_flipped_under_load(env: En
                         "health": {"path": "/health", "interval_ms": 300}},
                     {"blue": srv[(s, "blue")], "green": srv[(s, "green")]}, "blue")
     for s in ("a", "b"):
-        wait_for(lambda s=s: word(env.shared_port, f"{s}.test") == f"{s}-blue", timeout=30,
+        wait_for(partial(_serves, env.shared_port, f"{s}.test", f"{s}-blue"), timeout=30,
                  message=f"{s}.test served by {s}'s blue pool")
     assert "frontend fe_bind:127.0.0.1:" in env.config()
     # curl, as a user would check it: the Host header picks the service.
@@ -235,7 +240,10 @@ def _peer_cn(port: int, sni: str, ca: Path) -> str:
             ctx.wrap_socket(raw, server_hostname=sni) as tls:
         cert = tls.getpeercert()
         assert cert is not None
-        subject = dict(x[0] for x in cert["subject"])
+        subject: dict[str, str] = {}
+        for rdn in cert["subject"]:
+            for k, v in rdn:  # type: ignore[str-unpack]
+                subject[str(k)] = str(v)
         tls.sendall(f"GET / HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n".encode())
         answer = b""
         while chunk := tls.recv(4096):
@@ -337,6 +345,10 @@ def _applied_weight(env: Env, service: str) -> int:
     return int((cut.get(service) or {}).get("weight") or 0)
 
 
+def _weight_is(env: Env, service: str, weight: int) -> bool:
+    return _applied_weight(env, service) == weight
+
+
 def _share(port: int, n: int, green: str) -> float:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
     hits = 0
@@ -365,7 +377,7 @@ def test_progressive_cutover_moves_the_share_in_steps(env: Env) -> None:
     shares = {}
     try:
         for step in (10, 50, 100):
-            wait_for(lambda step=step: _applied_weight(env, "prog") == step, timeout=30,
+            wait_for(partial(_weight_is, env, "prog", step), timeout=30,
                      message=f"step {step}% applied")
             shares[step] = _share(port, 1200, "pgreen")
         out, _ = proc.communicate(timeout=60)
