@@ -24,6 +24,7 @@ from reconciler.adapters.docker_engine import DockerEngine
 from reconciler.adapters.ovs import OvsAdapter
 from reconciler.adapters.vxlan import VxlanAdapter
 from reconciler.daemon import Daemon, DaemonOptions, ProxyPart
+from reconciler.errors import ReconcilerError
 from reconciler.ipam import Ipam
 from reconciler.model import Network
 from reconciler.network.addresses import AddressBook
@@ -149,16 +150,46 @@ def health_server(parts: Parts) -> HealthServer | None:
                                         consul_age=parts.metrics.consul_contact_age))
 
 
-def run_forever(parts: Parts) -> int:
+def _apply_reload(parts: Parts, reload: Callable[[], Settings]) -> None:
+    """SIGHUP: settings read again (command line, environment file) and the templates;
+    a failure keeps everything as it was and says why."""
+    try:
+        new = reload()
+        parts.daemon.reconfigure(new.proxy)
+    except ReconcilerError as e:
+        log.error("SIGHUP: keeping the previous settings and templates: %s", e)
+        return
+    log.info("SIGHUP: settings and templates reloaded")
+
+
+def run_forever(parts: Parts, reload: Callable[[], Settings] | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT. Stopping leaves interfaces and HAProxy as
+    they are (HAProxy runs in its own session). SIGHUP calls `reload` for the settings
+    read again and applies what can change without a restart (`_apply_reload`)."""
     stop = threading.Event()
+    hup = threading.Event()
 
     def _stop(signum: int, frame: Any) -> None:
         log.info("signal %d: shutting down", signum)
         stop.set()
+        hup.set()
+
+    def _hup(signum: int, frame: Any) -> None:
+        hup.set()
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     d = parts.daemon
+    if reload is not None:
+        signal.signal(signal.SIGHUP, _hup)
+
+        def reloader() -> None:
+            assert reload is not None
+            while hup.wait() and not stop.is_set():
+                hup.clear()
+                _apply_reload(parts, reload)
+
+        threading.Thread(target=reloader, name="sighup", daemon=True).start()
     server = health_server(parts)
     if server is not None:
         # Up before the first read of Consul: /readyz says what the daemon waits for.

@@ -279,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]  # SIGHUP parses it again
+    args.from_sys_argv = argv is None  # the program itself, not a caller in-process
     if args.log_format not in ("text", "json"):  # from the environment: not checked yet
         parser.error(f"RECONCILER_LOG_FORMAT {args.log_format!r}: text or json")
     logs.configure(args.log_level, args.log_format)
@@ -478,7 +479,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         logs.configure(new_args.log_level, new_args.log_format)
         return new
 
-    return app.run_forever(parts, reload)
+    rc = app.run_forever(parts, reload)
+    if getattr(args, "from_sys_argv", False):
+        # Stopped cleanly: what is left is the interpreter's teardown of every module's
+        # objects, 0.4-0.7 s of CPU with nothing to write (measured, issue 10: SIGTERM ->
+        # exit within 2 s). Only the logs and stdio need flushing.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc
 
 
 def _version() -> str:

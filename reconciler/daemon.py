@@ -658,6 +658,14 @@ class Daemon:
                 if t.name != "kv-watch":
                     t.join(timeout=max(0.0, deadline - time.monotonic()))
 
+    def reconfigure(self, proxy: Any) -> None:
+        """SIGHUP: hand the proxy part its new settings (`ProxySettings`) and render
+        again. Raises ConfigurationError, changing nothing, if they cannot be used."""
+        reconfigure = getattr(self.proxy, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(proxy)
+            self.controller.queue.add(PROXY)
+
     def run_once(self) -> int:
         """Reconcile everything once, in order, through the same handlers as `run`;
         0 when every key applied, 1 otherwise."""

@@ -6,8 +6,10 @@ connection itself follows Consul's own variables (see `adapters.consul_kv.Consul
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import os
+import pwd
 import re
 import socket
 from collections.abc import Mapping
@@ -36,6 +38,46 @@ def default_ovs_db(environ: Mapping[str, str] = os.environ) -> str:
     the system's."""
     rundir = environ.get("OVS_RUNDIR") or "/var/run/openvswitch"
     return environ.get("RECONCILER_OVS_DB") or f"unix:{rundir}/db.sock"
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """``KEY=VALUE`` lines of an environment file as systemd's ``EnvironmentFile=`` reads
+    them (``#``/``;`` comments, optional ``export``, one level of quotes)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigurationError(f"environment file {path}: cannot read it "
+                                 f"({getattr(e, 'strerror', None) or type(e).__name__})"
+                                 ) from None
+    env: dict[str, str] = {}
+    for n, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        line = line.removeprefix("export ").lstrip()
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise ConfigurationError(f"environment file {path}, line {n}: not KEY=VALUE")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        env[key] = value
+    return env
+
+
+def default_haproxy_user(environ: Mapping[str, str] = os.environ) -> str | None:
+    """RECONCILER_HAPROXY_USER (``root`` or empty: None), else ``haproxy`` when that user
+    and group exist (as Debian's haproxy package makes them), else None."""
+    value = environ.get("RECONCILER_HAPROXY_USER")
+    if value is not None:
+        return None if value in ("", "root") else value
+    try:
+        pwd.getpwnam("haproxy")
+        grp.getgrnam("haproxy")
+    except KeyError:
+        return None
+    return "haproxy"
 
 
 @dataclass(frozen=True)
@@ -77,6 +119,9 @@ class ProxySettings:
     """`--haproxy-stats HOST:PORT`: the stats page and `/metrics` listen here."""
     stats_auth_file: str | None = None
     """`--haproxy-stats-auth FILE`: one line `user:password` (never from KV or argv)."""
+    run_as: str | None = None
+    """`--haproxy-user`: HAProxy's workers drop root to this user and its group of the
+    same name (Debian's package creates `haproxy`); None: they keep the master's user."""
     cutover_poll: float = 0.5
     """While a progressive cutover runs: seconds between reads of HAProxy's counters
     (published in the node status for the command driving it)."""

@@ -81,6 +81,11 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}\Z")
 _BACKEND_RE = re.compile(r"[A-Za-z0-9_.:-]{1,200}\Z")
 _LOG_MAX_BYTES = 1 << 20
 _CONFIG_MODE = 0o600  # the config may hold the stats credentials
+# Issue 10: the state directory is 0700 (root's; HAProxy's workers run as `haproxy` and
+# need nothing in it: the master reads the files), every other file in it 0640, sockets
+# 0600 (``-S ...,mode,600`` and ``stats socket ... mode 600``).
+_STATE_DIR_MODE = 0o700
+_FILE_MODE = 0o640
 
 
 @dataclass(frozen=True)
@@ -234,7 +239,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_temp(target: Path, data: bytes, mode: int = 0o644) -> Path:
+def _write_temp(target: Path, data: bytes, mode: int = _FILE_MODE) -> Path:
     """Write `data` to a fsynced temp file beside `target` and return its path."""
     tmp = target.with_name(f".{target.name}.tmp.{os.getpid()}.{threading.get_ident()}")
     with contextlib.suppress(FileNotFoundError):
@@ -254,7 +259,7 @@ def _child_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("CONSUL_")}
 
 
-def atomic_write(target: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write(target: Path, data: bytes, mode: int = _FILE_MODE) -> None:
     """Replace `target` with `data`: temp file in the same dir, fsync, rename, fsync dir."""
     tmp = _write_temp(target, data, mode)
     try:
@@ -400,7 +405,6 @@ class HaproxyProcess:
             # A master from the pid file that no longer answers on its socket: a second
             # one would share its ports (SO_REUSEPORT), so end it first.
             self.stop()
-        self.state_dir.mkdir(parents=True, exist_ok=True)
         self._ensure_runtime_files()
         tmp = _write_temp(self.config_path, cfg, _CONFIG_MODE)
         try:
@@ -422,7 +426,8 @@ class HaproxyProcess:
                 stale.unlink()
         if (self.log_path.exists() and self.log_path.stat().st_size > _LOG_MAX_BYTES):
             self.log_path.unlink()
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it open
+        log = open(  # noqa: SIM115 - the child keeps it open
+            os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, _FILE_MODE), "ab")
         try:
             self._child = subprocess.Popen(
                 [
@@ -436,6 +441,7 @@ class HaproxyProcess:
                 stdout=log,
                 stderr=log,
                 env=_child_env(),
+                umask=0o027,  # its pid file 0640, like every other file here
                 start_new_session=True,
                 close_fds=True,
             )
@@ -552,8 +558,18 @@ class HaproxyProcess:
             raise ConfigInvalid("haproxy -c refused the config: " + "\n".join(lines).strip())
 
     def _ensure_runtime_files(self) -> None:
-        """The map and server-state files must exist for ``-c`` and for a clean start."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        """The map and server-state files must exist for ``-c`` and for a clean start;
+        the state directory is made (or brought back to) 0700."""
+        self.state_dir.mkdir(mode=_STATE_DIR_MODE, parents=True, exist_ok=True)
+        if self.state_dir.stat().st_mode & 0o777 != _STATE_DIR_MODE:
+            os.chmod(self.state_dir, _STATE_DIR_MODE)
+        # Files of an older version (or of another writer's umask): at most 0640.
+        with os.scandir(self.state_dir) as entries:
+            for e in entries:
+                with contextlib.suppress(OSError):
+                    mode = e.stat(follow_symlinks=False).st_mode
+                    if e.is_file(follow_symlinks=False) and mode & 0o137:
+                        os.chmod(e.path, mode & _FILE_MODE)
         for path in (self.map_path, *(self._extra_map_path(n) for n in EXTRA_MAP_FILES)):
             if not path.exists():
                 atomic_write(path, b"")

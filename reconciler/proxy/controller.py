@@ -90,7 +90,8 @@ def _without_active(services: Mapping[str, Service]) -> dict[str, Service]:
 def global_view(settings: ProxySettings) -> GlobalView:
     """The process-wide part of the config from the daemon's settings (the stats
     credentials are read from their file here, never from KV)."""
-    extra: dict[str, object] = {"log_target": settings.log_target}
+    extra: dict[str, object] = {"log_target": settings.log_target,
+                                "run_as": settings.run_as}
     if settings.stats_bind is not None and settings.stats_auth_file is not None:
         user, password = read_stats_auth(settings.stats_auth_file)
         extra.update(stats_host=settings.stats_bind[0], stats_port=settings.stats_bind[1],
@@ -171,6 +172,21 @@ class ProxyController:
         self._last_change = 0.0
         self._cutovers: list[str] = []  # services with a canary share applied
         self.planned: list[str] = []
+
+    def reconfigure(self, settings: ProxySettings) -> None:
+        """SIGHUP (issue 10): templates read again (a new renderer) and the settings the
+        config is rendered from (access log, stats listener and credentials, workers'
+        user) taken from `settings`; where HAProxy runs (state dir, binary, master socket)
+        stays as started. Raises ConfigurationError, changing nothing, when the templates
+        directory or the credentials file cannot be used. The next reconcile renders,
+        and reloads only if the bytes changed."""
+        settings = replace(settings, state_dir=self.settings.state_dir,
+                           haproxy_bin=self.settings.haproxy_bin,
+                           master_socket=self.settings.master_socket,
+                           config_path=self.settings.config_path)
+        globals_, renderer = global_view(settings), Renderer(settings.templates_dir)
+        with self._lock:
+            self.settings, self.globals, self.renderer = settings, globals_, renderer
 
     def _persisted_active(self) -> dict[str, str]:
         try:

@@ -42,6 +42,7 @@ LOG_TARGET_RE = re.compile(r"(stdout|stderr|(?:udp@)?[0-9.]{7,15}:\d{1,5}"
                            r"|(?:udp@)?\[[0-9A-Fa-f:.]{2,45}\]:\d{1,5}|/[A-Za-z0-9/_.+-]{1,4095})\Z")
 """Where HAProxy sends its logs: stdout/stderr, a syslog IP:port, a unix socket path."""
 STATS_USER_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+RUN_AS_RE = re.compile(r"[a-z_][a-z0-9_-]{0,31}\Z")
 STATS_PASSWORD_RE = re.compile(r"[A-Za-z0-9!%&()*+,./:;<=>?@^_{|}~-]{8,128}\Z")
 """Stats credentials: no space, quote, backslash, ``#`` or ``$`` (HAProxy's syntax)."""
 MODES = ("http", "tcp")
@@ -198,6 +199,9 @@ class GlobalView:
     stats_user: str = ""
     """From the credentials file (never from KV)."""
     stats_password: str = ""
+    run_as: str | None = None
+    """``user``/``group`` the workers drop root to (the master stays root, so reloads
+    still read the config and bind low ports); None: workers run as the master does."""
 
     @classmethod
     def for_state_dir(cls, state_dir: str | os.PathLike[str], **extra: object) -> GlobalView:
@@ -383,6 +387,10 @@ def _check_settings(problems: list[Problem], g: GlobalView) -> None:
     ):
         _check_int(problems, key, fld, getattr(g, fld), 1, 86_400_000)
     _check_int(problems, key, "retries", g.retries, 0, 100)
+    if g.run_as is not None and not (isinstance(g.run_as, str)
+                                     and RUN_AS_RE.match(g.run_as)):
+        problems.append(Problem(key, "run_as", "must be a user name of [a-z_][a-z0-9_-]",
+                                _shown(g.run_as)))
     if g.log_target is not None and not (isinstance(g.log_target, str)
                                          and LOG_TARGET_RE.match(g.log_target)):
         problems.append(Problem(key, "log_target", "must be stdout, stderr, IP:port or an "
