@@ -27,6 +27,13 @@ Figures, for each setup:
     non-2xx + errors), and ``idle``: keep-alive connections with a random 50-500 ms think
     time, no retries (exceptions + non-200).
 
+(d) progressive cutover (reconciler only; ``--progressive``, or ``--progressive-only``):
+    ``reconciler cutover web --to <other> --steps 10,50,100 --interval 3s`` under
+    keep-alive load (failed requests: 0 expected), then the same towards a pool whose
+    member answers 500 to requests (healthy checks) with ``--steps 20,100 --interval 5s
+    --max-error-rate 1%``: failed requests (only the bad pool's own answers) and the time
+    from its first 500 to its last (the rollback), and the command's exit status (1).
+
 Prints figures; asserts nothing about time (it fails only if something does not work).
 Loopback only, bounded loads. Every process it starts (daemon, both HAProxies, the
 watcher, backends, load clients) and its KV prefixes are removed at the end, also on
@@ -53,6 +60,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from _machine import describe  # bench/_machine.py (they run as scripts)
@@ -748,6 +756,105 @@ def run_setup(s: Setup, p: Params, extra: list[Backend]) -> Figures:
         s.stop()
 
 
+# --------------------------------------------------------------------------- progressive
+
+
+class _Failing(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        code, body = (200, b"ok\n") if self.path.startswith("/health") else \
+            (500, b"bad b-1\n")
+        self.send_response(code)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # HAProxy's checks hang up early
+
+
+class KeepAlive:
+    """Keep-alive GET / in a thread; records (time, status or None) of every answer."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.answers: list[tuple[float, int | None, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        while not self.stop.is_set():
+            try:
+                conn.request("GET", "/")
+                r = conn.getresponse()
+                body = r.read().decode(errors="replace")
+                self.answers.append((time.perf_counter(), r.status, body.split(" ")[0]))
+            except (OSError, http.client.HTTPException):
+                self.answers.append((time.perf_counter(), None, ""))
+                conn.close()
+            self.stop.wait(0.002)
+        conn.close()
+
+    def __enter__(self) -> KeepAlive:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+def measure_progressive(s: ReconcilerSetup) -> dict[str, str]:
+    exe = REPO / ".venv" / "bin" / "reconciler"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "reconciler"]
+    out: dict[str, str] = {}
+    to = other(s.active)
+    with KeepAlive(s.port) as load:
+        time.sleep(1.0)
+        t0 = time.perf_counter()
+        proc = sh(*cmd, "--prefix", s.prefix, "cutover", SERVICE, "--to", to, "--steps",
+                  "10,50,100", "--interval", "3s", check=False, timeout=120)
+        s.active = to if proc.returncode == 0 else s.active
+        time.sleep(1.0)
+    failed = [a for a in load.answers if a[1] != 200]
+    out["(d) progressive 10/50/100, 3 s steps: exit, wall time"] = \
+        f"{proc.returncode}, {time.perf_counter() - t0:.1f} s"
+    out["(d) progressive 10/50/100: failed / requests"] = \
+        f"{len(failed)} / {len(load.answers)}"
+    bad = _QuietServer(("127.0.0.1", 0), _Failing)
+    threading.Thread(target=bad.serve_forever, daemon=True).start()
+    try:
+        s.add("bad", "b-1", int(bad.server_address[1]))
+        time.sleep(1.5)  # the member is in HAProxy's config and checked
+        with KeepAlive(s.port) as load:
+            time.sleep(1.0)
+            proc = sh(*cmd, "--prefix", s.prefix, "cutover", SERVICE, "--to", "bad",
+                      "--steps", "20,100", "--interval", "5s", "--max-error-rate", "1%",
+                      check=False, timeout=120)
+            time.sleep(1.0)
+        errs = [a for a in load.answers if a[1] != 200]
+        not_bad = [a for a in errs if a[2] != "bad"]
+        window = (errs[-1][0] - errs[0][0]) if errs else 0.0
+        out["(d) failing pool: exit (1 = rolled back)"] = str(proc.returncode)
+        out["(d) failing pool: failed / requests (all from the bad pool?)"] = \
+            f"{len(errs)} / {len(load.answers)} ({'yes' if not not_bad else 'NO'})"
+        out["(d) failing pool: first error -> last error (rollback)"] = f"{window:.2f} s"
+        tail = [ln for ln in proc.stdout.splitlines() if "ROLLED BACK" in ln]
+        out["(d) failing pool: command says"] = tail[0][:120] if tail else proc.stdout[-200:]
+    finally:
+        s.remove("bad", "b-1")
+        bad.shutdown()
+        bad.server_close()
+    return out
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -825,6 +932,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--hey-qps", type=int, default=100, help="hey rate per connection (100)")
     ap.add_argument("--idle-conns", type=int, default=10, help="idle-profile connections (10)")
     ap.add_argument("--no-baseline", action="store_true", help="measure the reconciler only")
+    ap.add_argument("--progressive", action="store_true",
+                    help="also (d): progressive cutovers, one failing (reconciler only)")
+    ap.add_argument("--progressive-only", action="store_true",
+                    help="only (d), on the reconciler")
     ap.add_argument("--keep-log", action="store_true", help="keep the work directory")
     args = ap.parse_args(args_in)
     quick = args.quick
@@ -861,6 +972,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = [backends.start("extra", f"x-{i + 1}") for i in range(2)]
         backends.wait_ready()
         figs: list[Figures] = []
+        if args.progressive_only:
+            rs = ReconcilerSetup(rid, workdir, kv, pools)
+            setups.append(rs)
+            rs.start()
+            print("--- reconciler: progressive cutovers", flush=True)
+            for k, v in measure_progressive(rs).items():
+                print(f"{k}: {v}")
+            return 0
         classes: list[type[Setup]] = [ReconcilerSetup]
         if not args.no_baseline:
             classes.append(BaselineSetup)
@@ -873,6 +992,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 keep = True
                 raise
         report(p, figs)
+        if args.progressive:
+            rs = ReconcilerSetup(rid, workdir, kv, pools)
+            rs.prefix, rs.node = f"rbq-{rid}/", f"rbqnode-{rid}"
+            rs.state_dir = workdir / "reconciler-progressive"
+            setups.append(rs)
+            rs.start()
+            print("--- reconciler: progressive cutovers", flush=True)
+            for k, v in measure_progressive(rs).items():
+                print(f"{k}: {v}")
         return 0
     finally:
         for s in setups:
