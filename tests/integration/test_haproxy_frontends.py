@@ -372,7 +372,7 @@ def test_progressive_cutover_moves_the_share_in_steps(env: Env) -> None:
                 {"blue": blue, "green": green}, "blue")
     wait_for(lambda: word(port) == "pblue", timeout=30, message="prog on blue")
     reloads = reloads_of(env)
-    proc = _cutover(env, "prog", "--to", "green", "--steps", "10,50,100", "--interval", "6s",
+    proc = _cutover(env, "prog", "--to", "green", "--steps", "10,50,100", "--interval", "10s",
                     "--max-error-rate", "1%")
     shares = {}
     try:
