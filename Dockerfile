@@ -6,7 +6,7 @@
 # BASE is any Debian bookworm image: the default is the official slim Python image; the
 # tests build on a minimal Debian made with debootstrap (scripts/base-image.sh), since no
 # registry is reachable there. What it installs: HAProxy (Debian's 2.6; its package makes
-# the `haproxy` user the workers drop root to), Python >= 3.11 where the base has none,
+# the `haproxy` user the workers drop root to), iptables (Linux bridges), Python >= 3.11 where the base has none,
 # and reconciler's dependencies from PyPI (the OVSDB client `ovs`/`ovsdbapp`, pyroute2,
 # docker, py-consul, jinja2, ...) in /opt/reconciler/venv. Layers are ordered so a change
 # of reconciler/ or templates/ rebuilds only the last, small layer.
@@ -17,7 +17,7 @@ ENV DEBIAN_FRONTEND=noninteractive LANG=C.UTF-8
 # No init system in an image: keep package scripts from starting HAProxy.
 RUN set -eux; \
     printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod 0755 /usr/sbin/policy-rc.d; \
-    pkgs="haproxy ca-certificates"; \
+    pkgs="haproxy ca-certificates iptables"; \
     if ! python3 -c 'import sys, venv, ensurepip; assert sys.version_info >= (3, 11)' \
          2>/dev/null; then pkgs="$pkgs python3 python3-venv"; fi; \
     # Debian's own Python: its python3-openvswitch brings the OVSDB client's C JSON

@@ -190,7 +190,8 @@ def container_info_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         running=running,
         pid=pid,
         started_at=str(state.get("StartedAt") or ""),
-        start_time=read_process_start_time(pid) if running else None,
+        start_time=read_process_start_time(
+            pid, os.environ.get("RECONCILER_HOST_PROC", "/proc")) if running else None,
         networks=MappingProxyType(networks),
         image=str(config.get("Image") or ""),
     )

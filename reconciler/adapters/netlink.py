@@ -64,6 +64,12 @@ from reconciler.errors import NetlinkError
 
 log = logging.getLogger(__name__)
 
+HOST_PROC = os.environ.get("RECONCILER_HOST_PROC", "/proc")
+"""Where other processes' /proc entries are read: ``/proc``, or the host's /proc mounted
+into the daemon's container (``-v /proc:/host/proc:ro``), so a containerised daemon
+reaches container namespaces without the host PID namespace (swarm services cannot
+have it; issue 10). The daemon's own entries (``/proc/thread-self``) stay ``/proc``."""
+
 __all__ = [
     "HOST_VETH_PREFIX",
     "OWNER_ALIAS_PREFIX",
@@ -269,7 +275,7 @@ def _ethtool_value(fd: int, ifname: str, cmd: int, data: int = 0) -> int:
 
 def process_start_time(pid: int) -> int:
     """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot)."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
+    with open(f"{HOST_PROC}/{pid}/stat", "rb") as f:
         data = f.read()
     # comm (field 2) may contain spaces and parentheses: split after the last ')'.
     rest = data[data.rindex(b")") + 2 :].split()
@@ -363,7 +369,7 @@ class ContainerNetns:
         `container_id` (must occur in /proc/<pid>/cgroup, as with docker's cgroup paths).
         """
         try:
-            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(f"{HOST_PROC}/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise NetlinkError(f"cannot open netns of pid {pid}: {exc.strerror}") from exc
         try:
@@ -373,7 +379,7 @@ class ContainerNetns:
                     f"pid {pid} was reused: start time {start} != expected {expected_start_time}"
                 )
             if container_id is not None:
-                with open(f"/proc/{pid}/cgroup", encoding="utf-8") as f:
+                with open(f"{HOST_PROC}/{pid}/cgroup", encoding="utf-8") as f:
                     cgroup = f.read()
                 if container_id not in cgroup:
                     raise NetlinkError(f"pid {pid} does not belong to container {container_id}")
