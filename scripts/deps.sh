@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(docker.io openvswitch-switch python3-openvswitch haproxy busybox-static iptables wrk
-      docker-compose curl iproute2 hey python3-venv procps make util-linux)
+      docker-compose curl iproute2 hey python3-venv procps make util-linux debootstrap)
 
 need=()
 for p in "${PKGS[@]}" consul; do
