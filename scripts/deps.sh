@@ -63,7 +63,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${PKGS[@]}" consul >/dev/null
 fi
 
-for c in consul dockerd haproxy ovs-vsctl ovsdb-server busybox wrk iptables ip6tables; do
+for c in consul dockerd haproxy ovs-vsctl ovsdb-server busybox wrk iptables ip6tables debootstrap; do
   command -v "$c" >/dev/null || { echo "deps: $c missing after install" >&2; exit 1; }
 done
 
