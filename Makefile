@@ -12,7 +12,7 @@ RUFF   := $(VENV)/bin/ruff
 MYPY   := $(VENV)/bin/mypy
 PYTEST_ARGS ?=
 
-.PHONY: help deps services services-down image lint unit integration pytest test bench demo clean \
+.PHONY: help deps services services-down image lint unit integration pytest test bench demo demo-down clean \
 	lab lab-down
 
 help:
@@ -24,7 +24,8 @@ help:
 	@echo "make integration    integration tests (needs make services)"
 	@echo "make test           deps, services, lint, all tests (what CI runs)"
 	@echo "make bench          run every bench/*.py (needs make services)"
-	@echo "make demo           the end-to-end demo"
+	@echo "make demo           the end-to-end demo (DEMO_DAEMON=container: the daemon's image)"
+	@echo "make demo-down      remove everything the demo made"
 	@echo "make lab            the multi-host lab: scripts/lab up (LAB_ARGS='--hosts 4 --no-daemon')"
 	@echo "make lab-down       take the lab down (scripts/lab down)"
 
@@ -83,7 +84,10 @@ lab-down:
 demo:
 	$(MAKE) deps
 	$(MAKE) services
-	bash scripts/demo.sh
+	bash scripts/demo.sh up
+
+demo-down:
+	bash scripts/demo.sh down
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache .hypothesis .import_linter_cache
