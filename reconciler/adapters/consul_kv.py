@@ -21,6 +21,7 @@ import base64
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import re
 import socket
@@ -55,6 +56,8 @@ __all__ = [
     "KVSnapshot",
     "TxnOp",
 ]
+
+log = logging.getLogger(__name__)
 
 MAX_TXN_OPS = 64
 """Consul refuses a transaction with more than 64 operations; `ConsulKV.txn` chunks to this."""
@@ -394,6 +397,13 @@ class ConsulKV:
         verify: bool | str = settings.verify
         if settings.verify and settings.ca_cert:
             verify = settings.ca_cert
+        if settings.scheme == "https" and not settings.verify:
+            # The user turned verification off (CONSUL_HTTP_SSL_VERIFY=false): say so once
+            # here, instead of urllib3's InsecureRequestWarning on every request (a
+            # warning on stderr for the CLI, an error under pytest's warning filters).
+            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
+            log.warning("TLS certificate of Consul at %s is not verified "
+                        "(CONSUL_HTTP_SSL_VERIFY=false)", settings.address)
         cert: str | tuple[str, str] | None = None
         if settings.client_cert and settings.client_key:
             cert = (settings.client_cert, settings.client_key)

@@ -462,6 +462,46 @@ def test_broken_template_keeps_last_good_config(env: Env) -> None:
     env.backends.stop(extra)
 
 
+def test_template_escaping_the_sandbox_is_refused_last_good_config_stays(env: Env) -> None:
+    """A user template reaching for Python internals (the classic Jinja escape to `os`)
+    is refused with a clear error naming the unsafe attribute; it runs nothing, and
+    HAProxy keeps the last good config."""
+    env.set_active("blue")
+    evil = env.workdir / "tpl-escape"
+    evil.mkdir(exist_ok=True)
+    marker = env.workdir / f"escaped-{secrets.token_hex(3)}"
+    (evil / MAIN_TEMPLATE).write_text(
+        (DEFAULT_TEMPLATES_DIR / MAIN_TEMPLATE).read_text()
+        + "\n# {{ cycler.__init__.__globals__.os.system('touch " + str(marker) + "') }}\n")
+    good_cfg, before = env.config(), env.proc_info()
+    try:
+        env.daemon.stop()
+        since = time.time()
+        env.daemon.start(evil)
+
+        def template_error() -> list[str] | None:
+            st = env.status()
+            if float(st.get("updated") or 0) <= since:
+                return None
+            msgs: list[str] = (st.get("errors") or {}).get("templates") or []
+            return msgs or None
+
+        msgs = wait_for(template_error, timeout=30, message="status error for the template")
+        assert any("rendering haproxy.cfg.j2 failed" in m and "unsafe" in m
+                   and "__init__" in m for m in msgs), msgs
+        assert not marker.exists(), "the template ran a shell command"
+        assert env.config() == good_cfg
+        assert env.proc_info().reloads == before.reloads
+        assert env.serves("blue")
+        assert env.daemon.alive()
+    finally:
+        env.daemon.stop()
+        since = time.time()
+        env.daemon.start(env.good_templates)
+    wait_for(lambda: float(env.status().get("updated") or 0) > since
+             and "templates" not in env.errors(), timeout=30, message="the error cleared")
+
+
 # --------------------------------------------------------------------------- 6. reload fails
 
 
