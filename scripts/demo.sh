@@ -94,11 +94,17 @@ up() {
   echo "$MODE" >"$DIR/mode"
 
   say "desired state (compose/demo-state.yaml), validated, then written to Consul under $PREFIX"
-  sed -e "s/10\.77\.250\./10.77.$OCTET./g; s/br-demo/$BRIDGE/; s/vlan: 250/vlan: $OCTET/" \
-      -e "s/127\.0\.0\.1:18080/$BIND/" compose/demo-state.yaml >"$DIR/state.yaml"
-  grep -v '^#' "$DIR/state.yaml"
-  run "$R" validate -f "$DIR/state.yaml"
-  run "$R" apply -f "$DIR/state.yaml" --prune
+  # The file itself with the default settings (docs/blue-green.md shows these commands);
+  # a copy on another subnet, bridge and port otherwise.
+  local state=compose/demo-state.yaml
+  if [ "$OCTET/$BRIDGE/$PORT" != 250/br-demo/18080 ]; then
+    state=$DIR/state.yaml
+    sed -e "s/10\.77\.250\./10.77.$OCTET./g; s/br-demo/$BRIDGE/; s/vlan: 250/vlan: $OCTET/" \
+        -e "s/127\.0\.0\.1:18080/$BIND/" compose/demo-state.yaml >"$state"
+  fi
+  grep -v '^#' "$state"
+  run "$R" validate -f "$state"
+  run "$R" apply -f "$state" --prune
 
   if [ "$MODE" = container ]; then
     say "the daemon as a container: compose/reconciler.yml (image reconciler:dev)"
