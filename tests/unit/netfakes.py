@@ -175,6 +175,7 @@ class HostLink:
     mtu: int | None = None
     up: bool = True
     addresses: set[IpInterface] = field(default_factory=set)
+    mac: str | None = None
 
 
 class FakeNetlink(Recorder):
@@ -310,6 +311,19 @@ class FakeNetlink(Recorder):
             return ()
         link.addresses.add(cidr)
         return (Change.ADDRESSES,)
+
+    def ensure_host_mac(self, ifname: str, mac: str) -> bool:
+        self._rec("ensure_host_mac", ifname, mac)
+        link = self.host.get(ifname)
+        if link is None:
+            raise NetlinkError(f"no link {ifname} for mac {mac}")
+        changed = link.mac != mac
+        link.mac = mac
+        return changed
+
+    def master_of(self, ifname: str) -> str | None:
+        link = self.host.get(ifname)
+        return None if link is None else link.master
 
     def has_host_address(self, ifname: str, cidr: IpInterface) -> bool:
         link = self.host.get(ifname)
