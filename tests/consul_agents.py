@@ -61,6 +61,11 @@ class ConsulAgent:
     def addr(self) -> str:
         return f"127.0.0.1:{self.http_port}"
 
+    @property
+    def ports(self) -> frozenset[int]:
+        """Every port the agent listens on (to pick further ones that differ)."""
+        return frozenset({self.http_port, self._lan, self._wan, self._server})
+
     def command(self) -> list[str]:
         consul = shutil.which("consul")
         assert consul, "the consul binary is missing (run make deps)"

@@ -108,10 +108,13 @@ def tls_agent(run_id: str) -> Iterator[TlsAgent]:
     _make_cert(certs, "ca", "server", "subjectAltName=IP:127.0.0.1,DNS:localhost,"
                "DNS:server.dc1.consul\nextendedKeyUsage=serverAuth,clientAuth\n")
     _make_cert(certs, "ca", "client", "extendedKeyUsage=clientAuth\n")
-    https_port = free_port()
+    agent = ConsulAgent(workdir / "agent", f"rt-tls-{run_id}")
+    # Distinct from the agent's own ports (free_port releases what it found: the agent's
+    # HTTP port came out twice once, and Consul refused to start).
+    https_port = next(p for p in iter(free_port, 0) if p not in agent.ports)
     master = str(uuid.uuid4())
     prefix = f"rt-tls-{run_id}/"
-    config = acl_config(master) + (
+    agent.config = acl_config(master) + (
         f"ports {{ https = {https_port} }}\n"
         f'ca_file = "{certs}/ca.pem"\n'
         f'cert_file = "{certs}/server.pem"\n'
@@ -119,7 +122,6 @@ def tls_agent(run_id: str) -> Iterator[TlsAgent]:
         "verify_incoming_https = true\n"
         "verify_incoming_rpc = false\n"
         "verify_outgoing = false\n")
-    agent = ConsulAgent(workdir / "agent", f"rt-tls-{run_id}", config)
     try:
         agent.start()
         agent.wait_acl_bootstrapped(master)
