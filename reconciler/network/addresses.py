@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from reconciler.errors import AdapterError, ConsulError, ReconcilerError
@@ -142,7 +142,8 @@ class AddressBook:
         return self._ipam.release_container(cid)
 
     def sweep(self, running_ids: set[str], is_gone: Callable[[str], bool],
-              reclaim_grace: float) -> tuple[list[str], dict[IfaceKey, IPAddress]]:
+              reclaim_grace: float, overlays: Collection[str] = ()
+              ) -> tuple[list[str], dict[IfaceKey, IPAddress]]:
         """Reclaim dead nodes' allocations, release those of this node's containers that
         are gone, and rebuild the cache from that read. Returns (what it did, the
         allocations held by this node's containers)."""
@@ -153,7 +154,10 @@ class AddressBook:
             if a.node != self._node:
                 continue
             if a.container.startswith(HOST_HOLDER):
-                continue  # the host's own: released with its overlay segment
+                if a.network not in overlays:  # the network is gone, or no overlay now
+                    self._ipam.release(a)
+                    done.append(f"allocation {a.network}/{a.address}")
+                continue  # else the host's own: released with its overlay segment
             if a.container not in running_ids and is_gone(a.container):
                 self._ipam.release(a)
                 done.append(f"allocation {a.network}/{a.address}")

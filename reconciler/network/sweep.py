@@ -76,7 +76,8 @@ class Sweeper:
         if not dry_run:
             running_ids = {i.id for i in running}
             released, held = self._addresses.sweep(
-                running_ids, lambda cid: self._inspect(cid) is None, self._grace)
+                running_ids, lambda cid: self._inspect(cid) is None, self._grace,
+                overlays={n.name for n in state.networks.values() if n.overlay is not None})
             done += released
             for info in running:
                 for itf in wanted(info):

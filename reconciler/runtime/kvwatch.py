@@ -110,9 +110,12 @@ class KVWatcher:
         self.healthy = threading.Event()
 
     def poll(self, consistent: bool = False) -> Snapshot | None:
-        """One (blocking) read. Returns the new snapshot when the content changed."""
-        raw = self.kv.read_prefix(self.prefix, index=self.index if self.index > 1 else None,
-                                  wait=self.wait if self.index > 1 else None,
+        """One read, blocking unless `consistent` (a confirmation or a first read must
+        not wait for the next change). Returns the new snapshot when the content
+        changed."""
+        block = self.index > 1 and not consistent
+        raw = self.kv.read_prefix(self.prefix, index=self.index if block else None,
+                                  wait=self.wait if block else None,
                                   consistent=consistent)
         snap = snapshot_from(self.prefix, raw, self.last_valid)
         if snap.index < self.index:

@@ -67,6 +67,9 @@ def test_sudden_empty_is_confirmed_consistently() -> None:
     w.poll()
     assert w.poll() is None
     assert r.calls[-1]["consistent"] is True
+    # The confirmation does not wait for the next change (it blocked for the whole wait
+    # time, 30 s, before a mass deletion was believed).
+    assert r.calls[-1]["index"] is None and r.calls[-1]["wait"] is None
     assert w.last is not None and "a" in w.last.state.networks
     # A confirmed empty prefix is believed.
     r.answers += [snap(9), snap(9)]

@@ -715,3 +715,16 @@ def test_dry_run_shows_detaches_from_the_host_veths_owner_records(
     rig.ctrl.reconcile_container(CID, info(CID, "web", running=False))
     assert f"{CID[:12]} eth9: detach ({gone})" in rig.ctrl.planned
     assert rig.mutations() == []
+
+
+def test_sweep_releases_the_hosts_overlay_address_once_the_network_is_no_overlay(
+        rig: Rig) -> None:
+    # The host's own address on an overlay (held by "host:<node>") is not a container's:
+    # kept while the overlay exists, released when the network is gone or no overlay.
+    rig.ctrl.set_state(state({}))  # vnet exists, but is no overlay
+    rig.ipam.hold(OVS_NET, "10.77.1.50", f"host:{NODE}", "host")
+    rig.ipam.hold(OVS_NET, "10.77.1.51", f"host:{OTHER_NODE}", "host", node=OTHER_NODE)
+    done = rig.ctrl.sweep([])
+    assert "allocation vnet/10.77.1.50" in done
+    assert ("vnet", "10.77.1.50", f"host:{NODE}", "host") not in rig.ipam.held()
+    assert ("vnet", "10.77.1.51", f"host:{OTHER_NODE}", "host") in rig.ipam.held()
