@@ -10,6 +10,7 @@ Every Consul key reconciler reads or writes is built and parsed here, and nowher
     <prefix>services/<service>/cutover                 `reconciler cutover`: a progressive
                                                        cutover (share of traffic, steps)
     <prefix>services/<service>/pools/<pool>/<member>   user (or a node's session): a backend
+    <prefix>policy                                     user: group policy (isolate, allow)
     <prefix>ipam/<network>/<address>                   daemon: one allocated address
     <prefix>nodes/<node>/status                        daemon: a node's status document
     <prefix>audit/<service>/<time>                     daemon: cutover audit records
@@ -54,7 +55,9 @@ DAEMON_AREAS: tuple[DaemonArea, ...] = get_args(DaemonArea)
 model ignores them; a change in them is not a change of desired state."""
 
 KeyKind = Literal["network", "container", "service_config", "service_active", "member",
-                  "service_cutover"]
+                  "service_cutover", "policy"]
+POLICY_KEY = "policy"
+"""The one group-policy key directly under the prefix (not an area)."""
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
@@ -82,6 +85,8 @@ def classify_key(rel: str) -> KeyRef | str | None:
     string for a key that is not part of the layout."""
     if rel.startswith(DAEMON_AREAS):
         return None
+    if rel == POLICY_KEY:
+        return KeyRef("policy", POLICY_KEY)
     parts = rel.split("/")
     bad = [p for p in parts if not NAME_RE.match(p)]
     kind = parts[0]
@@ -105,7 +110,7 @@ def classify_key(rel: str) -> KeyRef | str | None:
         )
     if rel.endswith("/") and user_area:
         return None  # a "folder" key created by some UIs; carries nothing
-    return f"not part of the layout ({', '.join(USER_AREAS)})"
+    return f"not part of the layout ({', '.join(USER_AREAS)}, {POLICY_KEY})"
 
 
 # ------------------------------------------------------------------- the layout
@@ -147,8 +152,14 @@ class Layout:
     def member(self, service: str, pool: str, member: str) -> str:
         return f"{self.pool(service, pool)}/{member}"
 
+    def policy(self) -> str:
+        """`policy`: the group policy (which groups are isolated, which pairs allowed)."""
+        return f"{self.prefix}{POLICY_KEY}"
+
     def key(self, ref: KeyRef) -> str:
         """The key of a user entry."""
+        if ref.kind == "policy":
+            return self.policy()
         if ref.kind == "network":
             return self.network(ref.name)
         if ref.kind == "container":

@@ -3,8 +3,9 @@
 `diff_kv(desired, current, prefix, prune)` compares the user keys a file wants with what
 Consul holds and returns the changes, ordered so that a reader between two transactions
 (a file can need more than one: Consul caps a transaction at 64 operations) never sees a
-reference to something not yet written: networks, then containers, then service configs,
-then members, then `active` last; deletions run in the opposite order, after the writes.
+reference to something not yet written: networks, then containers, then the policy (it
+names the containers' groups), then service configs, then members, then `active` last;
+deletions run in the opposite order, after the writes.
 
 `--prune` only ever deletes user keys (networks/, containers/, services/...): never a
 daemon-owned key (nodes/, ipam/, audit/, locks/), and never a member that a node
@@ -20,8 +21,9 @@ from typing import Literal
 from reconciler.kvlayout import KeyRef, Layout
 from reconciler.model import RawEntry, entry_kv_value
 
-_RANK = {"network": 0, "container": 1, "service_config": 2, "member": 3, "service_active": 4,
-         "service_cutover": 5}
+# The policy after the containers (whose groups it names), before the services.
+_RANK = {"network": 0, "container": 1, "policy": 2, "service_config": 3, "member": 4,
+         "service_active": 5, "service_cutover": 6}
 
 
 @dataclass(frozen=True)

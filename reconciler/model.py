@@ -21,15 +21,15 @@ import ipaddress
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from reconciler.errors import Problem
 from reconciler.kvlayout import DEFAULT_PREFIX as DEFAULT_PREFIX
 from reconciler.kvlayout import NAME_RE as NAME_RE
+from reconciler.kvlayout import POLICY_KEY, Layout
 from reconciler.kvlayout import KeyRef as KeyRef
 from reconciler.kvlayout import KVEntry as KVEntry
-from reconciler.kvlayout import Layout
 from reconciler.kvlayout import classify_key as classify_key
 from reconciler.kvlayout import normalize_prefix as normalize_prefix
 
@@ -60,6 +60,8 @@ VLAN_MIN, VLAN_MAX = 1, 4094
 WEIGHT_MIN, WEIGHT_MAX = 0, 256
 HEALTH_INTERVAL_MIN_MS, HEALTH_INTERVAL_MAX_MS = 100, 3_600_000
 AUTO = "auto"
+EXTERNAL = "external"
+"""The reserved group of every address that is not a container interface."""
 
 
 # --------------------------------------------------------------------------- model
@@ -143,6 +145,22 @@ class ContainerSpec:
 
     name: str
     interfaces: tuple[InterfaceSpec, ...]
+    group: str | None = None
+    """The policy group of every interface of the matching containers (None: none)."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """`policy`: group isolation. A group not in `isolate` talks to anyone; an isolated
+    group's interfaces accept new connections only from the groups `allow` pairs with it
+    (`(a, b)`: a may open connections to b; one-way; replies always pass)."""
+
+    isolate: tuple[str, ...] = ()
+    allow: tuple[tuple[str, str], ...] = ()
+
+    def allows(self, src: str, dst: str) -> bool:
+        """Whether group `src` may open a connection to group `dst`."""
+        return dst not in self.isolate or (src, dst) in self.allow
 
 
 @dataclass(frozen=True)
@@ -236,6 +254,7 @@ class DesiredState:
     containers: Mapping[str, ContainerSpec] = field(default_factory=dict)
     services: Mapping[str, Service] = field(default_factory=dict)
     problems: tuple[Problem, ...] = ()
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def invalid_keys(self) -> frozenset[str]:
@@ -441,9 +460,16 @@ def parse_container(
     invalid_networks: Mapping[str, str],
 ) -> tuple[ContainerSpec | None, list[Problem]]:
     c = _Checker(where)
-    d = c.obj(raw, "", ("interfaces",), required=("interfaces",))
+    d = c.obj(raw, "", ("interfaces", "group"), required=("interfaces",))
     if d is None or d.get("interfaces") is None:
         return None, c.problems
+    group = c.string(d, "group", "")
+    if group is not None:
+        if not NAME_RE.match(group):
+            c.add("group", "must be 1-63 characters of [A-Za-z0-9_.-]", group)
+        elif group == EXTERNAL:
+            c.add("group", f"{EXTERNAL!r} is reserved for addresses that are not container "
+                  "interfaces", group)
     ifaces_raw = d["interfaces"]
     if not isinstance(ifaces_raw, list):
         c.add("interfaces", f"must be an array, not {_typename(ifaces_raw)}", ifaces_raw)
@@ -469,7 +495,59 @@ def parse_container(
               f"({' and '.join(gateways)} both do)")
     if not c.ok:
         return None, c.problems
-    return ContainerSpec(name, tuple(out)), []
+    return ContainerSpec(name, tuple(out), group), []
+
+
+def parse_policy(where: str, raw: Any, groups: Iterable[str]
+                 ) -> tuple[Policy | None, list[Problem]]:
+    """The `policy` key. `groups`: the groups of the valid container entries. A malformed
+    value makes the key invalid (None); a group no entry has (a typo, or not deployed
+    yet) is reported, and only the isolation or pair naming it is left out."""
+    c = _Checker(where)
+    d = c.obj(raw, "", ("isolate", "allow"))
+    if d is None:
+        return None, c.problems
+    known = set(groups) | {EXTERNAL}
+    unknown: list[Problem] = []
+
+    def name(v: Any, fld: str) -> str | None:
+        if not isinstance(v, str):
+            c.add(fld, f"must be a group name, not {_typename(v)}", v)
+            return None
+        if not NAME_RE.match(v):
+            c.add(fld, "must be a group name: 1-63 characters of [A-Za-z0-9_.-]", v)
+            return None
+        if v not in known:
+            unknown.append(Problem(where, fld, "unknown group: no containers entry has it",
+                                   _show(v)))
+            return None
+        return v
+
+    isolate: set[str] = set()
+    iso_raw = d.get("isolate")
+    if iso_raw is not None and not isinstance(iso_raw, list):
+        c.add("isolate", f"must be an array of group names, not {_typename(iso_raw)}", iso_raw)
+    for i, v in enumerate(iso_raw if isinstance(iso_raw, list) else []):
+        g = name(v, f"isolate[{i}]")
+        if g == EXTERNAL:
+            c.add(f"isolate[{i}]", f"{EXTERNAL!r} has no interfaces to isolate", v)
+        elif g is not None:
+            isolate.add(g)
+    allow: set[tuple[str, str]] = set()
+    allow_raw = d.get("allow")
+    if allow_raw is not None and not isinstance(allow_raw, list):
+        c.add("allow", f"must be an array of [source, destination] pairs, not "
+              f"{_typename(allow_raw)}", allow_raw)
+    for i, pair in enumerate(allow_raw if isinstance(allow_raw, list) else []):
+        if not isinstance(pair, list) or len(pair) != 2:
+            c.add(f"allow[{i}]", "must be a pair [source group, destination group]", pair)
+            continue
+        src, dst = name(pair[0], f"allow[{i}][0]"), name(pair[1], f"allow[{i}][1]")
+        if src is not None and dst is not None:
+            allow.add((src, dst))
+    if not c.ok:
+        return None, c.problems + unknown
+    return Policy(tuple(sorted(isolate)), tuple(sorted(allow))), unknown
 
 
 def _parse_interface(
@@ -853,6 +931,18 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
             continue
         containers[spec.name] = spec
 
+    # The group policy, against the groups of the valid container entries.
+    policy = Policy()
+    for e in by_kind.get("policy", []):
+        raw, probs = _decode(e)
+        pol = None
+        if not probs:
+            pol, probs = parse_policy(e.where, raw, (s.group for s in containers.values()
+                                                     if s.group is not None))
+        problems.extend(probs)
+        if pol is not None:
+            policy = pol
+
     # Services: config, active, members.
     configs: dict[str, ServiceConfig] = {}
     binds: dict[tuple[str, int], list[tuple[str, ServiceConfig]]] = {}
@@ -926,7 +1016,8 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
         services[name] = Service(name, cfg, act, {p: dict(m) for p, m in svc_pools.items()},
                                  canaries.get(name))
 
-    return DesiredState(networks, containers, services, tuple(sorted(set(problems))))
+    return DesiredState(networks, containers, services, tuple(sorted(set(problems))),
+                        policy)
 
 
 def _network_clash(net: Network, existing: Iterable[Network]) -> tuple[str, str] | None:
@@ -1027,8 +1118,7 @@ def parse_kv(prefix: str, items: Iterable[KVEntry]) -> DesiredState:
         entries.append(RawEntry(it.key, ref, it.value, it.create_index, it.session))
     st = build_state(entries)
     if extra:
-        st = DesiredState(st.networks, st.containers, st.services,
-                          tuple(sorted(set(st.problems) | set(extra))))
+        st = replace(st, problems=tuple(sorted(set(st.problems) | set(extra))))
     return st
 
 
@@ -1039,7 +1129,7 @@ def load_state_file(path: str, text: str | None = None) -> tuple[list[RawEntry],
     """Read a YAML/JSON state file into raw entries (with file locations), or problems.
 
     The file holds `networks`, `containers` and `services` (each service with `config`,
-    `active`, `pools`), the same objects as the KV values.
+    `active`, `pools`), and `policy`: the same objects as the KV values.
     """
     import yaml  # local: only the CLI reads files
 
@@ -1069,9 +1159,9 @@ def _file_entries(path: str, doc: Any) -> tuple[list[RawEntry], list[Problem]]:
     entries: list[RawEntry] = []
     order = 0
     for top in doc:
-        if top not in ("networks", "containers", "services"):
-            problems.append(Problem(path, str(top),
-                                    "unknown section (allowed: containers, networks, services)"))
+        if top not in ("networks", "containers", "services", "policy"):
+            problems.append(Problem(path, str(top), "unknown section (allowed: containers, "
+                                    "networks, policy, services)"))
     for section, kind in (("networks", "network"), ("containers", "container")):
         sec = doc.get(section) or {}
         if not isinstance(sec, dict):
@@ -1085,6 +1175,10 @@ def _file_entries(path: str, doc: Any) -> tuple[list[RawEntry], list[Problem]]:
                 continue
             order += 1
             entries.append(RawEntry(where, KeyRef(kind, name), _plain(val), order))  # type: ignore[arg-type]
+    if doc.get("policy") is not None:
+        order += 1
+        entries.append(RawEntry(f"{path}: policy", KeyRef("policy", POLICY_KEY),
+                                _plain(doc["policy"]), order))
     svcs = doc.get("services") or {}
     if not isinstance(svcs, dict):
         problems.append(Problem(path, "services", f"must be a mapping, not {_typename(svcs)}"))
@@ -1164,7 +1258,6 @@ def validate_entries(entries: list[RawEntry], extra: Iterable[Problem] = ()) -> 
     st = build_state(entries)
     extra = list(extra)
     if extra:
-        st = DesiredState(st.networks, st.containers, st.services,
-                          tuple(sorted(set(st.problems) | set(extra))))
+        st = replace(st, problems=tuple(sorted(set(st.problems) | set(extra))))
     return st
 

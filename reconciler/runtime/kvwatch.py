@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from reconciler.errors import ConsulError, Problem
@@ -80,8 +80,7 @@ def _with_last_valid(prefix: str, items: tuple[KVEntry, ...], state: DesiredStat
         notes = [Problem(p.key, p.field, f"{p.reason}; keeping its last valid value",
                          p.value) for p in state.problems if p.key in changed]
         rest = [p for p in kept.problems if p.key not in changed]
-        state = DesiredState(kept.networks, kept.containers, kept.services,
-                             tuple(sorted(set(notes) | set(rest))))
+        state = replace(kept, problems=tuple(sorted(set(notes) | set(rest))))
     for e in items:
         if e.key not in bad:
             last_valid[e.key] = e

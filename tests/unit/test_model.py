@@ -422,7 +422,7 @@ services:
 """)
     entries, probs = load_state_file(str(f))
     got = [str(p) for p in validate_entries(entries, probs).problems]
-    assert f"{f}: extra: unknown section (allowed: containers, networks, services)" in got
+    assert f"{f}: extra: unknown section (allowed: containers, networks, policy, services)" in got
     assert f"{f}: networks.vnet1: vlan: must be between 1 and 4094 (got 9999)" in got
     assert f"{f}: services.web.pools.blue.w: weight: must be between 0 and 256 (got -1)" in got
 
