@@ -33,11 +33,11 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from reconciler.errors import CasConflict, PoolExhausted
+from reconciler.errors import CasConflict, ConsulError, PoolExhausted
 from reconciler.kvlayout import Layout
 from reconciler.model import AddressPool, IPAddress, Network
 
@@ -134,6 +134,20 @@ class Ipam:
     def _items(self, base: str) -> Mapping[str, _KVItemLike]:
         return self.kv.read_prefix(base, consistent=True).items
 
+    def _bump(self, *networks: str) -> None:
+        """Move the generation key `index/ipam/<network>` of networks whose allocations
+        this node just changed: other hosts watch the index, not the allocations (issue
+        9). After the write, not in it: a bump lost to a crash is caught by the watchers'
+        periodic refresh, and costs nothing but that delay."""
+        # A new value each time: Consul skips a write that changes nothing (the
+        # ModifyIndex would not move).
+        stamp = f"{self.node} {time.time_ns()}".encode()
+        for network in sorted(set(networks)):
+            try:
+                self.kv.put(self.layout.ipam_index(network), stamp)
+            except ConsulError as e:
+                log.debug("cannot bump the allocation index of %s: %s", network, e)
+
     def allocations(self, network: str | None = None) -> list[Allocation]:
         """Every allocation (of every node), or only those of `network`."""
         base = self.layout.ipam_prefix(network or None)
@@ -179,6 +193,7 @@ class Ipam:
             if addr in taken:
                 continue  # learnt from a re-read below
             if self.kv.put(self.layout.allocation(net.name, addr), value, cas=0):
+                self._bump(net.name)
                 return addr
             # Lost the race for this address to another host (or our view was stale):
             # learn what is taken now, once, and go on with the next free candidates.
@@ -189,7 +204,8 @@ class Ipam:
 
     def allocate_many(self, wants: Sequence[tuple[Network, str, str]],
                       reserved: Iterable[IPAddress], known: Mapping[str, _KVItemLike],
-                      batch: int = 64) -> dict[tuple[str, str, str], IPAddress]:
+                      batch: int = 64, covered: Collection[str] | None = None
+                      ) -> dict[tuple[str, str, str], IPAddress]:
         """Allocate for many (network, container, interface) at once: the ones that hold
         no address in `known` (the watched view) get distinct free candidates, created
         with create-only writes in transactions of `batch` keys — one Consul round trip
@@ -197,8 +213,10 @@ class Ipam:
 
         A batch is atomic: if any of its keys exists by now (another host was faster, or
         the view was stale), none of it is created and its requests are left out of the
-        result, for `allocate` to do one by one. Requests that already hold an address,
-        or need more than a plain create (adopting, replacing), are left out too.
+        result, for `allocate` to do one by one. `covered`: the networks `known` holds
+        (None: all); another network's allocations are read once. Requests that already
+        hold an address, or need more than a plain create (adopting, replacing), are
+        left out too.
         Returns {(container, network, interface): address} for what was created."""
         by_net: dict[str, list[tuple[Network, str, str]]] = {}
         for w in wants:
@@ -211,7 +229,8 @@ class Ipam:
             pool = net.pool
             assert pool is not None
             base = self.layout.ipam_prefix(name)
-            items = {k: v for k, v in known.items() if k.startswith(base)}
+            items = {k: v for k, v in known.items() if k.startswith(base)} \
+                if covered is None or name in covered else dict(self._items(base))
             holders = {(a.container, a.interface) for a in parse_allocations(self.prefix, items)}
             taken = {at[1] for k in items if (at := self.layout.parse_allocation(k))}
             taken |= {a for a in reserved if a.version == pool.start.version}
@@ -233,6 +252,7 @@ class Ipam:
                     {"node": self.node, "container": c, "interface": i, "allocated_at": now},
                     sort_keys=True).encode()) for c, i, addr in chunk]
                 if self.kv.create_many(entries):
+                    self._bump(name)
                     out.update({(c, name, i): addr for c, i, addr in chunk})
                 else:
                     log.debug("batch allocation on %s lost a race; one by one", name)
@@ -252,7 +272,10 @@ class Ipam:
         gone (reclaimed while the node was away). False: someone else holds it now."""
         value = json.dumps({"node": self.node, "container": container, "interface": interface,
                             "allocated_at": int(time.time())}, sort_keys=True).encode()
-        return self.kv.put(self.layout.allocation(network, address), value, cas=0)
+        if self.kv.put(self.layout.allocation(network, address), value, cas=0):
+            self._bump(network)
+            return True
+        return False
 
     def claim(self, net: Network, address: IPAddress, container: str, interface: str
               ) -> Allocation | None:
@@ -282,6 +305,7 @@ class Ipam:
                                 "interface": interface, "static": True,
                                 "allocated_at": int(time.time())}, sort_keys=True).encode()
             if self.kv.put(key, value, cas=0):
+                self._bump(net.name)
                 return None
             # Someone claimed it between our read and our create: read who.
         raise CasConflict(f"{key} keeps changing; will retry")
@@ -296,12 +320,16 @@ class Ipam:
         key = a.key or self.layout.allocation(a.network, a.address)
         if not self.kv.put(key, value, cas=a.modify_index):
             raise CasConflict(f"allocation {key} changed while node {self.node!r} adopted it")
+        self._bump(a.network)
 
     def release(self, allocation: Allocation) -> bool:
         """Delete the allocation's key, only if it was not rewritten since it was read.
         True when the key is gone."""
         key = allocation.key or self.layout.allocation(allocation.network, allocation.address)
-        return self.kv.delete(key, cas=allocation.modify_index or None)
+        if self.kv.delete(key, cas=allocation.modify_index or None):
+            self._bump(allocation.network)
+            return True
+        return False
 
     def release_container(self, container: str) -> int:
         """Release every allocation of a removed container (on this node); how many."""

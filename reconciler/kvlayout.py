@@ -13,6 +13,8 @@ Every Consul key reconciler reads or writes is built and parsed here, and nowher
     <prefix>policy                                     user: group policy (isolate, allow)
     <prefix>ipam/<network>/<address>                   daemon: one allocated address
     <prefix>nodes/<node>/status                        daemon: a node's status document
+    <prefix>hosts/<node>                               daemon: the host registry (address)
+    <prefix>index/<area>/<piece>                       daemon: generation of <area>/<piece>/
     <prefix>audit/<service>/<time>                     daemon: cutover audit records
     <prefix>locks/...                                  daemon: reserved for coordination
 
@@ -44,7 +46,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}\Z")
 DEFAULT_PREFIX = "reconciler/"
 
 UserArea = Literal["networks/", "containers/", "services/"]
-DaemonArea = Literal["nodes/", "ipam/", "audit/", "locks/"]
+DaemonArea = Literal["nodes/", "ipam/", "audit/", "locks/", "hosts/", "index/"]
 Area = UserArea | DaemonArea
 
 USER_AREAS: tuple[UserArea, ...] = get_args(UserArea)
@@ -181,6 +183,17 @@ class Layout:
     def node_status(self, node: str) -> str:
         return f"{self.nodes_prefix()}{node}/status"
 
+    def host(self, node: str) -> str:
+        """`hosts/<node>`: the host registry entry (its underlay address), held by the
+        node's session. Apart from `nodes/<node>/status`, which changes with every
+        reconcile, so that the overlay peers of every host need not watch the status."""
+        return f"{self.hosts_prefix()}{node}"
+
+    def ipam_index(self, network: str) -> str:
+        """`index/ipam/<network>`: bumped with every write under `ipam/<network>/`, so a
+        host learns which networks' allocations changed from one small read."""
+        return f"{self.ipam_index_prefix()}{network}"
+
     def audit_record(self, service: str, at: float) -> str:
         """`audit/<service>/<microseconds since the epoch, 20 digits>` (sorts by time)."""
         return f"{self.audit_prefix(service)}{int(at * 1e6):020d}"
@@ -211,6 +224,17 @@ class Layout:
 
     def nodes_prefix(self) -> str:
         return self.area("nodes/")
+
+    def hosts_prefix(self) -> str:
+        return self.area("hosts/")
+
+    def ipam_index_prefix(self) -> str:
+        return self.area("index/") + "ipam/"
+
+    def desired_areas(self) -> list[str]:
+        """The read prefixes of the desired state, each watched apart (issue 9): the user
+        areas and the policy key. Nothing daemon-owned is under any of them."""
+        return [*(self.area(a) for a in USER_AREAS), self.policy()]
 
     def audit_prefix(self, service: str | None = None) -> str:
         """`audit/`, or `audit/<service>/` for one service's records."""
@@ -271,6 +295,14 @@ class Layout:
         if len(parts) == 2 and parts[1] == "status" and parts[0]:
             return parts[0]
         return None
+
+    def parse_host(self, key: str) -> str | None:
+        """<node> of a `hosts/<node>` key, else None."""
+        rel = self.relative(key)
+        if rel is None or not rel.startswith("hosts/"):
+            return None
+        node = rel[len("hosts/"):]
+        return node if node and "/" not in node else None
 
     def parse_audit(self, key: str) -> tuple[str, str] | None:
         """(service, record id) of an `audit/<service>/<id>` key, else None."""

@@ -20,9 +20,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, TypeVar, cast
 
 from reconciler.errors import Problem
 from reconciler.kvlayout import DEFAULT_PREFIX as DEFAULT_PREFIX
@@ -865,6 +866,7 @@ class RawEntry:
     value: bytes | Any
     order: int = 0
     session: str | None = None
+    version: int = 0  # Consul ModifyIndex (0: unknown, never memoised)
 
 
 def _decode(e: RawEntry) -> tuple[Any, list[Problem]]:
@@ -873,8 +875,65 @@ def _decode(e: RawEntry) -> tuple[Any, list[Problem]]:
     return e.value, []
 
 
-def build_state(entries: Iterable[RawEntry]) -> DesiredState:
-    """Validate every entry, then the cross-object rules, into a DesiredState."""
+_T = TypeVar("_T")
+
+
+class ParseMemo:
+    """What parsing each KV entry gave, by (key, ModifyIndex, session): an entry is
+    decoded and parsed again only when its ModifyIndex moved (issue 9: a change re-parses
+    what it touched, not the whole prefix). Only parses that depend on the entry alone are
+    kept; the rules across entries run every time, on the parsed objects. `sweep()` drops
+    what the last builds did not use (deleted or rewritten keys)."""
+
+    def __init__(self) -> None:
+        # (key, session, what) -> (ModifyIndex, value, result)
+        self._done: dict[tuple[str, str | None, str], tuple[int, Any, Any]] = {}
+        self._used: set[tuple[str, str | None, str]] = set()
+        self.parsed = 0  # entries parsed (not served from the memo): tests, bench
+
+    def get(self, e: RawEntry, what: str, parse: Callable[[], _T]) -> _T:
+        if not e.version:
+            return parse()
+        key = (e.where, e.session, what)
+        self._used.add(key)
+        hit = self._done.get(key)
+        if hit is not None and hit[0] == e.version and hit[1] == e.value:
+            return cast(_T, hit[2])
+        self.parsed += 1
+        out = parse()
+        self._done[key] = (e.version, e.value, out)
+        return out
+
+    def sweep(self) -> None:
+        self._done = {k: v for k, v in self._done.items() if k in self._used}
+        self._used = set()
+
+
+def _parsed(memo: ParseMemo | None, e: RawEntry, what: str,
+            parse: Callable[[Any], tuple[_T | None, list[Problem]]]
+            ) -> tuple[_T | None, list[Problem]]:
+    """Decode `e` and `parse` it (a function of the entry alone), through `memo`."""
+    def run() -> tuple[_T | None, tuple[Problem, ...]]:
+        raw, probs = _decode(e)
+        obj = None
+        if not probs:
+            obj, probs = parse(raw)
+        return obj, tuple(probs)
+    obj, probs = run() if memo is None else memo.get(e, what, run)
+    return obj, list(probs)
+
+
+def _decoded(memo: ParseMemo | None, e: RawEntry) -> tuple[Any, list[Problem]]:
+    """`_decode(e)` through `memo` (the decoded value is shared: parsers only read it)."""
+    if memo is None:
+        return _decode(e)
+    raw, probs = memo.get(e, "decode", lambda: _decode(e))
+    return raw, list(probs)
+
+
+def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None) -> DesiredState:
+    """Validate every entry, then the cross-object rules, into a DesiredState (entries
+    parsed before are taken from `memo`)."""
     problems: list[Problem] = []
     ents = sorted(entries, key=lambda e: (e.order, e.where))
     by_kind: dict[str, list[RawEntry]] = {}
@@ -886,10 +945,8 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
     net_where: dict[str, str] = {}
     invalid_networks: dict[str, str] = {}
     for e in by_kind.get("network", []):
-        raw, probs = _decode(e)
-        net = None
-        if not probs:
-            net, probs = parse_network(e.where, e.ref.name, raw)
+        net, probs = _parsed(memo, e, "network",
+                             partial(parse_network, e.where, e.ref.name))
         if net is not None:
             clash = _network_clash(net, networks.values())
             if clash is not None:
@@ -906,7 +963,7 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
     containers: dict[str, ContainerSpec] = {}
     claimed: dict[tuple[str, IPAddress], str] = {}
     for e in by_kind.get("container", []):
-        raw, probs = _decode(e)
+        raw, probs = _decoded(memo, e)
         spec = None
         if not probs:
             spec, probs = parse_container(e.where, e.ref.name, raw, networks, invalid_networks)
@@ -934,7 +991,7 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
     # The group policy, against the groups of the valid container entries.
     policy = Policy()
     for e in by_kind.get("policy", []):
-        raw, probs = _decode(e)
+        raw, probs = _decoded(memo, e)
         pol = None
         if not probs:
             pol, probs = parse_policy(e.where, raw, (s.group for s in containers.values()
@@ -949,10 +1006,8 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
     config_seen: set[str] = set()  # has a config key, valid or not
     for e in by_kind.get("service_config", []):
         config_seen.add(e.ref.name)
-        raw, probs = _decode(e)
-        cfg = None
-        if not probs:
-            cfg, probs = parse_service_config(e.where, raw)
+        cfg, probs = _parsed(memo, e, "config",
+                             partial(parse_service_config, e.where))
         if cfg is not None:
             probs = _bind_clash(e.where, cfg, binds)
             if probs:
@@ -977,20 +1032,16 @@ def build_state(entries: Iterable[RawEntry]) -> DesiredState:
 
     canaries: dict[str, Canary] = {}
     for e in by_kind.get("service_cutover", []):
-        raw, probs = _decode(e)
-        can = None
-        if not probs:
-            can, probs = parse_cutover(e.where, raw, e.session)
+        can, probs = _parsed(memo, e, "cutover",
+                             partial(parse_cutover, e.where, session=e.session))
         problems.extend(probs)
         if can is not None:
             canaries[e.ref.name] = can
 
     pools: dict[str, dict[str, dict[str, Member]]] = {}
     for e in by_kind.get("member", []):
-        raw, probs = _decode(e)
-        mem = None
-        if not probs:
-            mem, probs = parse_member(e.where, e.ref.member, raw, e.session)
+        mem, probs = _parsed(memo, e, "member",
+                             partial(parse_member, e.where, e.ref.member, session=e.session))
         if mem is None:
             problems.extend(probs)
             # An invalid member still makes its pool exist (so `active` can name it).
@@ -1103,8 +1154,10 @@ def _first_member_where(ents: list[RawEntry], service: str) -> str:
 # ------------------------------------------------------------------ from KV
 
 
-def parse_kv(prefix: str, items: Iterable[KVEntry]) -> DesiredState:
-    """Parse every key under `prefix` (already normalised, ending in '/')."""
+def parse_kv(prefix: str, items: Iterable[KVEntry], memo: ParseMemo | None = None
+             ) -> DesiredState:
+    """Parse every key under `prefix` (already normalised, ending in '/'); with `memo`,
+    an entry whose ModifyIndex did not move is not parsed again."""
     layout = Layout(prefix)
     entries: list[RawEntry] = []
     extra: list[Problem] = []
@@ -1115,8 +1168,9 @@ def parse_kv(prefix: str, items: Iterable[KVEntry]) -> DesiredState:
         if isinstance(ref, str):
             extra.append(Problem(it.key, "", ref))
             continue
-        entries.append(RawEntry(it.key, ref, it.value, it.create_index, it.session))
-    st = build_state(entries)
+        entries.append(RawEntry(it.key, ref, it.value, it.create_index, it.session,
+                                it.modify_index))
+    st = build_state(entries, memo)
     if extra:
         st = replace(st, problems=tuple(sorted(set(st.problems) | set(extra))))
     return st

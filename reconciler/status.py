@@ -63,11 +63,13 @@ class StatusPublisher:
                  session_file: str | None = None) -> None:
         self.kv = kv
         self.key = Layout(prefix).node_status(node)
+        self.prefix = prefix
         self.node = node
         self.ttl = ttl
         self.session_file = session_file
         self.session: str | None = None
         self._last: bytes | None = None
+        self._host_last: tuple[str, bytes] | None = None
         self._lock = threading.RLock()
 
     def ensure_session(self) -> str:
@@ -86,6 +88,7 @@ class StatusPublisher:
             self.session = self.kv.session_create(f"reconciler-{self.node}", ttl=self.ttl,
                                                   behavior="delete")
             self._last = None  # the key went with the old session
+            self._host_last = None
             if self.session_file:
                 _write_file(self.session_file, self.session)
             return self.session
@@ -102,10 +105,21 @@ class StatusPublisher:
                     sid = self.ensure_session()
                     self.kv.put(self.key, body, acquire=sid)
                 self._last = body
+                self._register(status.address, sid)
                 return True
             except ConsulError as e:
                 log.warning("cannot publish node status: %s", e)
                 return False
+
+    def _register(self, address: str | None, sid: str) -> None:
+        """The host registry entry `hosts/<node>` (what overlay peers watch): written
+        under the same session, only when the address or the session changed, so the
+        registry does not churn with the status."""
+        body = json.dumps({"node": self.node, "address": address}, sort_keys=True).encode()
+        if self._host_last == (sid, body):
+            return
+        if self.kv.put(Layout(self.prefix).host(self.node), body, acquire=sid):
+            self._host_last = (sid, body)
 
     def heartbeat(self) -> None:
         """Renew the session (a new one if it expired: the next publish re-writes)."""
@@ -162,12 +176,13 @@ def read_statuses(kv: Any, prefix: str) -> dict[str, dict[str, Any]]:
 
 
 def hosts_from(prefix: str, items: Iterable[Any]) -> dict[str, str]:
-    """node -> advertised address, of every node whose status (session-held: it goes
-    when the node does) names a valid IPv4 address. `items`: KV entries."""
+    """node -> advertised address, of every node whose host registry entry
+    (`hosts/<node>`) or status (`nodes/<node>/status`; both session-held: they go when the
+    node does) names a valid IPv4 address. `items`: KV entries."""
     layout = Layout(prefix)
     out: dict[str, str] = {}
     for e in items:
-        node = layout.parse_node_status(e.key)
+        node = layout.parse_host(e.key) or layout.parse_node_status(e.key)
         if node is None:
             continue
         doc = parse_status(e.value)

@@ -34,11 +34,19 @@ class AddressBook:
         self._lock = threading.Lock()
         self._cache: dict[IfaceKey, IPAddress] = {}
         self._view: Mapping[str, Any] | None = None  # ipam/ keys as last watched
+        self._covered: Collection[str] | None = None  # the networks the view holds
         self._unclaimed: dict[IfaceKey, IPAddress] = {}  # used while Consul was away
 
-    def set_view(self, view: Mapping[str, Any]) -> None:
-        """The allocation keys as the daemon's watch last saw them (saves a read)."""
+    def set_view(self, view: Mapping[str, Any], covered: Collection[str] | None = None
+                 ) -> None:
+        """The allocation keys as the daemon's watch last saw them (saves a read), of the
+        networks `covered` (None: every network); another network's are read."""
         self._view = view
+        self._covered = covered
+
+    def _view_of(self, network: str) -> Mapping[str, Any] | None:
+        covered = self._covered
+        return self._view if covered is None or network in covered else None
 
     def cached(self, key: IfaceKey) -> IPAddress | None:
         with self._lock:
@@ -93,7 +101,7 @@ class AddressBook:
         key = (cid, net.name, ifname)
         ip = self.cached(key)
         if ip is None or net.pool is None or ip not in net.pool:
-            ip = self._ipam.allocate(net, cid, ifname, reserved, known=self._view)
+            ip = self._ipam.allocate(net, cid, ifname, reserved, known=self._view_of(net.name))
             self._remember(key, ip)
         return ip
 
@@ -114,7 +122,7 @@ class AddressBook:
         if view is None or len(wants) < 2:
             return 0  # one alone: the reconcile's own allocation costs the same
         try:
-            got = self._ipam.allocate_many(wants, list(reserved), view)
+            got = self._ipam.allocate_many(wants, list(reserved), view, covered=self._covered)
         except (AdapterError, ReconcilerError) as e:
             log.warning("batch address allocation failed (one by one instead): %s", e)
             return 0
@@ -142,15 +150,28 @@ class AddressBook:
         return self._ipam.release_container(cid)
 
     def sweep(self, running_ids: set[str], is_gone: Callable[[str], bool],
-              reclaim_grace: float, overlays: Collection[str] = ()
-              ) -> tuple[list[str], dict[IfaceKey, IPAddress]]:
-        """Reclaim dead nodes' allocations, release those of this node's containers that
-        are gone, and rebuild the cache from that read. Returns (what it did, the
-        allocations held by this node's containers)."""
-        done = [f"reclaimed {a.network}/{a.address} of node {a.node}"
-                for a in self._ipam.reclaim_dead_nodes(reclaim_grace)]
+              reclaim_grace: float, overlays: Collection[str] = (), *, full: bool = True,
+              networks: Collection[str] = ()) -> tuple[list[str], dict[IfaceKey, IPAddress]]:
+        """Release the allocations of this node's containers that are gone and rebuild
+        the cache from that read. Returns (what it did, the allocations held by this
+        node's containers).
+
+        `full`: read every network's allocations, and reclaim dead nodes' (a cost that
+        grows with the cluster: the daemon does it at its first sweep and at every deep
+        resync). Otherwise only the networks this node holds addresses on (its cache),
+        and those in `networks` (its containers') are read (issue 9)."""
+        done: list[str] = []
+        if full:
+            done = [f"reclaimed {a.network}/{a.address} of node {a.node}"
+                    for a in self._ipam.reclaim_dead_nodes(reclaim_grace)]
+            allocations = self._ipam.allocations()
+        else:
+            with self._lock:
+                mine = {k[1] for k in self._cache}
+            allocations = [a for n in sorted(mine | set(networks))
+                           for a in self._ipam.allocations(n)]
         held: dict[IfaceKey, IPAddress] = {}
-        for a in self._ipam.allocations():
+        for a in allocations:
             if a.node != self._node:
                 continue
             if a.container.startswith(HOST_HOLDER):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from reconciler.adapters import netlink
@@ -102,8 +102,9 @@ class NetworkController:
             self._reserved = tuple(i.address.ip for s in state.containers.values()
                                    for i in s.interfaces if i.address is not None)
 
-    def set_ipam_view(self, view: Mapping[str, Any]) -> None:
-        self._addresses.set_view(view)
+    def set_ipam_view(self, view: Mapping[str, Any], covered: Collection[str] | None = None
+                      ) -> None:
+        self._addresses.set_view(view, covered)
 
     def wanted(self, info: ContainerInfo) -> list[InterfaceSpec]:
         spec = spec_for(self._state, info.name, info.labels)
@@ -396,13 +397,14 @@ class NetworkController:
             except NetlinkError as e:
                 log.debug("announce %s %s: %s", p.container[:12], p.ifname, e)
 
-    def sweep(self, running: Iterable[ContainerInfo]) -> list[str]:
-        """Remove what this node's daemon owns and has no reason to exist any more."""
+    def sweep(self, running: Iterable[ContainerInfo], full: bool = True) -> list[str]:
+        """Remove what this node's daemon owns and has no reason to exist any more
+        (`full`: also look at every network's allocations, see `AddressBook.sweep`)."""
         with self._lock:
             state = self._state
         reconciled = {cid: dict(r.addresses) for cid, r in self.results().items()}
         out = self._sweeper.sweep(state, running, self.wanted, reconciled,
-                                  dry_run=self.dry_run)
+                                  dry_run=self.dry_run, full=full)
         for cid in out.readdress:
             self._dirty.mark_dirty(cid)
         if self.dry_run:

@@ -46,7 +46,7 @@ class Sweeper:
     def sweep(self, state: DesiredState, running: Iterable[ContainerInfo],
               wanted: Callable[[ContainerInfo], list[InterfaceSpec]],
               reconciled: Mapping[str, Mapping[str, str]], *, dry_run: bool = False,
-              ) -> SweepResult:
+              full: bool = True) -> SweepResult:
         """`reconciled`: container id -> {ifname: address/prefix} as last attached."""
         running = list(running)
         wanted_veths = {netlink.host_veth_name(info.id, itf.name)
@@ -77,7 +77,8 @@ class Sweeper:
             running_ids = {i.id for i in running}
             released, held = self._addresses.sweep(
                 running_ids, lambda cid: self._inspect(cid) is None, self._grace,
-                overlays={n.name for n in state.networks.values() if n.overlay is not None})
+                overlays={n.name for n in state.networks.values() if n.overlay is not None},
+                full=full, networks={itf.network for info in running for itf in wanted(info)})
             done += released
             for info in running:
                 for itf in wanted(info):

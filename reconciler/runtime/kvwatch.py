@@ -1,21 +1,21 @@
-"""The Consul watch: ONE blocking query on the whole prefix, turned into parsed snapshots.
+"""The desired-state watch: the user areas of the prefix, turned into parsed snapshots.
 
-Owns the blocking-query loop and its index discipline (consul-template's lessons):
-- indices are integers; an index that goes backwards (snapshot restore, new leader)
-  resets the loop to 0; an index of 0 or 1 is never sent as a blocking index;
-- wake-ups whose content did not change are dropped (compared by content, not index);
-- a minimum interval between queries with jitter, so a flapping key cannot make the
-  daemon hammer Consul;
-- a prefix that suddenly reads empty is confirmed with a consistent read before it is
-  believed, so an agent restart or a leader election never causes a mass teardown;
-- when Consul is unreachable the last good snapshot stays in force (we keep serving it)
-  and the loop retries with capped exponential backoff — it never gives up.
+Owns the union of the desired-state areas (`networks/`, `containers/`, `services/`,
+`policy`: one blocking query each, `runtime.areawatch.AreaWatch`, which owns the index
+discipline: integer indices reset when they go backwards, unchanged wake-ups dropped,
+reads spaced under churn, a suddenly empty area confirmed with a consistent read before
+anything is torn down, the last good state kept while Consul is away) and its parsing:
+- only entries whose ModifyIndex moved are parsed again (`model.ParseMemo`);
+- a key that turns invalid keeps its last valid value (`snapshot_from`,
+  `_with_last_valid`);
+- daemon-owned areas (allocations, node status, audit) are not watched here at all, so
+  a write there — the churn of every other host of the cluster — costs this watch
+  nothing (issue 9).
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -23,7 +23,8 @@ from typing import Protocol
 
 from reconciler.errors import ConsulError, Problem
 from reconciler.kvlayout import KVEntry, Layout, kv_digest, kv_entries
-from reconciler.model import DesiredState, parse_kv
+from reconciler.model import DesiredState, ParseMemo, parse_kv
+from reconciler.runtime.areawatch import AreaChange, AreaWatch
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +68,14 @@ def snapshot_from(prefix: str, raw: object,
 
 
 def _with_last_valid(prefix: str, items: tuple[KVEntry, ...], state: DesiredState,
-                     last_valid: dict[str, KVEntry]) -> DesiredState:
+                     last_valid: dict[str, KVEntry], memo: ParseMemo | None = None
+                     ) -> DesiredState:
     present = {e.key for e in items}
     bad = state.invalid_keys
     swap = {k: last_valid[k] for k in bad if k in last_valid and k in present}
     if swap:
         held = [last_valid[e.key] if e.key in swap else e for e in items]
-        kept = parse_kv(prefix, held)
+        kept = parse_kv(prefix, held, memo)
         # A swapped key whose own value did not change was only invalid through a key it
         # depends on, which is held now: what the held state says about it is the truth.
         changed = {e.key for e in items if e.key in swap and e.value != swap[e.key].value}
@@ -90,75 +92,88 @@ def _with_last_valid(prefix: str, items: tuple[KVEntry, ...], state: DesiredStat
     return state
 
 
+class _AllHealthy:
+    """`is_set()` of several areas' health events: all of them."""
+
+    def __init__(self, areas: list[AreaWatch]) -> None:
+        self._areas = areas
+
+    def is_set(self) -> bool:
+        return all(a.healthy.is_set() for a in self._areas)
+
+
 class KVWatcher:
-    """Calls `on_change(snapshot)` for every snapshot whose content changed."""
+    """Calls `on_change(snapshot)` for every snapshot whose content changed.
+
+    `areas`: the read prefixes holding desired state (default: the whole prefix, one
+    area). The daemon watches the user areas apart (`Layout.desired_areas`), each with
+    its own blocking query, so that a write in a daemon-owned area (an allocation,
+    another node's status) wakes none of them; the snapshot is the union of the areas.
+    An entry is parsed again only when its ModifyIndex moved (`memo`)."""
 
     def __init__(self, kv: PrefixReader, prefix: str, on_change: Callable[[Snapshot], None], *,
+                 areas: list[str] | None = None,
                  wait: str = "30s", min_interval: float = 0.05, max_backoff: float = 2.0,
                  on_error: Callable[[ConsulError], None] | None = None) -> None:
         self.kv = kv
         self.prefix = prefix
         self.on_change = on_change
         self.on_error = on_error
-        self.wait = wait
-        self.min_interval = min_interval
-        self.max_backoff = max_backoff
+        self.areas = [AreaWatch(kv, a, wait=wait, confirm_empty=True,
+                                rate=1.0 / max(min_interval, 1e-3), max_backoff=max_backoff)
+                      for a in (areas if areas is not None else [prefix])]
         self.last: Snapshot | None = None
         self.last_valid: dict[str, KVEntry] = {}
-        self.index = 0
-        self.healthy = threading.Event()
+        self.memo = ParseMemo()
+        self.healthy = _AllHealthy(self.areas)
+        self._lock = threading.Lock()
+
+    @property
+    def index(self) -> int:
+        """The highest Consul index of the areas (what a change was applied up to)."""
+        return max(a.index for a in self.areas)
+
+    @property
+    def reads(self) -> int:
+        """Consul requests made by this watch (tests, bench/scale.py)."""
+        return sum(a.reads for a in self.areas)
+
+    def _snapshot(self) -> Snapshot | None:
+        """The union of the areas as a Snapshot, when its content differs from the last."""
+        with self._lock:
+            items = tuple(sorted((e for a in self.areas for e in a.entries.values()),
+                                 key=lambda e: e.key))
+            digest = kv_digest(items)
+            if self.last is not None and digest == self.last.digest:
+                return None
+            state = parse_kv(self.prefix, items, memo=self.memo)
+            state = _with_last_valid(self.prefix, items, state, self.last_valid, self.memo)
+            self.memo.sweep()
+            self.last = Snapshot(self.index, state, items, digest)
+            return self.last
 
     def poll(self, consistent: bool = False) -> Snapshot | None:
-        """One read, blocking unless `consistent` (a confirmation or a first read must
-        not wait for the next change). Returns the new snapshot when the content
-        changed."""
-        block = self.index > 1 and not consistent
-        raw = self.kv.read_prefix(self.prefix, index=self.index if block else None,
-                                  wait=self.wait if block else None,
-                                  consistent=consistent)
-        snap = snapshot_from(self.prefix, raw, self.last_valid)
-        if snap.index < self.index:
-            log.info("consul index went backwards (%d -> %d): resetting", self.index, snap.index)
-            self.index = 0
-        else:
-            self.index = snap.index
-        self.healthy.set()
-        if self.last is not None and snap.digest == self.last.digest:
-            return None
-        if self.last is not None and _user_keys(self.prefix, snap.items) == 0 \
-                and _user_keys(self.prefix, self.last.items) > 0 and not consistent:
-            # Suddenly empty: believe it only after a consistent read says so too.
-            log.warning("prefix %s reads empty; confirming with a consistent read", self.prefix)
-            return self.poll(consistent=True)
-        self.last = snap
-        return snap
+        """One read of every area, blocking unless `consistent` (a confirmation or a
+        first read must not wait for the next change; with several areas only the run
+        loops block). Returns the new snapshot when the content changed."""
+        changed = False
+        for a in self.areas:
+            changed = a.poll(consistent=consistent, block=len(self.areas) == 1) is not None \
+                or changed
+        return self._snapshot() if changed or self.last is None else None
+
+    def _area_changed(self, _: AreaChange) -> None:
+        snap = self._snapshot()
+        if snap is not None:
+            self.on_change(snap)
 
     def run(self, stop: threading.Event) -> None:
-        failures = 0
-        while not stop.is_set():
-            try:
-                snap = self.poll()
-            except Exception as e:  # ConsulError, and anything odd (never die: we'd go stale)
-                if not isinstance(e, ConsulError):
-                    log.exception("consul watch: unexpected error")
-                    e = ConsulError(f"unexpected error: {e}")
-                self.healthy.clear()
-                failures += 1
-                delay = min(self.max_backoff, 0.5 * 2 ** min(failures, 10))
-                delay *= random.uniform(0.8, 1.2)
-                # Tried every 2 s at most (convergence within seconds of Consul's
-                # return); said at the first failure and every minute or so after.
-                log.log(logging.WARNING if failures == 1 or failures % 30 == 0
-                        else logging.DEBUG, "consul watch failed (%s); keeping the last "
-                        "good state, retrying in %.1fs (attempt %d)", e, delay, failures)
-                if self.on_error is not None:
-                    self.on_error(e)
-                stop.wait(delay)
-                continue
-            failures = 0
-            if snap is not None:
-                try:
-                    self.on_change(snap)
-                except Exception:
-                    log.exception("handling a consul change failed")
-            stop.wait(self.min_interval * random.uniform(1.0, 1.5))
+        """One loop per area (threads), until `stop`."""
+        threads = [threading.Thread(target=a.run, args=(stop, self._area_changed,
+                                                        self.on_error),
+                                    name=f"kv-watch-{i}", daemon=True)
+                   for i, a in enumerate(self.areas)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()

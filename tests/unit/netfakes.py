@@ -554,7 +554,8 @@ class FakeIpam(Recorder):
 
     def allocate_many(self, wants: Sequence[tuple[Network, str, str]],
                       reserved: Iterable[IPAddress], known: Mapping[str, Any],
-                      batch: int = 64) -> dict[tuple[str, str, str], IPAddress]:
+                      batch: int = 64, covered: Any = None
+                      ) -> dict[tuple[str, str, str], IPAddress]:
         self._rec("allocate_many", [(n.name, c, i) for n, c, i in wants])
         return {(c, n.name, i): self.allocate(n, c, i, reserved) for n, c, i in wants}
 

@@ -52,7 +52,7 @@ class FakeKV:
         return FakeSnapshot({k: v for k, v in self.data.items() if k.startswith(prefix)})
 
     def put(self, key: str, value: bytes, *, cas: int | None = None) -> bool:
-        self.puts += 1
+        self.puts += key.startswith(f"{P}ipam/")  # allocation writes (not index bumps)
         if key in self.steal:
             self.steal.discard(key)
             self.data[key] = FakeItem(key, b'{"node":"thief","container":"c","interface":"i"}',
