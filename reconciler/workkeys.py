@@ -74,10 +74,21 @@ class PeersKey:
         return "peers"
 
 
-WorkKey = ContainerKey | PortsKey | SweepKey | MembersKey | ProxyKey | PeersKey
+@dataclass(frozen=True)
+class PolicyKey:
+    """Make this host's bridges enforce the group policy (issue 12)."""
+
+    kind: ClassVar[str] = "policy"
+
+    def __str__(self) -> str:
+        return "policy"
+
+
+WorkKey = ContainerKey | PortsKey | SweepKey | MembersKey | ProxyKey | PeersKey | PolicyKey
 
 PORTS = PortsKey()
 SWEEP = SweepKey()
 MEMBERS = MembersKey()
 PROXY = ProxyKey()
 PEERS = PeersKey()
+POLICY = PolicyKey()
