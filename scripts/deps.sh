@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything reconciler needs on a bare Debian machine. Idempotent.
 #  - Debian packages (docker.io, openvswitch-switch, haproxy, busybox-static, ...);
-#    iptables (iptables + ip6tables) for the Linux bridges' FORWARD rules (adapters/bridgefw.py)
+#    iptables (iptables + ip6tables) for the Linux bridges' FORWARD rules (adapters/bridgefw.py);
+#    nftables (`nft -j`) for the group policy on Linux bridges (adapters/nftables.py)
 #  - consul 1.8.7 from Debian's bullseye suite, added as a low-pinned extra source
 #  - a virtualenv at .venv with the package installed editable (+ dev tools)
 set -euo pipefail
@@ -9,7 +10,8 @@ cd "$(dirname "$0")/.."
 
 export DEBIAN_FRONTEND=noninteractive
 PKGS=(docker.io openvswitch-switch python3-openvswitch haproxy busybox-static iptables wrk
-      docker-compose curl iproute2 hey python3-venv procps make util-linux debootstrap)
+      docker-compose curl iproute2 hey python3-venv procps make util-linux debootstrap
+      nftables)
 
 need=()
 for p in "${PKGS[@]}" consul; do
@@ -63,7 +65,8 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get install -y -qq --no-install-recommends "${PKGS[@]}" consul >/dev/null
 fi
 
-for c in consul dockerd haproxy ovs-vsctl ovsdb-server busybox wrk iptables ip6tables debootstrap; do
+for c in consul dockerd haproxy ovs-vsctl ovsdb-server busybox wrk iptables ip6tables debootstrap \
+         nft; do
   command -v "$c" >/dev/null || { echo "deps: $c missing after install" >&2; exit 1; }
 done
 
