@@ -32,9 +32,11 @@ from reconciler.network.controller import NetworkController
 from reconciler.network.drivers import build_drivers
 from reconciler.network.portbatch import PendingPort, PortBatcher
 from reconciler.network.segments import Segments
+from reconciler.observe import memtrace
 from reconciler.observe.health import liveness, readiness
 from reconciler.observe.metrics import Metrics
 from reconciler.observe.server import HealthServer
+from reconciler.policy.controller import PolicyController, default_backends
 from reconciler.proxy.controller import ProxyController
 from reconciler.settings import ObserveSettings, Settings
 
@@ -112,7 +114,8 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
     daemon = Daemon(DaemonOptions(settings.node, settings.prefix, settings.resync,
                                   workers=workers, dry_run=dry_run,
                                   session_file=session_file, advertise=advertise),
-                    kv=kv, docker=docker, netctl=netctl, proxy=proxy, metrics=metrics)
+                    kv=kv, docker=docker, netctl=netctl, proxy=proxy, metrics=metrics,
+                    policy=PolicyController(default_backends(settings.node), dry_run=dry_run))
     return Parts(kv, docker, nl, ovs, netctl, daemon, metrics, settings.observe)
 
 
@@ -190,6 +193,7 @@ def run_forever(parts: Parts, reload: Callable[[], Settings] | None = None) -> i
                 _apply_reload(parts, reload)
 
         threading.Thread(target=reloader, name="sighup", daemon=True).start()
+    memtrace.install(stop)  # RECONCILER_TRACEMALLOC: snapshots on SIGUSR2 (off by default)
     server = health_server(parts)
     if server is not None:
         # Up before the first read of Consul: /readyz says what the daemon waits for.

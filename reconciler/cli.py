@@ -429,6 +429,8 @@ def _plan_host(args: argparse.Namespace) -> None:
         print(f"network ({node}): {line}")
     for line in getattr(parts.daemon.proxy, "planned", []):
         print(f"proxy ({node}): {line}")
+    for line in getattr(parts.daemon.policy, "planned", []):
+        print(f"policy ({node}): {line}")
 
 
 # ------------------------------------------------------------------ run / status
@@ -452,6 +454,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             proxy = parts.daemon.proxy
             for line in getattr(proxy, "planned", []):
                 print(f"proxy: {line}")
+            for line in getattr(parts.daemon.policy, "planned", []):
+                print(f"policy: {line}")
         return rc
     log.info("reconciler %s starting on node %s (prefix %s)", _version(), settings.node,
              settings.prefix)

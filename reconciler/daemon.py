@@ -2,10 +2,14 @@
 apply.
 
 Owns the wiring and nothing else:
-- one Consul blocking query on the whole prefix (runtime.kvwatch) -> new DesiredState ->
+- the Consul watches (issue 9: what a host needs, not the whole prefix): the desired
+  state, one blocking query per user area (runtime.kvwatch) -> new DesiredState ->
   ProxyKey first, then every local ContainerKey, MembersKey and SweepKey (reconciles are
   level-based and cheap when nothing differs; a change of services only enqueues the
-  proxy and members; a change of daemon-owned keys nothing);
+  proxy and members); the host registry `hosts/` and the allocations of the networks
+  this host has (runtime.areawatch.IndexedArea over `index/ipam/`) -> PeersKey; other
+  hosts' status documents, audit records and the allocations of networks this host
+  does not have are watched by nobody;
 - Docker events (subscribed before the list, adapters.docker_engine.EventWatcher) ->
   ContainerKey (and MembersKey when one stops);
 - netlink deletions of our host veths, OVS deletions of our ports, and netlink changes
@@ -44,25 +48,29 @@ from reconciler.adapters.docker_engine import (
 )
 from reconciler.errors import ConsulError, DockerError, ReconcilerError
 from reconciler.ipam import parse_allocations
-from reconciler.kvlayout import Layout, kv_digest, user_digest
+from reconciler.kvlayout import Layout, user_digest
 from reconciler.members import MemberSync
 from reconciler.model import DesiredState
-from reconciler.network.controller import NetworkController, spec_key_for
+from reconciler.network.controller import NetworkController, spec_for, spec_key_for
 from reconciler.observe import logs
 from reconciler.observe.health import FailureClock, FirstSync
 from reconciler.observe.metrics import Metrics, StateSample
+from reconciler.policy.controller import PolicyController, local_ports
+from reconciler.runtime.areawatch import AreaWatch, IndexedArea
 from reconciler.runtime.kvwatch import KVWatcher, Snapshot
 from reconciler.runtime.workqueue import Controller, Result
 from reconciler.status import NodeStatus, StatusPublisher, build_status, hosts_from
 from reconciler.workkeys import (
     MEMBERS,
     PEERS,
+    POLICY,
     PORTS,
     PROXY,
     SWEEP,
     ContainerKey,
     MembersKey,
     PeersKey,
+    PolicyKey,
     PortsKey,
     ProxyKey,
     SweepKey,
@@ -131,7 +139,8 @@ class _Known:
 class Daemon:
     def __init__(self, opts: DaemonOptions, *, kv: Any, docker: DockerEngine,
                  netctl: NetworkController, proxy: ProxyPart | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, policy: PolicyController | None = None,
+                 ) -> None:
         self.opts = opts
         self.metrics = metrics if metrics is not None else Metrics()
         self.failures = FailureClock()  # keys failing, and since when (readiness)
@@ -142,11 +151,19 @@ class Daemon:
         self.docker = docker
         self.netctl = netctl
         self.proxy = proxy
+        self.policy = policy  # the group policy (None: not enforced by this daemon)
         self.layout = Layout(opts.prefix)
         self.known = _Known()
         self._lock = threading.Lock()
         self.snapshot: Snapshot | None = None
-        self.watcher = KVWatcher(kv, opts.prefix, self._on_snapshot)
+        self.watcher = KVWatcher(kv, opts.prefix, self._on_snapshot,
+                                 areas=self.layout.desired_areas())
+        self.hosts = AreaWatch(kv, self.layout.hosts_prefix())
+        self.allocations = IndexedArea(kv, self.layout.ipam_prefix(),
+                                       self.layout.ipam_index_prefix(),
+                                       wanted=self._networks_here)
+        self._refresh_allocations = False
+        self._legacy_hosts: dict[str, str] = {}  # see _unregistered_hosts
         self.status = NodeStatus(opts.node, address=opts.advertise)
         self.publisher = StatusPublisher(kv, opts.prefix, opts.node,
                                          session_file=opts.session_file)
@@ -159,6 +176,7 @@ class Daemon:
             MembersKey: self._handle_members,
             ProxyKey: self._handle_proxy,
             PeersKey: self._handle_peers,
+            PolicyKey: self._handle_policy,
         }
         self.controller: Controller[WorkKey] = Controller(
             self._reconcile, name="reconciler", workers=opts.workers,
@@ -167,10 +185,10 @@ class Daemon:
         self.metrics.set_state_source(self.sample)
         self.ready = threading.Event()
         self._acted_digest = ""  # of the user keys of the last snapshot acted on
-        self._peers_digest = ""  # of the allocations and host addresses last programmed
         self._listed = threading.Event()  # Docker's container list was received once
         self._stale: set[str] = set()  # containers with Docker events not inspected yet
         self._resyncs = 0
+        self._swept_full = False
         self._once = False  # run_once: keys run in order, one at a time, no waits
 
     def on_tunnel(self) -> None:
@@ -190,14 +208,11 @@ class Daemon:
         # `status.index`, which re-published the status, which woke the watch again — a
         # loop of ~5 status writes/s and a full reconcile of every key each time (15% of
         # a core with no container at all; found by bench/attach.py and
-        # tests/integration/test_daemon_network.py). Daemon-owned areas never enqueue.
-        ipam = self.layout.ipam_prefix()
-        view = {e.key: e for e in snap.items if e.key.startswith(ipam)}
-        self.netctl.set_ipam_view(view)
+        # tests/integration/test_daemon_network.py). Daemon-owned areas are not even
+        # watched here (issue 9).
         digest = user_digest(self.opts.prefix, snap.items)
         if self.snapshot is not None and digest == self._acted_digest:
             self.snapshot = snap
-            self._peers_changed(snap, view)
             return
         self._acted_digest = digest
         previous = self.snapshot.state if self.snapshot is not None else None
@@ -221,16 +236,25 @@ class Daemon:
             self._preallocate()
         for key in keys:
             self.controller.queue.add(key)
-        self._peers_changed(snap, view)
 
-    def _peers_changed(self, snap: Snapshot, view: dict[str, Any]) -> None:
-        """Overlay endpoints follow allocations and host addresses anywhere in the
-        cluster: program them when those changed."""
-        peers = kv_digest(view.values()) + repr(sorted(hosts_from(
-            self.opts.prefix, snap.items).items()))
-        if peers != self._peers_digest:
-            self._peers_digest = peers
-            self.controller.queue.add(PEERS)
+    def _networks_here(self) -> set[str]:
+        """The networks whose allocations this host watches: those of its containers."""
+        return {itf.network for info in self._running() for itf in self.netctl.wanted(info)}
+
+    def _set_ipam_view(self) -> None:
+        self.netctl.set_ipam_view(self.allocations.entries(),
+                                  covered=set(self.allocations.pieces()))
+
+    def _on_allocations(self, networks: set[str]) -> None:
+        """Allocations of networks this host has changed (somewhere in the cluster)."""
+        self._set_ipam_view()
+        self.controller.queue.add(PEERS)
+        if self.policy is not None:
+            self.controller.queue.add(POLICY)  # sources are classified by allocation
+
+    def _on_hosts(self, _: Any) -> None:
+        """A host joined, left or moved: its tunnel endpoints follow."""
+        self.controller.queue.add(PEERS)
 
     def _running(self) -> list[ContainerInfo]:
         with self._lock:
@@ -316,6 +340,7 @@ class Daemon:
         inside every container (the safety net under the event-driven repairs)."""
         if self.snapshot is not None:
             self._resyncs += 1
+            self._refresh_allocations = True  # an index bump may have been lost
             if self._resyncs % DEEP_EVERY == 0:
                 self.netctl.mark_all_dirty()
         return self._all_keys()
@@ -330,6 +355,8 @@ class Daemon:
         keys += [*self._container_keys(), SWEEP, PEERS]
         if not self.opts.dry_run:
             keys.append(MEMBERS)
+        if self.policy is not None:
+            keys.append(POLICY)
         return keys
 
     # ------------------------------------------------------------------ handlers
@@ -394,6 +421,8 @@ class Daemon:
             after = self.netctl.result(cid)
             if (before.addresses if before else {}) != (after.addresses if after else {}):
                 self.controller.queue.add(MEMBERS)
+                if self.policy is not None:
+                    self.controller.queue.add(POLICY)  # its ports' rules follow
             was = set(before.addresses) if before else set()
             now = set(after.addresses) if after else set()
             self.metrics.interfaces_changed(len(now - was), len(was - now))
@@ -428,7 +457,11 @@ class Daemon:
         return None
 
     def _sweep(self) -> None:
-        done = self.netctl.sweep(self._running())
+        # Every network's allocations (a read that grows with the cluster) only at the
+        # first sweep and at deep resyncs; otherwise this host's networks only.
+        full = self._resyncs % DEEP_EVERY == 0 or not self._swept_full
+        done = self.netctl.sweep(self._running(), full=full)
+        self._swept_full = self._swept_full or full
         for cid in self.netctl.dirty_ids():  # e.g. an address lost while we were away
             self.controller.queue.add(ContainerKey(cid))
         if done:
@@ -458,15 +491,51 @@ class Daemon:
                 self.known.errors.pop(MEMBERS, None)
 
     def _handle_peers(self, key: PeersKey) -> None:
-        snap = self.snapshot
-        if snap is None:
+        if self.snapshot is None:
             return
-        allocations = parse_allocations(self.opts.prefix, {
-            e.key: e for e in snap.items if e.key.startswith(self.layout.ipam_prefix())})
-        changes = self.netctl.program_peers(allocations, hosts_from(self.opts.prefix,
-                                                                    snap.items))
+        # The networks this host has may have changed (a container came or went): read
+        # those newly wanted, drop the others; at a resync, read them all again.
+        refresh = self._refresh_allocations
+        self._refresh_allocations = False
+        if refresh:
+            self.allocations.refresh()
+        else:
+            self.allocations.sync()
+        self._set_ipam_view()
+        allocations = parse_allocations(self.opts.prefix, self.allocations.entries())
+        hosts = hosts_from(self.opts.prefix, self.hosts.entries.values())
+        if refresh:
+            self._legacy_hosts = self._unregistered_hosts(
+                {a.node for a in allocations} - set(hosts) - {self.opts.node})
+        changes = self.netctl.program_peers(allocations, {**self._legacy_hosts, **hosts})
         if changes:
             log.info("overlay: %s", _summarize(changes, show=4))
+
+    def _handle_policy(self, key: PolicyKey) -> None:
+        snap = self.snapshot
+        if self.policy is None or snap is None:
+            return
+        specs = {c.id: s.name for c in self._running()
+                 if (s := spec_for(snap.state, c.name, c.labels)) is not None}
+        changes = self.policy.reconcile(
+            snap.state, parse_allocations(self.opts.prefix, self.allocations.entries()),
+            local_ports(self.netctl.results()), specs)
+        if changes:
+            log.info("%s", "; ".join(changes))
+
+    def _unregistered_hosts(self, nodes: set[str]) -> dict[str, str]:
+        """Addresses of nodes holding allocations here but absent from `hosts/`: daemons
+        of an older version, which publish their address only in their status (read
+        one by one at a resync; none once every host is upgraded)."""
+        found: dict[str, str] = {}
+        for node in sorted(nodes):
+            try:
+                item = self.kv.get(self.layout.node_status(node))
+            except ConsulError:
+                continue
+            if item is not None:
+                found.update(hosts_from(self.opts.prefix, [item]))
+        return found
 
     def _handle_proxy(self, key: ProxyKey) -> Result | None:
         if self.proxy is None:
@@ -542,8 +611,7 @@ class Daemon:
         invalid = 0
         snap = self.snapshot
         if snap is not None:
-            view = {e.key: e for e in snap.items if e.key.startswith(self.layout.ipam_prefix())}
-            for a in parse_allocations(self.opts.prefix, view):
+            for a in parse_allocations(self.opts.prefix, self.allocations.entries()):
                 if a.node == self.opts.node:
                     allocations[a.network] = allocations.get(a.network, 0) + 1
             for name, net in snap.state.networks.items():
@@ -557,10 +625,28 @@ class Daemon:
             attached_containers=sum(1 for r in results.values() if r.addresses),
             members_published=self.members.publisher.published, invalid_keys=invalid,
             ipam_allocations=allocations, ipam_pool_size=pools,
-            overlay_peers=dict(self.netctl.peer_counts()))
+            overlay_peers=dict(self.netctl.peer_counts()),
+            policy_denied=self.policy.denied() if self.policy is not None else {},
+            consul_reads=self.consul_reads())
 
     def consul_watch_ok(self) -> bool:
-        return self.watcher.healthy.is_set()
+        return self.watcher.healthy.is_set() and self.hosts.healthy.is_set() \
+            and self.allocations.healthy.is_set()
+
+    def consul_reads(self) -> dict[str, int]:
+        """Consul reads made by each watch (/metrics; tests, bench/scale.py)."""
+        return {"desired": self.watcher.reads, "hosts": self.hosts.reads,
+                "allocation_index": self.allocations.index.reads,
+                "allocations": self.allocations.piece_reads}
+
+    def _read_other_areas(self) -> None:
+        """First reads of the host registry and the allocation index (each retried by
+        its own loop when Consul fails here)."""
+        for poll in (self.hosts.poll, self.allocations.index.poll):
+            try:
+                poll(consistent=True)
+            except ConsulError as e:
+                log.warning("waiting for Consul: %s", e)
 
     def docker_events_ok(self) -> bool:
         return self.events is not None and self.events.connected
@@ -618,6 +704,7 @@ class Daemon:
                 snap = self.watcher.poll(consistent=True)
                 if snap is not None:
                     self._on_snapshot(snap)
+                self._read_other_areas()
                 return True
             except ConsulError as e:
                 log.warning("waiting for Consul: %s", e)
@@ -634,6 +721,10 @@ class Daemon:
         threads = [
             threading.Thread(target=self.watcher.run, args=(stop,), name="kv-watch",
                              daemon=True),
+            threading.Thread(target=self.hosts.run, args=(stop, self._on_hosts),
+                             name="kv-hosts", daemon=True),
+            threading.Thread(target=self.allocations.run, args=(stop, self._on_allocations),
+                             name="kv-allocations", daemon=True),
             threading.Thread(target=watcher.run, args=(stop,), name="docker-watch",
                              daemon=True),
             threading.Thread(target=self._status_loop, args=(stop,), name="status",
@@ -655,7 +746,7 @@ class Daemon:
             # for the status loop's sleep made SIGTERM -> exit take 1.2-2.9 s (issue 10).
             deadline = time.monotonic() + 1.0
             for t in threads:
-                if t.name != "kv-watch":
+                if not t.name.startswith("kv-"):
                     t.join(timeout=max(0.0, deadline - time.monotonic()))
 
     def reconfigure(self, proxy: Any) -> None:
@@ -672,6 +763,7 @@ class Daemon:
         snap = self.watcher.poll(consistent=True)
         if snap is not None:
             self._on_snapshot(snap)
+        self._read_other_areas()
         try:
             running = [c for c in self.docker.list_containers() if c.running]
         except DockerError as e:
@@ -681,6 +773,8 @@ class Daemon:
         self._once = True
         keys: list[WorkKey] = [ContainerKey(c.id) for c in running]
         keys += [PORTS, SWEEP, PEERS]
+        if self.policy is not None:
+            keys.append(POLICY)
         if not self.opts.dry_run:
             keys.append(MEMBERS)
         if self.proxy is not None:

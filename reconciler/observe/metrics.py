@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.registry import Collector
 
@@ -46,7 +46,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 PREFIX = "reconciler"
 
 #: Work key kinds (reconciler.workkeys `kind`) and reconcile results, made up front.
-KINDS = ("container", "ports", "sweep", "members", "proxy", "peers")
+KINDS = ("container", "ports", "sweep", "members", "proxy", "peers", "policy")
 RESULTS = ("ok", "requeued", "error", "invalid")
 #: Reconcile durations: an attach takes ~3 ms, an HAProxy reload ~0.1-1 s.
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -76,6 +76,11 @@ class StateSample:
     """Network -> addresses in its pool (for utilisation: sum of allocations / size)."""
     overlay_peers: Mapping[str, int] = field(default_factory=dict)
     """Overlay network -> remote endpoints this host's tunnel knows."""
+    consul_reads: Mapping[str, int] = field(default_factory=dict)
+    """Watch (desired, hosts, allocation_index, allocations) -> Consul reads it made."""
+    policy_denied: Mapping[tuple[str, str, str], int] = field(default_factory=dict)
+    """(bridge, source group, destination group) -> packets the group policy dropped
+    (from the rule/flow counters; monotonic)."""
 
 
 def series_name(name: str) -> str:
@@ -269,3 +274,18 @@ class _StateCollector(Collector):
             for network, n in sorted(values.items()):
                 family.add_metric([network], n)
             yield family
+        reads = CounterMetricFamily(
+            series_name("consul_watch_reads"), "Consul reads made by the watches, by "
+            "watch: desired (the user areas), hosts (the host registry), allocation_index "
+            "(generations of every network's allocations) and allocations (the networks "
+            "of this host whose generation moved).", labels=["watch"])
+        for watch, n in sorted(s.consul_reads.items()):
+            reads.add_metric([watch], n)
+        yield reads
+        denied = CounterMetricFamily(
+            series_name("policy_denied_packets"), "Packets the group policy dropped, by "
+            "bridge, source group and destination group (issue 12).",
+            labels=["bridge", "source", "destination"])
+        for (bridge, src, dst), n in sorted(s.policy_denied.items()):
+            denied.add_metric([bridge, src, dst], n)
+        yield denied

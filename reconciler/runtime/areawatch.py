@@ -11,6 +11,10 @@ lessons), for ONE read prefix (`AreaWatch`):
   of writes is coalesced), so a flapping key cannot make the daemon hammer Consul;
 - an area that suddenly reads empty is confirmed with a consistent read before it is
   believed (optional: for areas holding desired state);
+- an EMPTY area is read at most every `empty_interval` seconds: Consul answers a missing
+  prefix with the global index and wakes its blocking query for writes anywhere near
+  it (the watch of the closest existing node of its tree), so without this an unused
+  area (no `policy` key, say) would be read again for every write of the cluster;
 - while Consul is unreachable the last entries stay in force and the loop retries with
   capped, jittered backoff — it never gives up.
 
@@ -83,13 +87,14 @@ class AreaWatch:
 
     def __init__(self, kv: PrefixReader, prefix: str, *, wait: str = "30s",
                  confirm_empty: bool = False, rate: float = 20.0, burst: float = 5.0,
-                 max_backoff: float = 2.0) -> None:
+                 max_backoff: float = 2.0, empty_interval: float = 0.5) -> None:
         self.kv = kv
         self.prefix = prefix
         self.wait = wait
         self.confirm_empty = confirm_empty
         self.bucket = TokenBucket(rate, burst)
         self.max_backoff = max_backoff
+        self.empty_interval = empty_interval
         self.index = 0
         self.entries: dict[str, KVEntry] = {}
         self.read_once = False
@@ -159,6 +164,8 @@ class AreaWatch:
                 except Exception:
                     log.exception("handling a change of %s failed", self.prefix)
             wait = self.bucket.delay()
+            if not self.entries:
+                wait = max(wait, self.empty_interval)
             if wait > 0:
                 stop.wait(wait * random.uniform(1.0, 1.2))
 
