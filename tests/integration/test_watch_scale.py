@@ -1,0 +1,107 @@
+"""Issue 9 against the real Consul: what another host writes does not make this daemon read
+its desired state again, counted in Consul reads (`reconciler_consul_watch_reads_total`),
+not in time.
+
+A daemon (`reconciler run` with its HAProxy) on a fresh prefix holding a network, a
+container spec, a service and a policy (every desired area non-empty: Consul answers a
+missing prefix with the global index). Then other hosts' business is written: status
+documents, allocations of a network this host does not have (with their generation
+bumps), audit records. The desired-state watch must not read at all for them, the
+allocation index is read, and no network's allocations are; a user change afterwards is
+read and applied.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers import wait_for
+from prometheus_client.parser import text_string_to_metric_families
+
+from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
+from reconciler.kvlayout import Layout
+
+from .daemon_helpers import DaemonProcess
+
+
+def reads(daemon: DaemonProcess) -> dict[str, float]:
+    text = urllib.request.urlopen(daemon.url("/metrics"), timeout=5).read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "reconciler_consul_watch_reads":
+            for s in fam.samples:
+                if s.name.endswith("_total"):
+                    out[s.labels["watch"]] = s.value
+    return out
+
+
+@pytest.fixture()
+def env(consul_addr: str, tmp_path: Path) -> Iterator[tuple[DaemonProcess, ConsulKV, Layout]]:
+    prefix = f"t-scale-{secrets.token_hex(3)}/"
+    L = Layout(prefix)
+    kv = ConsulKV(ConsulSettings.from_env())
+    kv.put(L.network("n"), json.dumps({"subnet": "10.77.231.0/24", "bridge": "brw231",
+                                       "driver": "linux"}).encode())
+    kv.put(L.container("spec"), json.dumps({"interfaces": [
+        {"name": "eth1", "network": "n", "address": "10.77.231.5/24"}]}).encode())
+    kv.put(L.service_config("web"), json.dumps({"bind": "127.0.0.1:0"}).encode()
+           .replace(b":0", f":{_port()}".encode()))
+    kv.put(L.service_active("web"), b"blue")
+    kv.put(L.policy(), json.dumps({"isolate": [], "allow": []}).encode())
+    daemon = DaemonProcess(prefix, f"w-{secrets.token_hex(2)}", tmp_path, resync=300)
+    daemon.start()
+    try:
+        wait_for(lambda: kv.get(L.node_status(daemon.node)) is not None, timeout=30,
+                 message="the daemon publishes its status")
+        yield daemon, kv, L
+    finally:
+        daemon.stop()
+        kv.delete(prefix, recurse=True)
+
+
+def _port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_other_hosts_writes_do_not_reread_the_desired_state(
+        env: tuple[DaemonProcess, ConsulKV, Layout]) -> None:
+    daemon, kv, L = env
+    wait_for(lambda: reads(daemon).get("desired", 0) >= 4, timeout=10)
+    wait_for(lambda: kv.get(L.host(daemon.node)) is not None, timeout=10,
+             message="the daemon registers in hosts/")
+    # Its own registration wakes its hosts watch: let that read happen first.
+    wait_for(lambda: reads(daemon).get("hosts", 0) >= 2, timeout=10)
+    before = reads(daemon)
+    for i in range(30):
+        kv.put(L.node_status(f"other{i}"), json.dumps({"node": f"other{i}", "i": i}).encode())
+        kv.put(L.allocation("elsewhere", f"10.77.232.{i + 10}"), json.dumps(
+            {"node": f"other{i}", "container": f"c{i}", "interface": "eth1"}).encode())
+        kv.put(L.ipam_index("elsewhere"), f"other{i} {i}".encode())
+        kv.put(L.audit_record("web", 1.0 + i), b"{}")
+    # The writes are seen by the allocation index watch (it reads once per wake) ...
+    wait_for(lambda: reads(daemon).get("allocation_index", 0)
+             > before.get("allocation_index", 0), timeout=10,
+             message="the allocation index watch reads the bumps")
+    after = reads(daemon)
+    # ... but the desired state is not read again, nor a network's allocations: this host
+    # has no container on "elsewhere".
+    assert after["desired"] == before["desired"], (before, after)
+    assert after["allocations"] == before["allocations"], (before, after)
+    # (The registry's watch saw a wake-up or two during the 120 writes, not one each.)
+    assert after["hosts"] - before["hosts"] <= 2, (before, after)
+    # A user change is read and applied (status index past it).
+    kv.put(L.service_active("web"), b"green")
+    item = kv.get(L.service_active("web"))
+    assert item is not None
+    wait_for(lambda: json.loads(kv.get(L.node_status(daemon.node)).value)  # type: ignore[union-attr]
+             .get("index", 0) >= item.modify_index, timeout=10,
+             message="the flip is applied")
+    assert reads(daemon)["desired"] > after["desired"]
