@@ -191,12 +191,14 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0,
 
 class _BackendHandler(BaseHTTPRequestHandler):
     """``/health*`` answers the server's health code; any other path its body (with the
-    server's `status`, 200 unless set)."""
+    server's `status`, 200 unless set); ``/slow*`` after the server's `slow` seconds."""
 
     server: HttpBackend
 
     def do_GET(self) -> None:
         srv = self.server
+        if self.path.startswith("/slow"):
+            time.sleep(srv.slow)
         code, body = (srv.health, b"ok\n") if self.path.startswith("/health") \
             else (srv.status, srv.body)
         self.send_response(code)
@@ -226,6 +228,7 @@ class HttpBackend(ThreadingHTTPServer):
         self.body = body.encode() if isinstance(body, str) else body
         self.health = health
         self.status = status  # of every other path (settable: a pool that fails)
+        self.slow = 1.0  # seconds /slow takes (a request under way)
         threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.05},
                          daemon=True).start()
 

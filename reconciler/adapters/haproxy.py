@@ -30,6 +30,16 @@ keeps them (``load-server-state-from-file global`` in the rendered defaults).
 Worker commands go through the master socket as ``@1 <cmd>`` (the newest worker) or
 ``@!<pid> <cmd>``, so an external HAProxy needs only its master socket.
 
+Members come and go without a reload too (HAProxy 2.6 dynamic servers): `add_server`
+(``add server`` with the options the caller rendered, then ``enable health`` and
+``enable server``), `remove_server` (``set server ... state maint``, then ``del server``
+once no session uses it: a server still busy is remembered and `finish_removals`, called
+again by the caller, deletes it when its sessions ended, or shuts them down after the
+drain timeout, as ``hard-stop-after`` would after a reload), `set_addr`, `set_weight`
+and `set_state`. Each goes to every live worker (`live_workers`: the current one first,
+which must succeed; an old worker may be exiting and is best effort), every argument
+allow-listed, since member names come from KV.
+
 Progressive cutovers use two more runtime maps (``canary.map``: service -> backend,
 ``canary-weight.map``: service -> percent), synced like the active map (`extra_maps`).
 `backend_counters` reads the current worker's ``show stat`` (requests, 5xx, connection
@@ -55,7 +65,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -79,6 +89,9 @@ _DIGEST_RE = re.compile(r"[0-9a-f]{16}\Z")
 SERVER_STATES = ("ready", "drain", "maint")
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}\Z")
 _BACKEND_RE = re.compile(r"[A-Za-z0-9_.:-]{1,200}\Z")
+_ADDRESS_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]{2,45}\]|[0-9.]{7,15}):\d{1,5}\Z")
+_IP_RE = re.compile(r"[0-9A-Fa-f:.]{2,45}\Z")
+_OPTION_RE = re.compile(r"[A-Za-z0-9_.:/+@,()\[\]%=-]{1,256}\Z")
 _LOG_MAX_BYTES = 1 << 20
 _CONFIG_MODE = 0o600  # the config may hold the stats credentials
 # Issue 10: the state directory is 0700 (root's; HAProxy's workers run as `haproxy` and
@@ -334,6 +347,9 @@ class HaproxyProcess:
         self.timeout = timeout
         self._child: subprocess.Popen[bytes] | None = None
         self._lock = threading.RLock()
+        # (worker pid, backend, server) -> drain deadline (monotonic): in maintenance,
+        # deleted once no session uses it (`finish_removals`).
+        self._removing: dict[tuple[int, str, str], float] = {}
 
     # --- the master CLI ----------------------------------------------------------------
 
@@ -522,6 +538,12 @@ class HaproxyProcess:
                 return False
             self._swap_in(cfg, current)
             return True
+
+    def reload(self) -> ProcInfo:
+        """Reload with the config file as it is (server states dumped first), confirmed;
+        `show proc` after it. Raises ReloadFailed if the new worker did not come up."""
+        with self._lock:
+            return self._reload_confirmed()
 
     def _swap_in(self, cfg: bytes, current: bytes | None) -> None:
         """Write `cfg` beside the config, `haproxy -c` it, keep `current` as the last good
@@ -738,23 +760,160 @@ class HaproxyProcess:
         if not pattern.match(value):
             raise HaproxyError(f"invalid {what} for the HAProxy CLI: {value!r}")
 
-    def set_weight(self, backend: str, server: str, weight: int) -> None:
-        """Set a server's weight (0-256) in the current worker."""
+    def live_workers(self) -> tuple[int, ...]:
+        """Pids of every live worker, the current (newest) one first."""
+        info = self.show_proc()
+        cur = info.current_worker
+        if cur is None:
+            raise HaproxyError("HAProxy has no worker")
+        return (cur.pid, *(w.pid for w in info.all_workers if w.pid != cur.pid))
+
+    def _on_workers(self, workers: Sequence[int] | None,
+                    fn: Callable[[int], None]) -> None:
+        """`fn(pid)` on every worker of `workers` (default: `live_workers`). The first
+        (the current worker) must succeed; an old one may be exiting: best effort."""
+        for i, pid in enumerate(self.live_workers() if workers is None else workers):
+            try:
+                fn(pid)
+            except HaproxyError:
+                if i == 0:
+                    raise
+
+    def _server_arg(self, backend: str, server: str) -> str:
         self._check_arg("backend", backend, _BACKEND_RE)
         self._check_arg("server", server, _NAME_RE)
+        return f"{backend}/{server}"
+
+    def set_weight(self, backend: str, server: str, weight: int,
+                   workers: Sequence[int] | None = None) -> None:
+        """Set a server's weight (0-256) in every live worker."""
+        target = self._server_arg(backend, server)
         if isinstance(weight, bool) or not 0 <= weight <= 256:
             raise HaproxyError(f"weight must be 0-256, got {weight!r}")
         with self._lock:
-            self._worker_ok(f"set server {backend}/{server} weight {int(weight)}")
+            self._on_workers(workers, lambda pid: self._worker_ok(
+                f"set server {target} weight {int(weight)}", pid))
 
-    def set_state(self, backend: str, server: str, state: str) -> None:
-        """Set a server's admin state: ready, drain or maint."""
-        self._check_arg("backend", backend, _BACKEND_RE)
-        self._check_arg("server", server, _NAME_RE)
+    def set_state(self, backend: str, server: str, state: str,
+                  workers: Sequence[int] | None = None) -> None:
+        """Set a server's admin state (ready, drain or maint) in every live worker."""
+        target = self._server_arg(backend, server)
         if state not in SERVER_STATES:
             raise HaproxyError(f"state must be one of {', '.join(SERVER_STATES)}: {state!r}")
         with self._lock:
-            self._worker_ok(f"set server {backend}/{server} state {state}")
+            self._on_workers(workers, lambda pid: self._worker_ok(
+                f"set server {target} state {state}", pid))
+
+    def set_addr(self, backend: str, server: str, address: str, port: int,
+                 workers: Sequence[int] | None = None) -> None:
+        """Point a server at another IP literal and port, in every live worker."""
+        target = self._server_arg(backend, server)
+        self._check_arg("address", address, _IP_RE)
+        if isinstance(port, bool) or not 1 <= port <= 65535:
+            raise HaproxyError(f"port must be 1-65535, got {port!r}")
+        cmd = f"set server {target} addr {address} port {int(port)}"
+
+        def one(pid: int) -> None:
+            out = self.worker_command(cmd, pid).strip()
+            if "changed from" not in out and "no need to change" not in out:
+                raise HaproxyError(f"HAProxy refused {cmd!r}: {out[:200]}")
+
+        with self._lock:
+            self._on_workers(workers, one)
+
+    def add_server(self, backend: str, server: str, address: str, options: Sequence[str],
+                   *, health: bool, enable: bool,
+                   workers: Sequence[int] | None = None) -> None:
+        """``add server <backend>/<server> <address> <options...>`` in every live worker,
+        then ``enable health`` (`health`) and ``enable server`` (`enable`; else it stays
+        in maintenance). `address` is ``IP:port`` (IPv6 in brackets); every option word
+        is allow-listed (no space, ``;``, ``#``, quote or control character). A server
+        of that name still being removed (`remove_server`) is deleted first."""
+        target = self._server_arg(backend, server)
+        self._check_arg("address", address, _ADDRESS_RE)
+        for word in options:
+            self._check_arg("server option", word, _OPTION_RE)
+        cmd = " ".join(("add server", target, address, *options))
+
+        def one(pid: int) -> None:
+            if (pid, backend, server) in self._removing:
+                self._delete_now(pid, backend, server)
+            out = self.worker_command(cmd, pid).strip()
+            if not out.startswith("New server registered"):
+                raise HaproxyError(f"HAProxy refused {cmd!r}: "
+                                   f"{out.splitlines()[0] if out else 'no answer'}")
+            if health:
+                self._worker_ok(f"enable health {target}", pid)
+            if enable:
+                self._worker_ok(f"enable server {target}", pid)
+
+        with self._lock:
+            self._on_workers(workers, one)
+
+    def remove_server(self, backend: str, server: str, drain_timeout: float,
+                      workers: Sequence[int] | None = None) -> int:
+        """Take a server out of every live worker: maintenance at once (no new request
+        goes to it; requests under way finish), deleted when no session uses it. Those
+        still busy are deleted by `finish_removals` (after `drain_timeout` s, their
+        sessions are shut down first). Returns the removals still pending."""
+        target = self._server_arg(backend, server)
+
+        def one(pid: int) -> None:
+            out = self.worker_command(f"set server {target} state maint", pid).strip()
+            # An old worker's proxies are stopped ("Proxy is disabled."): it takes no
+            # new request anyway, and deletes the server all the same.
+            if out and not out.startswith(("Proxy is disabled", "No such server")):
+                raise HaproxyError(f"HAProxy refused 'set server {target} state maint': "
+                                   f"{out.splitlines()[0]}")
+            if not self._try_delete(pid, target):
+                self._removing[(pid, backend, server)] = time.monotonic() + drain_timeout
+
+        with self._lock:
+            self._on_workers(workers, one)
+            return len(self._removing)
+
+    def _try_delete(self, pid: int, target: str) -> bool:
+        """``del server``: True when it is gone, False while sessions still use it."""
+        out = self.worker_command(f"del server {target}", pid).strip()
+        if out.startswith(("Server deleted", "No such server")):
+            return True
+        if "still has" in out:  # connections attached, or streams queued
+            return False
+        raise HaproxyError(f"HAProxy refused 'del server {target}': {out[:200]}")
+
+    def _delete_now(self, pid: int, backend: str, server: str) -> None:
+        """A server being removed gets added again: end its sessions and delete it."""
+        target = f"{backend}/{server}"
+        self._worker_ok(f"shutdown sessions server {target}", pid)
+        deadline = time.monotonic() + 2.0
+        while not self._try_delete(pid, target):
+            if time.monotonic() > deadline:
+                raise HaproxyError(f"{target} is still busy in worker {pid}")
+            time.sleep(0.005)
+        self._removing.pop((pid, backend, server), None)
+
+    @property
+    def pending_removals(self) -> int:
+        """Servers in maintenance waiting for their sessions to end before deletion."""
+        return len(self._removing)
+
+    def finish_removals(self) -> int:
+        """Delete the servers `remove_server` left busy whose sessions ended; shut down
+        the sessions of those past their drain timeout (deleted at the next call). A
+        worker that exited is forgotten. Returns the removals still pending."""
+        with self._lock:
+            now = time.monotonic()
+            for key, deadline in list(self._removing.items()):
+                pid, backend, server = key
+                target = f"{backend}/{server}"
+                try:
+                    if self._try_delete(pid, target):
+                        del self._removing[key]
+                    elif now >= deadline:
+                        self._worker_ok(f"shutdown sessions server {target}", pid)
+                except HaproxyError:
+                    del self._removing[key]  # the worker is gone (or the server)
+            return len(self._removing)
 
     def backend_counters(self) -> tuple[int | None, dict[str, BackendCounters]]:
         """(current worker pid, counters per backend) of the newest worker. The counters

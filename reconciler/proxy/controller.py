@@ -7,15 +7,20 @@ quiescence window that coalesces bursts of changes into one reload, and the prox
 of the node status (config hash, last reload result, active pool per service).
 
 Switching `active` changes only the map: the adapter applies it with `set map` through
-the runtime API (no reload) and persists the map file. Members, services or settings
-change the config bytes: then it goes through check -> atomic swap -> reload ->
-confirm, and a config that fails is never loaded (the adapter keeps the last good one).
-Every reload and runtime change is counted in the `Metrics` given at assembly
-(`_apply_counted`, and in `_apply_at_runtime`).
+the runtime API (no reload) and persists the map file. A member added to or removed from
+an existing pool, or its new address, weight or state, goes through the runtime API too
+(HAProxy's dynamic servers, planned by reconciler.proxy.dynamic): the config file is then
+staged to match without a reload. Services, pools, binds or settings change the config
+otherwise: then it goes through check -> atomic swap -> reload -> confirm, and a config
+that fails is never loaded (the adapter keeps the last good one); so does a member change
+whose runtime commands failed (logged, counted as a failed runtime change). Every reload
+and runtime change is counted in the `Metrics` given at assembly (`_apply_counted`, and
+in `_apply_at_runtime`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import logging
@@ -40,6 +45,15 @@ from reconciler.observe.metrics import Metrics
 from reconciler.proxy.canary import canary_maps, cutover_status
 from reconciler.proxy.canary import running as canary_running
 from reconciler.proxy.certs import stage_all
+from reconciler.proxy.dynamic import (
+    AddServer,
+    DelServer,
+    RuntimeOp,
+    SetAddr,
+    SetState,
+    describe,
+    plan_runtime,
+)
 from reconciler.proxy.render import Renderer, render_map
 from reconciler.proxy.view import (
     GlobalView,
@@ -47,7 +61,6 @@ from reconciler.proxy.view import (
     PoolView,
     ProxyView,
     ServiceView,
-    backend_name,
     frontends,
     parse_backend_name,
     sorted_view,
@@ -60,6 +73,7 @@ log = logging.getLogger(__name__)
 # "Binding [...haproxy.cfg:24] for frontend fe_far: cannot bind socket (...) for [ip:port]"
 _UNLOADABLE_RE = re.compile(r"frontend (fe_[A-Za-z0-9_.:-]+): cannot bind socket")
 _VIEW_KEYS = Layout("")  # the renderer's problems name keys relative to the prefix
+_REMOVAL_POLL = 0.05  # seconds between looks at removed members still serving
 
 
 def service_view(svc: Service, active: str) -> ServiceView:
@@ -84,7 +98,10 @@ def service_view(svc: Service, active: str) -> ServiceView:
 
 def _without_active(services: Mapping[str, Service]) -> dict[str, Service]:
     # A cutover's share is a runtime map too (no reload): not a config change either.
-    return {name: replace(svc, active=None, canary=None) for name, svc in services.items()}
+    # Nor are the members of existing pools (dynamic servers): only their pool names.
+    return {name: replace(svc, active=None, canary=None,
+                          pools={pool: {} for pool in svc.pools})
+            for name, svc in services.items()}
 
 
 def global_view(settings: ProxySettings) -> GlobalView:
@@ -205,9 +222,10 @@ class ProxyController:
     def set_state(self, state: DesiredState) -> None:
         with self._lock:
             if _without_active(state.services) != _without_active(self.state.services):
-                # Only changes of the config bytes (a reload) open the quiescence window.
-                # A flip of `active` alone is one `set map`: applied at once, it took
-                # quiet_min (50 ms) longer for nothing (found by bench/proxy.py).
+                # Only changes that reload open the quiescence window. A flip of `active`
+                # alone is one `set map`, a member change a few `add/del/set server`:
+                # applied at once, they took quiet_min (50 ms) longer for nothing (found
+                # by bench/proxy.py).
                 now = time.monotonic()
                 self._last_change = now
                 if self._first_change is None:
@@ -233,6 +251,8 @@ class ProxyController:
         with self._lock:
             state = self.state
             self._first_change = None
+        if self.hap.pending_removals and not self.dry_run:
+            self.hap.finish_removals()
         errors: dict[str, list[str]] = {}
         view = build_view(state, self.globals, self.last_active)
         # Still unloadable (same definition as when it failed): keep it out; changed:
@@ -364,8 +384,12 @@ class ProxyController:
 
     def poll_after(self) -> float | None:
         """Seconds until the proxy wants to be reconciled again on its own: while a
-        progressive cutover runs, HAProxy's counters are read and published this often."""
-        return self.settings.cutover_poll if self._cutovers else None
+        progressive cutover runs, HAProxy's counters are read and published this often;
+        while removed members still serve requests, they are deleted once done."""
+        polls = [self.settings.cutover_poll] if self._cutovers else []
+        if self.hap.pending_removals:
+            polls.append(_REMOVAL_POLL)  # removed members waiting for their sessions
+        return min(polls) if polls else None
 
     def _hold_back(self, view: ProxyView, names: set[str]) -> ProxyView:
         """`view` with the services `names` at their last loaded definition (with their
@@ -388,44 +412,79 @@ class ProxyController:
             log.warning("haproxy: could not apply the pool switches either: %s", e)
 
     def _apply_at_runtime(self, new: ProxyView, cfg: bytes) -> list[str]:
-        """If the only differences from the applied config are member weights and states
-        (ready/drain/maint), set them through the runtime API and stage the config file
-        without a reload (the server-state file keeps them across later reloads)."""
+        """If the only differences from the applied config are members of existing
+        pools (added, removed, or a new address, weight or state), apply them through
+        the runtime API (`reconciler.proxy.dynamic` plans it), then stage the config file
+        without a reload and persist the server states, so the file, the server-state
+        file and the running workers agree for the next reload. Returns what was done;
+        [] means the caller goes on with a reload: nothing to do at runtime, a change
+        that needs one (logged), or a runtime command that failed (logged and counted:
+        the reload brings the worker to the file)."""
         old = self._applied
-        if old is None or old.settings != new.settings or not self.hap.is_running():
+        if old is None:
             return []
-        changed: list[tuple[str, MemberView, MemberView]] = []
-        if len(old.services) != len(new.services):
-            return []
-        for a, b in zip(old.services, new.services, strict=True):
-            if replace(a, pools=()) != replace(b, pools=()) or \
-                    [p.name for p in a.pools] != [p.name for p in b.pools]:
-                return []
-            for pa, pb in zip(a.pools, b.pools, strict=True):
-                if [(m.name, m.address, m.port) for m in pa.members] != \
-                        [(m.name, m.address, m.port) for m in pb.members]:
-                    return []
-                changed += [(backend_name(b.name, pb.name), ma, mb)
-                            for ma, mb in zip(pa.members, pb.members, strict=True)
-                            if (ma.weight, ma.state) != (mb.weight, mb.state)]
-        if not changed:
-            return []
-        done = []
         try:
-            for backend, ma, mb in changed:
-                if mb.state != ma.state:
-                    self.hap.set_state(backend, mb.name, mb.state)
-                    done.append(f"{backend}/{mb.name} {mb.state}")
-                if mb.weight != ma.weight:
-                    self.hap.set_weight(backend, mb.name, mb.weight)
-                    done.append(f"{backend}/{mb.name} weight {mb.weight}")
+            current = self.hap.config_path.read_bytes()
+        except OSError:
+            return []
+        plan = plan_runtime(old, new, current.decode("utf-8", "replace"), cfg.decode())
+        if plan.reload is not None:
+            log.info("haproxy: reload needed: %s", plan.reload)
+            return []
+        if not plan.ops:
+            return []
+        try:
+            workers = self.hap.live_workers()
         except HaproxyError:
+            return []  # not running: started (or reloaded) with the new file
+        done: list[str] = []
+        try:
+            for op in plan.ops:
+                self._run_op(op, workers)
+                done.append(describe(op))
+        except HaproxyError as e:
             self.metrics.haproxy_runtime_change("failed")
-            raise
+            log.warning("haproxy: runtime change failed (%s; done: %s); reloading instead",
+                        e, ", ".join(done) or "nothing")
+            self._undo_adds(plan.ops[:len(done) + 1], workers)
+            return []
         finally:
             self.metrics.haproxy_runtime_change("ok", len(done))
-        self.hap.stage_config(cfg)
+        try:
+            self.hap.stage_config(cfg)
+        except HaproxyError:
+            # The workers have the change, the file not: the next apply reloads.
+            self._applied = None
+            raise
+        try:
+            self.hap.dump_server_state()
+        except (HaproxyError, OSError) as e:
+            log.warning("haproxy: could not save the server states: %s", e)
         return done
+
+    def _run_op(self, op: RuntimeOp, workers: tuple[int, ...]) -> None:
+        hap = self.hap
+        if isinstance(op, AddServer):
+            hap.add_server(op.backend, op.server, op.address, op.options, health=op.health,
+                           enable=op.enable, workers=workers)
+        elif isinstance(op, DelServer):
+            hap.remove_server(op.backend, op.server, float(self.globals.hard_stop_after_s),
+                              workers=workers)
+        elif isinstance(op, SetAddr):
+            hap.set_addr(op.backend, op.server, op.address, op.port, workers=workers)
+        elif isinstance(op, SetState):
+            hap.set_state(op.backend, op.server, op.state, workers=workers)
+        else:
+            hap.set_weight(op.backend, op.server, op.weight, workers=workers)
+
+    def _undo_adds(self, ops: tuple[RuntimeOp, ...], workers: tuple[int, ...]) -> None:
+        """Before the fallback reload dumps the server states: servers this attempt
+        added are taken out again, so a half-made one (still in maintenance) cannot
+        pass its state to the new worker."""
+        for op in ops:
+            if isinstance(op, AddServer):
+                with contextlib.suppress(HaproxyError):
+                    self.hap.remove_server(op.backend, op.server, 0.0, workers=workers)
 
     def _apply_counted(self, cfg: bytes, map_bytes: bytes,
                        extra_maps: Mapping[str, bytes] | None = None) -> ApplyResult:

@@ -11,6 +11,8 @@ import http.client
 import os
 import shutil
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,3 +374,104 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
     except OSError:
         return "gone"
+
+
+# --------------------------------------------------------------------------- dynamic servers
+
+
+def _servers_of(proc: HaproxyProcess, worker: int) -> set[str]:
+    """Server names of be_web:blue in worker `worker`."""
+    text = proc.worker_command("show servers state be_web:blue", worker)
+    return {f[3] for f in (ln.split() for ln in text.splitlines())
+            if len(f) > 3 and f[0].isdigit()}
+
+
+def test_dynamic_servers_go_to_every_live_worker(site: Site,
+                                                  http_backends: HttpBackends) -> None:
+    proc = site.proc
+    # An idle keep-alive connection keeps the old worker alive after a reload.
+    conn = http.client.HTTPConnection("127.0.0.1", site.port, timeout=5)
+    try:
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"blue"
+        old = proc.show_proc().current_worker
+        assert old is not None
+        new = proc.reload().current_worker
+        assert new is not None and new.pid != old.pid
+        workers = proc.live_workers()
+        assert workers[0] == new.pid and old.pid in workers
+        b2 = http_backends.start("blue-2", "127.0.96.2")
+        proc.add_server("be_web:blue", "b2", f"127.0.96.2:{b2.port}",
+                        ("inter", "500ms", "weight", "100", "check"), health=True,
+                        enable=True)
+        assert "b2" in _servers_of(proc, new.pid) and "b2" in _servers_of(proc, old.pid)
+        wait_for(lambda: {get(site.port) for _ in range(6)} == {"blue", "blue-2"},
+                 timeout=5, message="b2 serving")
+        assert proc.remove_server("be_web:blue", "b2", drain_timeout=5.0) == 0
+        assert "b2" not in _servers_of(proc, new.pid) | _servers_of(proc, old.pid)
+        assert {get(site.port) for _ in range(6)} == {"blue"}
+        # The old worker still answers its connection, and did not fail.
+        conn.request("GET", "/")
+        assert conn.getresponse().read() == b"blue"
+    finally:
+        conn.close()
+
+
+def test_a_busy_removed_server_is_shut_down_after_its_drain_timeout(
+        site: Site, http_backends: HttpBackends) -> None:
+    proc = site.proc
+    slow = http_backends.start("slow", "127.0.96.3")
+    slow.slow = 5.0
+    proc.add_server("be_web:blue", "s1", f"127.0.96.3:{slow.port}", ("weight", "100"),
+                    health=False, enable=True)
+    proc.set_state("be_web:blue", "b1", "maint")  # s1 takes the slow request
+    result: list[object] = []
+
+    def slow_request() -> None:
+        try:
+            result.append(get(site.port, "/slow"))
+        except (OSError, AssertionError, http.client.HTTPException) as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=slow_request)
+    t.start()
+    wait_for(lambda: "used_cur" in (text := proc.worker_command(
+        "show servers conn be_web:blue")) and any(
+            ln.startswith("be_web:blue/s1 ") and ln.split()[6] != "0"
+            for ln in text.splitlines()), timeout=5, interval=0.01,
+        message="the slow request under way")
+    proc.set_state("be_web:blue", "b1", "ready")
+    t0 = time.monotonic()
+    assert proc.remove_server("be_web:blue", "s1", drain_timeout=0.3) == 1
+    assert proc.pending_removals == 1
+    assert proc.finish_removals() == 1  # still busy, not yet timed out
+    wait_for(lambda: proc.finish_removals() == 0, timeout=5, interval=0.05,
+             message="s1 deleted after its drain timeout")
+    assert time.monotonic() - t0 < 4.0, "the sessions were shut down, not waited for"
+    assert ("be_web:blue", "s1") not in haproxy_servers(proc)
+    t.join(10)
+    assert len(result) == 1 and not isinstance(result[0], str)  # cut: it ran too long
+    assert {get(site.port) for _ in range(4)} == {"blue"}
+
+
+@pytest.mark.parametrize(("args", "what"), [
+    (("be_web:blue", "b2;shutdown sessions", "127.0.0.1:80", ()), "server"),
+    (("be_web:blue\nx", "b2", "127.0.0.1:80", ()), "backend"),
+    (("be_web:blue", "b2", "127.0.0.1:80 ;", ()), "address"),
+    (("be_web:blue", "b2", "localhost:80", ()), "address"),
+    (("be_web:blue", "b2", "127.0.0.1:80", ("check;", )), "server option"),
+    (("be_web:blue", "b2", "127.0.0.1:80", ("inter 1s",)), "server option"),
+    (("be_web:blue", "b2", "127.0.0.1:80", ("weight", "1\nshow env")), "server option"),
+])
+def test_dynamic_server_arguments_are_allow_listed(site: Site, args: tuple[object, ...],
+                                                   what: str) -> None:
+    proc = site.proc
+    before = proc.worker_command("show servers state")
+    with pytest.raises(HaproxyError, match=f"invalid {what}"):
+        proc.add_server(*args, health=False, enable=True)  # type: ignore[arg-type]
+    with pytest.raises(HaproxyError, match="invalid"):
+        proc.remove_server("be_web:blue", "b1;quit", 1.0)
+    with pytest.raises(HaproxyError, match="invalid address"):
+        proc.set_addr("be_web:blue", "b1", "127.0.0.1 port 1;", 80)
+    assert _servers_of(proc, proc.live_workers()[0]) == {"b1"}
+    assert proc.worker_command("show servers state").count("\n") == before.count("\n")
