@@ -212,10 +212,16 @@ def test_metrics_move_after_a_flip(env: Env) -> None:
         > runtime_ok and value(s, "reconciler_reconciles_total", kind="proxy", result="ok")
         > proxy_ok)
     assert value(after, "reconciler_haproxy_reloads_total", result="failed") == 0
-    # A member added changes the config: a reload, counted.
+    # A member added to a pool is a runtime change (a dynamic server); a new pool
+    # changes the config: a reload, counted.
     reloads = value(after, "reconciler_haproxy_reloads_total", result="ok")
+    runtime_ok = value(after, "reconciler_haproxy_runtime_changes_total", result="ok")
     extra = env.backends.start(f"{target} x2\n")
     env.put(f"services/web/pools/{target}/x2", {"address": "127.0.0.1", "port": extra.port})
+    member = scrape_until(env.daemon, "haproxy_runtime_changes_total{ok} moved", lambda s: value(
+        s, "reconciler_haproxy_runtime_changes_total", result="ok") > runtime_ok)
+    assert value(member, "reconciler_haproxy_reloads_total", result="ok") == reloads
+    env.put("services/web/pools/spare/x3", {"address": "127.0.0.1", "port": extra.port})
     scrape_until(env.daemon, "haproxy_reloads_total{ok} + 1", lambda s: value(
         s, "reconciler_haproxy_reloads_total", result="ok") == reloads + 1)
 
