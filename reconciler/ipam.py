@@ -331,10 +331,14 @@ class Ipam:
             return True
         return False
 
-    def release_container(self, container: str) -> int:
-        """Release every allocation of a removed container (on this node); how many."""
+    def release_container(self, container: str, networks: Collection[str] | None = None
+                          ) -> int:
+        """Release every allocation of a removed container (on this node) in `networks`
+        (None: in every network, a read that grows with the cluster); how many."""
         n = 0
-        for a in self.allocations():
+        found = self.allocations() if networks is None else \
+            [a for net in sorted(networks) for a in self.allocations(net)]
+        for a in found:
             if a.container == container and a.node == self.node and self.release(a):
                 n += 1
         return n

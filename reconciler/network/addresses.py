@@ -33,6 +33,9 @@ class AddressBook:
         self._node = node
         self._lock = threading.Lock()
         self._cache: dict[IfaceKey, IPAddress] = {}
+        # container -> networks it holds addresses on, kept while it is stopped (the
+        # cache forgets it), so that its removal reads only those networks (issue 9)
+        self._networks: dict[str, set[str]] = {}
         self._view: Mapping[str, Any] | None = None  # ipam/ keys as last watched
         self._covered: Collection[str] | None = None  # the networks the view holds
         self._unclaimed: dict[IfaceKey, IPAddress] = {}  # used while Consul was away
@@ -55,6 +58,7 @@ class AddressBook:
     def _remember(self, key: IfaceKey, ip: IPAddress) -> None:
         with self._lock:
             self._cache[key] = ip
+            self._networks.setdefault(key[0], set()).add(key[1])
 
     def claim(self, net: Network, ip: IPAddress, cid: str, ifname: str) -> Allocation | None:
         """Claim a static address; the holder when another container has it.
@@ -128,6 +132,8 @@ class AddressBook:
             return 0
         with self._lock:
             self._cache.update(got)
+            for cid, network, _ in got:
+                self._networks.setdefault(cid, set()).add(network)
         return len(got)
 
     def host_address(self, net: Network, reserved: Iterable[IPAddress]) -> IPAddress:
@@ -147,7 +153,12 @@ class AddressBook:
                 del self._unclaimed[key]
 
     def release_container(self, cid: str) -> int:
-        return self._ipam.release_container(cid)
+        """Release the addresses of a removed container: only the networks it held
+        addresses on are read (none known: nothing to release; the full sweep at start
+        and at deep resyncs catches what a previous run left)."""
+        with self._lock:
+            networks = self._networks.pop(cid, set())
+        return self._ipam.release_container(cid, networks) if networks else 0
 
     def sweep(self, running_ids: set[str], is_gone: Callable[[str], bool],
               reclaim_grace: float, overlays: Collection[str] = (), *, full: bool = True,
@@ -167,7 +178,7 @@ class AddressBook:
             allocations = self._ipam.allocations()
         else:
             with self._lock:
-                mine = {k[1] for k in self._cache}
+                mine = {n for nets in self._networks.values() for n in nets}
             allocations = [a for n in sorted(mine | set(networks))
                            for a in self._ipam.allocations(n)]
         held: dict[IfaceKey, IPAddress] = {}
@@ -186,6 +197,10 @@ class AddressBook:
                 held[(a.container, a.network, a.interface)] = a.address
         with self._lock:
             self._cache = dict(held)
+            if full:
+                self._networks = {}
+            for cid, network, _ in held:
+                self._networks.setdefault(cid, set()).add(network)
         return done, held
 
     def reassert(self, cid: str, network: str, ifname: str, cidr: str) -> bool:

@@ -580,9 +580,10 @@ class FakeIpam(Recorder):
             return True
         return False
 
-    def release_container(self, container: str) -> int:
+    def release_container(self, container: str, networks: Any = None) -> int:
         self._rec("release_container", container)
-        mine = [a for a in self.allocs if a.container == container and a.node == self.node]
+        mine = [a for a in self.allocs if a.container == container and a.node == self.node
+                and (networks is None or a.network in networks)]
         for a in mine:
             self.allocs.remove(a)
         return len(mine)
