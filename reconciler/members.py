@@ -221,6 +221,12 @@ class MemberPublisher:
                     self.errors[key] = "held by another node's session"
             except ConsulError as e:
                 self.errors[key] = str(e)
+        # Errors are about members still wanted. A member refused once and then gone
+        # with its container stayed here (a new name per container: one entry each for
+        # as long as the daemon ran, and reported in the node's status; found by
+        # tests/unit/test_churn.py).
+        for key in [k for k in self.errors if k not in wanted]:
+            del self.errors[key]
         for key in mine:
             if key not in wanted and key not in keep:
                 self.kv.delete(key)
