@@ -112,8 +112,9 @@ class Metrics:
             "in).", ["result"], registry=r)
         self._haproxy_runtime = Counter(
             series_name("haproxy_runtime_changes"), "Changes applied through HAProxy's "
-            "runtime API without a reload (active pool switches, member weights and "
-            "states), by result.", ["result"], registry=r)
+            "runtime API without a reload (active pool switches; members added, removed "
+            "or re-addressed; member weights and states), by result (failed: a member "
+            "change then applied with a reload).", ["result"], registry=r)
         self._attached = Counter(
             series_name("interfaces_attached"), "Container interfaces that became attached "
             "(created, or re-created after the container restarted).", registry=r)
