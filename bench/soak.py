@@ -16,9 +16,19 @@ Owns the soak figures of docs/performance.md. Under a fresh prefix it puts one O
 - every 5 s the daemon's RSS (VmRSS) and open fds (/proc/PID/fd) are sampled.
 
 Reported: RSS and fd count after the warm-up (the first fifth, at least 20 s) and at the
-end, with their growth; reconcile duration p50/p99 by kind from the daemon's /metrics
+end, with their growth; the RSS slope (least squares) over each half of the time after
+the warm-up, per hour and per 1,000 container cycles (memory that levels off has a
+smaller slope in the second half; a leak the same per cycle), and the fds' median per
+half; reconcile duration p50/p99 by kind from the daemon's /metrics
 histogram ``reconciler_reconcile_duration_seconds`` (deltas over the run, upper bucket
-bounds); flip-to-served p50/p99; requests and failures. At the end every live container
+bounds); flip-to-served p50/p99; requests and failures.
+
+`--member-pool` makes every churned container a member (a new name each time) of a pool
+that is never active; `--tracemalloc PREFIX` runs the daemon with
+reconciler.observe.memtrace on (snapshots at the end of the warm-up, every
+$BENCH_SOAK_TRACE_EVERY s and at the end; RECONCILER_TRACEMALLOC_FRAMES=0 for the
+allocator figures alone). `--churn-every 0.3 --member-pool` shows in 5 minutes what the
+default shows in half an hour. At the end every live container
 must be attached with a distinct address, then with everything removed nothing may be
 left: no OVS port, host veth, IPAM allocation, status error, or the bridge itself.
 
@@ -40,19 +50,19 @@ import random
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from _machine import describe  # bench/_machine.py (they run as scripts)
+from _proc import free_port, kill_pid, open_fds, pct, rss_mib, sh, stop_popen
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
@@ -62,29 +72,13 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("RECONCILER_TEST_IMAGE", "reconciler-test/busybox:latest")
 IFNAME = "eth1"
 POOLS = ("blue", "green")
+MEMBER_POOL = "churn"  # --member-pool: the churned containers publish themselves here
 HISTOGRAM = "reconciler_reconcile_duration_seconds"
 FD_GROWTH_LIMIT = 5
 RSS_GROWTH_LIMIT = 0.25
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sh(*args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run a command (never a shell) and capture its text output."""
-    return subprocess.run(list(args), check=check, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: Iterable[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
 def fetch(port: int, timeout: float = 1.0) -> str | None:
@@ -111,46 +105,6 @@ def wait(cond: Any, timeout: float, what: str, interval: float = 0.1) -> Any:
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not within {timeout:g}s (last {value!r})")
         time.sleep(interval)
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def stop_popen(p: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    if p is None or p.poll() is not None:
-        return
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(5)
-
-
-def kill_pid(pid: int, marker: str) -> None:
-    """SIGTERM (then SIGKILL) `pid` if its command line contains `marker`."""
-    try:
-        if marker.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            return
-    except OSError:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            time.sleep(0.05)
 
 
 def free_octet() -> int:
@@ -252,6 +206,39 @@ class Sample:
     t: float
     rss_mib: float
     fds: int
+    cycles: int = 0  # containers replaced so far
+
+
+@dataclass(frozen=True)
+class Trend:
+    """A least-squares line through samples: growth per hour and per 1,000 container
+    cycles (replacements), and how far the samples stray from it."""
+
+    start: float  # the window's first sample time, from the run's start (s)
+    per_hour: float
+    per_kcycles: float | None
+    residual: float  # the largest distance of a sample from the line
+
+
+def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """The least-squares slope of ys over xs (0 with fewer than two distinct xs)."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    sxx = sum((x - mx) ** 2 for x in xs)
+    return 0.0 if sxx == 0 else sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx
+
+
+def trend(samples: Sequence[Sample], value: Any, t0: float) -> Trend:
+    """The trend of `value(sample)` over `samples` (at least two)."""
+    ts = [s.t for s in samples]
+    ys = [float(value(s)) for s in samples]
+    per_s = slope(ts, ys)
+    mt, my = sum(ts) / len(ts), sum(ys) / len(ys)
+    residual = max(abs(y - (my + per_s * (t - mt))) for t, y in zip(ts, ys, strict=True))
+    cycles = [float(s.cycles) for s in samples]
+    per_cycle = slope(cycles, ys) if cycles[-1] > cycles[0] else None
+    return Trend(samples[0].t - t0, per_s * 3600,
+                 None if per_cycle is None else per_cycle * 1000, residual)
 
 
 @dataclass
@@ -275,13 +262,16 @@ class Figures:
 
 class Soak:
     def __init__(self, minutes: float, containers: int, churn_every: float,
-                 keep_log: bool) -> None:
+                 keep_log: bool, tracemalloc: str | None = None,
+                 member_pool: bool = False) -> None:
         import docker
 
         self.minutes = minutes
         self.n = containers
         self.churn_every = churn_every
         self.keep_log = keep_log
+        self.tracemalloc = tracemalloc
+        self.member_pool = member_pool
         self.rid = secrets.token_hex(3)
         self.prefix = f"rs-{self.rid}/"
         self.node = f"rsnode-{self.rid}"
@@ -343,15 +333,32 @@ class Soak:
              self.node, "--state-dir", str(self.state_dir),
              "--listen", f"127.0.0.1:{self.metrics_port}"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.trace_env()})
         log.close()
+
+    def trace_env(self) -> dict[str, str]:
+        if not self.tracemalloc:
+            return {}
+        return {"RECONCILER_TRACEMALLOC": self.tracemalloc,
+                "RECONCILER_TRACEMALLOC_EVERY": os.environ.get("BENCH_SOAK_TRACE_EVERY",
+                                                               "60")}
+
+    def snapshot(self) -> None:
+        """Ask a traced daemon for a tracemalloc snapshot (reconciler.observe.memtrace)."""
+        if self.tracemalloc and self.daemon is not None and self.alive():
+            self.daemon.send_signal(signal.SIGUSR2)
 
     def start_container(self) -> None:
         self.counter += 1
+        labels = {"reconciler.name": self.spec, "reconciler-bench.run": self.rid}
+        if self.member_pool:
+            # A member of a pool that is never active, named after the container: a new
+            # member name for every container (served by nobody: its health check fails).
+            labels |= {"reconciler.service": "web", "reconciler.pool": MEMBER_POOL,
+                       "reconciler.port": "80", "reconciler.network": self.net}
         c = self.docker.containers.run(
             IMAGE, command=["sleep", "86400"], name=f"rs-{self.rid}-{self.counter}",
-            detach=True, network_mode="none",
-            labels={"reconciler.name": self.spec, "reconciler-bench.run": self.rid})
+            detach=True, network_mode="none", labels=labels)
         self.live.append(c)
         self.ever.append(c.id)
         self.fig.containers_started += 1
@@ -457,7 +464,8 @@ class Soak:
     def sample(self) -> None:
         assert self.daemon is not None
         pid = self.daemon.pid
-        self.fig.samples.append(Sample(time.monotonic(), rss_mib(pid), open_fds(pid)))
+        self.fig.samples.append(Sample(time.monotonic(), rss_mib(pid), open_fds(pid),
+                                       self.fig.containers_removed))
 
     def soak(self) -> None:
         rng = random.Random(int(self.rid, 16))
@@ -467,28 +475,37 @@ class Soak:
         load = Load(self.bind)
         load.start()
         t0 = time.monotonic()
-        next_churn = next_flip = next_sample = t0
+        next_churn = next_flip = next_sample = next_member = t0
+        warm = False
         try:
             while (now := time.monotonic()) < t0 + duration:
                 if not self.alive():
                     raise RuntimeError("the daemon died")
+                if not warm and now - t0 >= self.fig.warmup_s:
+                    warm = True
+                    self.snapshot()
                 if now >= next_sample:
                     self.sample()
                     next_sample += 5
                 if now >= next_churn:
                     self.remove_oldest()
                     self.start_container()
-                    next_churn += self.churn_every
+                    # Never more than one replacement behind (docker run may be slower).
+                    next_churn = max(next_churn + self.churn_every, time.monotonic())
                 if now >= next_flip:
                     self.flip()
                     next_flip += 5
-                self.churn_member(rng)
-                time.sleep(max(0.0, 1.0 - (time.monotonic() - now)))
+                if now >= next_member:
+                    self.churn_member(rng)
+                    next_member += 1
+                time.sleep(max(0.0, min(next_churn, next_flip, next_sample, next_member)
+                               - time.monotonic()))
         finally:
             load.stop()
             self.fig.requests = load.requests
             self.fig.failures = list(load.failures)
         self.sample()
+        self.snapshot()
         self.wait_converged(60)
         hist1 = histogram(self.metrics())
         allb: dict[float, float] = {}
@@ -601,6 +618,23 @@ def report(f: Figures) -> list[str]:
           f"{max(s.rss_mib for s in f.samples):.1f}")
     print(f"daemon open fds: start {f.samples[0].fds}, after warm-up {first.fds}, end "
           f"{last.fds} (growth {fd_growth:+d}), max {max(s.fds for s in f.samples)}")
+    # Warm-up against steady state: a line through each half of the run after the
+    # warm-up. Memory that levels off shows a smaller slope in the second half than in
+    # the first; a leak grows at the same rate (per container cycle) in both. fds come
+    # and go in bursts (sockets of containers being attached): their medians.
+    halves = [h for h in (after[: len(after) // 2], after[len(after) // 2:]) if len(h) >= 2]
+    t0 = f.samples[0].t
+    parts = []
+    for name, half in zip(("first", "second"), halves, strict=False):
+        tr = trend(half, lambda s: s.rss_mib, t0)
+        per_k = "-" if tr.per_kcycles is None else f"{tr.per_kcycles:+.2f}"
+        parts.append(f"{name} half (from {tr.start:.0f}s) {tr.per_hour:+.1f} MiB/h, "
+                     f"{per_k} MiB/1,000 cycles (scatter {tr.residual:.1f})")
+    if parts:
+        print("daemon RSS slope after the warm-up: " + "; ".join(parts))
+        print("daemon open fds after the warm-up, median: " + ", ".join(
+            f"{name} half {pct([s.fds for s in half], 0.5):.0f}"
+            for name, half in zip(("first", "second"), halves, strict=False)))
     print("reconcile duration (daemon /metrics histogram, upper bucket bounds), ms:")
     for kind in sorted(f.p99, key=lambda k: (k == "all", k)):
         n = f.reconciles.get(kind, sum(f.reconciles.values()))
@@ -634,10 +668,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--churn-every", type=float, default=3.0,
                    help="seconds between container replacements (default 3)")
     p.add_argument("--keep-log", action="store_true", help="keep the daemon log directory")
+    p.add_argument("--member-pool", action="store_true",
+                   help=f"the churned containers publish themselves as members of an idle "
+                        f"pool {MEMBER_POOL!r} (a new member name per container)")
+    p.add_argument("--tracemalloc", metavar="PREFIX",
+                   help="trace the daemon's allocations: snapshots PREFIX.NNN.snap at the "
+                        "end of the warm-up, every $BENCH_SOAK_TRACE_EVERY s (60) and at the "
+                        "end (compare with python -m reconciler.observe.memtrace)")
     args = p.parse_args(argv)
     if not 1 <= args.containers <= 200:
         p.error("--containers: 1 to 200")
-    soak = Soak(args.minutes, args.containers, args.churn_every, args.keep_log)
+    soak = Soak(args.minutes, args.containers, args.churn_every, args.keep_log,
+                args.tracemalloc, args.member_pool)
     print(f"--- soak {args.minutes:g} min, prefix {soak.prefix}, log {soak.log_path}",
           flush=True)
     fig = soak.run()

@@ -38,6 +38,7 @@ from reconciler.observe.metrics import Metrics
 from reconciler.observe.server import HealthServer
 from reconciler.policy.controller import PolicyController, default_backends
 from reconciler.proxy.controller import ProxyController
+from reconciler.runtime import alloc
 from reconciler.settings import ObserveSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,11 @@ def run_forever(parts: Parts, reload: Callable[[], Settings] | None = None) -> i
 
         threading.Thread(target=reloader, name="sighup", daemon=True).start()
     memtrace.install(stop)  # RECONCILER_TRACEMALLOC: snapshots on SIGUSR2 (off by default)
+    # Bound what glibc malloc keeps of freed memory (RSS crept under container churn
+    # while the Python heap stayed flat; bench/soak.py).
+    alloc.limit_arenas()
+    threading.Thread(target=alloc.trim_loop, args=(stop,), name="malloc-trim",
+                     daemon=True).start()
     server = health_server(parts)
     if server is not None:
         # Up before the first read of Consul: /readyz says what the daemon waits for.
