@@ -37,8 +37,11 @@ once no session uses it: a server still busy is remembered and `finish_removals`
 again by the caller, deletes it when its sessions ended, or shuts them down after the
 drain timeout, as ``hard-stop-after`` would after a reload), `set_addr`, `set_weight`
 and `set_state`. Each goes to every live worker (`live_workers`: the current one first,
-which must succeed; an old worker may be exiting and is best effort), every argument
-allow-listed, since member names come from KV.
+which must succeed; an old worker may be exiting and is best effort: its proxies stopped
+with the reload, and HAProxy refuses admin changes there — it keeps the servers it had
+for the last requests of its remaining connections, a member gone meanwhile being
+redispatched like any failed connect), every argument allow-listed, since member names
+come from KV.
 
 Progressive cutovers use two more runtime maps (``canary.map``: service -> backend,
 ``canary-weight.map``: service -> percent), synced like the active map (`extra_maps`).
@@ -604,9 +607,12 @@ class HaproxyProcess:
         return self.state_dir / name
 
     def apply_config(self, cfg: bytes, map_bytes: bytes,
-                     extra_maps: Mapping[str, bytes] | None = None) -> ApplyResult:
+                     extra_maps: Mapping[str, bytes] | None = None, *,
+                     dump_state: bool = True) -> ApplyResult:
         """Make the running HAProxy use `cfg` and the active pools in `map_bytes`
-        (and the maps of `extra_maps`, by file name: the canary maps).
+        (and the maps of `extra_maps`, by file name: the canary maps). Without
+        `dump_state`, a reload keeps the server-state file as it is instead of dumping
+        the current worker's (whose servers may not be what the caller meant).
 
         Same config bytes as on disk: only the maps are synced at runtime (no reload).
         An HAProxy of ours that is not running (never started, or died) is started.
@@ -634,7 +640,7 @@ class HaproxyProcess:
                 # The new worker loads these files; the old one keeps its runtime maps.
                 atomic_write(self._extra_map_path(name), data)
             try:
-                info = self._reload_confirmed()
+                info = self._reload_confirmed(dump_state=dump_state)
             except ReloadFailed as exc:
                 self._revert(current, old_map, map_bytes, exc)
             except HaproxyError as exc:
@@ -842,10 +848,26 @@ class HaproxyProcess:
             if not out.startswith("New server registered"):
                 raise HaproxyError(f"HAProxy refused {cmd!r}: "
                                    f"{out.splitlines()[0] if out else 'no answer'}")
-            if health:
-                self._worker_ok(f"enable health {target}", pid)
-            if enable:
-                self._worker_ok(f"enable server {target}", pid)
+            try:
+                for verb, wanted in (("enable health", health), ("enable server", enable)):
+                    if not wanted:
+                        continue
+                    out = self.worker_command(f"{verb} {target}", pid).strip()
+                    if out.startswith("Proxy is disabled"):
+                        # An old worker: its proxies stopped with the reload and take
+                        # no new request; a server there could never be enabled.
+                        self._try_delete(pid, target)
+                        return
+                    if out:
+                        raise HaproxyError(f"HAProxy refused '{verb} {target}': "
+                                           f"{out.splitlines()[0]}")
+            except HaproxyError:
+                # Not left half-made (in maintenance): a later dump of the server
+                # states would pass that on to the next worker.
+                with contextlib.suppress(HaproxyError):
+                    self.worker_command(f"set server {target} state maint", pid)
+                    self._try_delete(pid, target)
+                raise
 
         with self._lock:
             self._on_workers(workers, one)

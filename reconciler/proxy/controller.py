@@ -20,7 +20,6 @@ in `_apply_at_runtime`).
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import hashlib
 import logging
@@ -73,7 +72,8 @@ log = logging.getLogger(__name__)
 # "Binding [...haproxy.cfg:24] for frontend fe_far: cannot bind socket (...) for [ip:port]"
 _UNLOADABLE_RE = re.compile(r"frontend (fe_[A-Za-z0-9_.:-]+): cannot bind socket")
 _VIEW_KEYS = Layout("")  # the renderer's problems name keys relative to the prefix
-_REMOVAL_POLL = 0.05  # seconds between looks at removed members still serving
+_REMOVAL_POLL = 0.05  # seconds between looks at removed members still serving...
+_REMOVAL_POLL_SLOW = 0.5  # ...after the first second
 
 
 def service_view(svc: Service, active: str) -> ServiceView:
@@ -188,6 +188,8 @@ class ProxyController:
         self._unloadable: dict[str, tuple[ServiceView, str]] = {}  # left out, and why
         self._last_change = 0.0
         self._cutovers: list[str] = []  # services with a canary share applied
+        self._removed_at = 0.0  # monotonic time of the last member removal
+        self._runtime_failed = False  # the last runtime change failed: reload without a dump
         self.planned: list[str] = []
 
     def reconfigure(self, settings: ProxySettings) -> None:
@@ -319,7 +321,8 @@ class ProxyController:
         try:
             try:
                 runtime = self._apply_at_runtime(config_view(view), cfg)
-                result = self._apply_counted(cfg, map_bytes, canary_maps(view))
+                result = self._apply_counted(cfg, map_bytes, canary_maps(view),
+                                             dump_state=not self._runtime_failed)
             except HaproxyError as e:
                 # A service HAProxy could not load (its bind: an address the host lacks,
                 # a port someone else holds) is named in the alert: leave it out,
@@ -388,7 +391,10 @@ class ProxyController:
         while removed members still serve requests, they are deleted once done."""
         polls = [self.settings.cutover_poll] if self._cutovers else []
         if self.hap.pending_removals:
-            polls.append(_REMOVAL_POLL)  # removed members waiting for their sessions
+            # Removed members waiting for their sessions: often within a second; a
+            # long-lived session (up to hard-stop-after) is looked at less often.
+            recent = time.monotonic() - self._removed_at < 1.0
+            polls.append(_REMOVAL_POLL if recent else _REMOVAL_POLL_SLOW)
         return min(polls) if polls else None
 
     def _hold_back(self, view: ProxyView, names: set[str]) -> ProxyView:
@@ -420,6 +426,7 @@ class ProxyController:
         [] means the caller goes on with a reload: nothing to do at runtime, a change
         that needs one (logged), or a runtime command that failed (logged and counted:
         the reload brings the worker to the file)."""
+        self._runtime_failed = False
         old = self._applied
         if old is None:
             return []
@@ -446,7 +453,10 @@ class ProxyController:
             self.metrics.haproxy_runtime_change("failed")
             log.warning("haproxy: runtime change failed (%s; done: %s); reloading instead",
                         e, ", ".join(done) or "nothing")
-            self._undo_adds(plan.ops[:len(done) + 1], workers)
+            # The worker's servers are not what was meant (half done, or changed by
+            # hand): the reload keeps the server-state file saved after the last good
+            # change rather than dumping them into the new worker.
+            self._runtime_failed = True
             return []
         finally:
             self.metrics.haproxy_runtime_change("ok", len(done))
@@ -470,6 +480,7 @@ class ProxyController:
         elif isinstance(op, DelServer):
             hap.remove_server(op.backend, op.server, float(self.globals.hard_stop_after_s),
                               workers=workers)
+            self._removed_at = time.monotonic()
         elif isinstance(op, SetAddr):
             hap.set_addr(op.backend, op.server, op.address, op.port, workers=workers)
         elif isinstance(op, SetState):
@@ -477,17 +488,9 @@ class ProxyController:
         else:
             hap.set_weight(op.backend, op.server, op.weight, workers=workers)
 
-    def _undo_adds(self, ops: tuple[RuntimeOp, ...], workers: tuple[int, ...]) -> None:
-        """Before the fallback reload dumps the server states: servers this attempt
-        added are taken out again, so a half-made one (still in maintenance) cannot
-        pass its state to the new worker."""
-        for op in ops:
-            if isinstance(op, AddServer):
-                with contextlib.suppress(HaproxyError):
-                    self.hap.remove_server(op.backend, op.server, 0.0, workers=workers)
-
     def _apply_counted(self, cfg: bytes, map_bytes: bytes,
-                       extra_maps: Mapping[str, bytes] | None = None) -> ApplyResult:
+                       extra_maps: Mapping[str, bytes] | None = None, *,
+                       dump_state: bool = True) -> ApplyResult:
         """`apply_config`, counted: a reload when the config bytes differ from the file
         (ok, failed and reverted, or invalid: refused by the check), else the active-pool
         switches it made at runtime."""
@@ -496,7 +499,7 @@ class ProxyController:
         except OSError:
             reload = False  # no config yet: HAProxy is started, not reloaded
         try:
-            result = self.hap.apply_config(cfg, map_bytes, extra_maps)
+            result = self.hap.apply_config(cfg, map_bytes, extra_maps, dump_state=dump_state)
         except ConfigInvalid:
             self.metrics.haproxy_reload("invalid")
             raise

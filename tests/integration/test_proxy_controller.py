@@ -512,5 +512,7 @@ def test_a_failed_runtime_change_falls_back_to_a_reload_counted(
     assert ctl.hap.show_proc().reloads == reloads + 1
     assert reload_count(metrics) == ok + 1
     assert runtime_count(metrics, "failed") == 1
+    # The reload did not carry the hand-made server's state (maintenance, its address)
+    # into the new worker: b serves from its own address.
     wait_for(lambda: {get(bind) for _ in range(6)} == {"a", "b"}, timeout=10)
     assert runtime_servers(ctl)[("be_web:blue", "b")][:2] == ("127.0.95.2", str(b.port))
