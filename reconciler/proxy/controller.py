@@ -52,6 +52,7 @@ from reconciler.proxy.dynamic import (
     SetState,
     describe,
     plan_runtime,
+    split_config,
 )
 from reconciler.proxy.render import Renderer, render_map
 from reconciler.proxy.view import (
@@ -528,7 +529,13 @@ class ProxyController:
             old, new = current.decode(errors="replace").splitlines(), cfg.decode().splitlines()
             diff = [f"    {line}" for line in difflib.unified_diff(old, new, "current",
                                                                      "desired", lineterm="")]
-            self.planned.append("reload HAProxy: config changes\n" + "\n".join(diff[2:]))
+            # Only the backends' server lines differ: members, applied at runtime (when
+            # HAProxy's runtime API takes them; `plan_runtime` decides when applying).
+            members_only = split_config(current.decode("utf-8", "replace")).skeleton == \
+                split_config(cfg.decode()).skeleton
+            what = ("change members at runtime (no reload), stage the config"
+                    if members_only else "reload HAProxy")
+            self.planned.append(f"{what}: config changes\n" + "\n".join(diff[2:]))
         else:
             self.planned.append("HAProxy config unchanged")
         try:

@@ -516,3 +516,19 @@ def test_a_failed_runtime_change_falls_back_to_a_reload_counted(
     # into the new worker: b serves from its own address.
     wait_for(lambda: {get(bind) for _ in range(6)} == {"a", "b"}, timeout=10)
     assert runtime_servers(ctl)[("be_web:blue", "b")][:2] == ("127.0.95.2", str(b.port))
+
+
+def test_plan_says_member_changes_go_at_runtime(ctl: ProxyController,
+                                                backends: dict[str, int],
+                                                tmp_path: Path) -> None:
+    bind = free_port()
+    ctl.set_state(state(bind, backends))
+    ctl.reconcile()
+    plan = ProxyController(ProxySettings(state_dir=str(tmp_path / "state")), dry_run=True)
+    plan.set_state(state(bind, backends, pools=("blue1", "blue2", "green1")))
+    plan.reconcile()
+    plan.set_state(state(bind, backends, pools=("blue1", "green1", "red1")))
+    plan.reconcile()
+    assert plan.planned[0].startswith("change members at runtime (no reload)"), plan.planned
+    assert "+    server blue2 " in plan.planned[0]
+    assert plan.planned[1].startswith("reload HAProxy"), plan.planned  # a new pool
