@@ -11,7 +11,11 @@ Measured, each the best of ``--rounds``:
    table and compares); baseline in the same run: the same transaction with no rules (an
    empty table pair: the fixed cost of one nft process);
 3. OpenFlow: building the flows of the same bridge as an OVS one (loading them needs the
-   N ports on a bridge, which the userspace datapath makes slowly: not done here).
+   N ports on a bridge, which the userspace datapath makes slowly: not done here);
+4. cut: a policy change that denies web -> db (db -> web denied too): compiling the new
+   rules and `compiled.cuts` (which connections to forget, pure), plus one listing of the
+   kernel's conntrack table as it is (`conntrack -L`, what the Linux backend reads once
+   per IP version before deleting the flows found).
 
 Prints figures and ratios; asserts nothing about time. The nft table is removed at the
 end, also on failure. Needs root and nft.
@@ -32,10 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _machine import describe
 
+from reconciler.adapters.conntrack import Conntrack
 from reconciler.adapters.nftables import Nftables
 from reconciler.ipam import Allocation
 from reconciler.model import KVEntry, parse_kv
-from reconciler.policy.compiled import BridgeRules, LocalPort, compile_policy
+from reconciler.policy.compiled import BridgeRules, LocalPort, compile_policy, cuts
 from reconciler.policy.nft import NftBackend
 from reconciler.policy.openflow import OpenFlowBackend
 
@@ -70,6 +75,9 @@ def main() -> int:
     ).encode(), 10))
     state = parse_kv(prefix, entries)
     assert state.problems == (), state.problems
+    changed = parse_kv(prefix, [*entries[:-1], KVEntry(prefix + "policy", json.dumps({
+        "isolate": ["web", "db"],
+        "allow": [["web", "web"], ["web", "external"], ["dns", "web"]]}).encode(), 11)])
     allocs, ports, specs = [], [], {}
     for i in range(n):
         cid = f"{i:064x}"
@@ -124,6 +132,16 @@ def main() -> int:
     flows, _ = ovs.flows(ovs_bridge)
     print(f"  openflow flows build:        {t_flows * 1000:8.1f} ms  ({len(flows)} flows; "
           "loading needs the ports on a bridge: not measured here)")
+
+    after = compile_policy(changed, allocs, ports, specs)
+    t_cuts = best(args.rounds, lambda: cuts(compiled, after))
+    blocks = cuts(compiled, after)["brbench"]
+    pairs = sum(len(b.sources) * len(b.destinations) for b in blocks)
+    ct = Conntrack()
+    t_list = best(args.rounds, lambda: ct.flows(4))
+    print(f"  cut (web -> db denied): cuts {t_cuts * 1000:8.1f} ms  ({len(blocks)} block(s), "
+          f"{pairs} address pairs); conntrack -L {t_list * 1000:.1f} ms "
+          f"({len(ct.flows(4))} entries on this host now)")
     return 0
 
 

@@ -55,6 +55,7 @@ from reconciler.network.controller import NetworkController, spec_for, spec_key_
 from reconciler.observe import logs
 from reconciler.observe.health import FailureClock, FirstSync
 from reconciler.observe.metrics import Metrics, StateSample
+from reconciler.policy.compiled import source_networks
 from reconciler.policy.controller import PolicyController, local_ports
 from reconciler.runtime.areawatch import AreaWatch, IndexedArea
 from reconciler.runtime.kvwatch import KVWatcher, Snapshot
@@ -238,8 +239,17 @@ class Daemon:
             self.controller.queue.add(key)
 
     def _networks_here(self) -> set[str]:
-        """The networks whose allocations this host watches: those of its containers."""
-        return {itf.network for info in self._running() for itf in self.netctl.wanted(info)}
+        """The networks whose allocations this host watches: those of its containers, and
+        when one of them is in an isolated group, every network with a gateway (the
+        group policy classifies routed sources by their allocations: issue 12)."""
+        running = self._running()
+        nets = {itf.network for info in running for itf in self.netctl.wanted(info)}
+        snap = self.snapshot
+        if self.policy is not None and snap is not None and snap.state.policy.isolate:
+            groups = {s.group for c in running
+                      if (s := spec_for(snap.state, c.name, c.labels)) and s.group}
+            nets |= source_networks(snap.state, groups)
+        return nets
 
     def _set_ipam_view(self) -> None:
         self.netctl.set_ipam_view(self.allocations.entries(),
@@ -515,11 +525,18 @@ class Daemon:
         snap = self.snapshot
         if self.policy is None or snap is None:
             return
-        specs = {c.id: s.name for c in self._running()
-                 if (s := spec_for(snap.state, c.name, c.labels)) is not None}
-        changes = self.policy.reconcile(
-            snap.state, parse_allocations(self.opts.prefix, self.allocations.entries()),
-            local_ports(self.netctl.results()), specs)
+        try:  # a policy change may widen the networks watched (_networks_here)
+            if self.allocations.sync():
+                self._set_ipam_view()
+        except ConsulError as e:
+            log.debug("allocations not read for the policy: %s", e)
+        allocations = parse_allocations(self.opts.prefix, self.allocations.entries())
+        # Remote holders by the entry their allocation records; local ones as matched here.
+        specs = {a.container: a.spec for a in allocations if a.spec}
+        specs.update({c.id: s.name for c in self._running()
+                      if (s := spec_for(snap.state, c.name, c.labels)) is not None})
+        changes = self.policy.reconcile(snap.state, allocations,
+                                        local_ports(self.netctl.results()), specs)
         if changes:
             log.info("%s", "; ".join(changes))
 

@@ -3,7 +3,10 @@
 Owns the daemon area `<prefix>ipam/<network>/<address>`: one key per allocated address,
 created with check-and-set index 0 (create-only), so two hosts racing for one address
 can never both get it — Consul accepts exactly one create. The value records who holds
-it: `{"node": ..., "container": ..., "interface": ..., "allocated_at": ...}` (unix time).
+it: `{"node": ..., "container": ..., "interface": ..., "spec": ..., "allocated_at": ...}`
+(unix time; `spec`: the name of the `containers/<name>` entry the container matches, so
+that every host knows a remote holder's group for the group policy; absent in records of
+older daemons and for a host's own addresses).
 
 An allocation is stable for the container's life: a restarted container (same id) finds
 its key again and keeps its address. It is released when the container is removed
@@ -59,6 +62,9 @@ class Allocation:
     modify_index: int = 0
     key: str = ""
     """The exact KV key (empty: derived from network and address)."""
+    spec: str = ""
+    """The `containers/<name>` entry the holder matched when it was recorded (empty:
+    unknown, e.g. a record of an older daemon)."""
 
 
 class _KVItemLike(Protocol):
@@ -101,7 +107,9 @@ def parse_allocations(prefix: str, items: Mapping[str, object]) -> list[Allocati
             continue  # not ours to interpret; never reused as free either (key exists)
         if not all(isinstance(f, str) and f for f in fields):
             continue
-        out.append(Allocation(where[0], where[1], fields[0], fields[1], fields[2], index, key))
+        spec = data.get("spec")
+        out.append(Allocation(where[0], where[1], fields[0], fields[1], fields[2], index, key,
+                              spec if isinstance(spec, str) else ""))
     out.sort(key=lambda a: (a.network, a.address.version, int(a.address)))
     return out
 
@@ -119,6 +127,18 @@ def candidates(pool: AddressPool, taken: Iterable[IPAddress], seed: str) -> Iter
         n = start + (offset + i) % size
         if n not in used:
             yield factory(n)
+
+
+def _record(node: str, container: str, interface: str, spec: str, at: int,
+            static: bool = False) -> bytes:
+    """The value of an allocation key."""
+    doc: dict[str, object] = {"node": node, "container": container, "interface": interface,
+                              "allocated_at": at}
+    if spec:
+        doc["spec"] = spec
+    if static:
+        doc["static"] = True
+    return json.dumps(doc, sort_keys=True).encode()
 
 
 class Ipam:
@@ -155,12 +175,15 @@ class Ipam:
 
     def allocate(self, net: Network, container: str, interface: str,
                  reserved: Iterable[IPAddress] = (),
-                 known: Mapping[str, _KVItemLike] | None = None) -> IPAddress:
+                 known: Mapping[str, _KVItemLike] | None = None, spec: str = ""
+                 ) -> IPAddress:
         """The address held by (container, interface) on `net`, allocating one if needed.
 
         `reserved`: addresses not to hand out (static addresses in use). The gateway is
-        never handed out. Raises `PoolExhausted` when every pool address is taken (or the
-        network has no pool); `ConsulError` when Consul fails."""
+        never handed out. `spec`: the container's entry name, recorded in the key (an
+        existing record that names another, or none, is rewritten). Raises
+        `PoolExhausted` when every pool address is taken (or the network has no pool);
+        `ConsulError` when Consul fails."""
         if net.pool is None:
             raise PoolExhausted(f"network {net.name!r} has no pool")
         pool = net.pool
@@ -177,8 +200,8 @@ class Ipam:
             if a.network != net.name or a.container != container or a.interface != interface:
                 continue
             if a.address in pool and a.address not in blocked:
-                if a.node != self.node:
-                    self._adopt(a)
+                if a.node != self.node or (spec and a.spec != spec):
+                    self._adopt(a, spec)
                 return a.address
             # The pool shrank or a static address took it over: give it back, then
             # allocate a fitting one below.
@@ -186,8 +209,7 @@ class Ipam:
                      net.name, a.address, container[:12], interface)
             self.release(a)
         taken = {w[1] for k in items if (w := self.layout.parse_allocation(k))} | blocked
-        value = json.dumps({"node": self.node, "container": container, "interface": interface,
-                            "allocated_at": int(time.time())}, sort_keys=True).encode()
+        value = _record(self.node, container, interface, spec, int(time.time()))
         fresh = known is None
         for addr in candidates(pool, taken, f"{self.node}/{container}/{interface}"):
             if addr in taken:
@@ -199,12 +221,13 @@ class Ipam:
             # learn what is taken now, once, and go on with the next free candidates.
             if not fresh:
                 fresh = True
-                return self.allocate(net, container, interface, reserved)
+                return self.allocate(net, container, interface, reserved, spec=spec)
         raise PoolExhausted(f"pool {pool.start}-{pool.end} of network {net.name!r} is full")
 
     def allocate_many(self, wants: Sequence[tuple[Network, str, str]],
                       reserved: Iterable[IPAddress], known: Mapping[str, _KVItemLike],
-                      batch: int = 64, covered: Collection[str] | None = None
+                      batch: int = 64, covered: Collection[str] | None = None,
+                      specs: Mapping[str, str] | None = None,
                       ) -> dict[tuple[str, str, str], IPAddress]:
         """Allocate for many (network, container, interface) at once: the ones that hold
         no address in `known` (the watched view) get distinct free candidates, created
@@ -216,7 +239,7 @@ class Ipam:
         result, for `allocate` to do one by one. `covered`: the networks `known` holds
         (None: all); another network's allocations are read once. Requests that already
         hold an address, or need more than a plain create (adopting, replacing), are
-        left out too.
+        left out too. `specs`: container -> its entry name, recorded in the keys.
         Returns {(container, network, interface): address} for what was created."""
         by_net: dict[str, list[tuple[Network, str, str]]] = {}
         for w in wants:
@@ -248,9 +271,9 @@ class Ipam:
                     chunk.append((container, interface, addr))
                 if not chunk:
                     break
-                entries = [(self.layout.allocation(name, addr), json.dumps(
-                    {"node": self.node, "container": c, "interface": i, "allocated_at": now},
-                    sort_keys=True).encode()) for c, i, addr in chunk]
+                entries = [(self.layout.allocation(name, addr),
+                            _record(self.node, c, i, (specs or {}).get(c, ""), now))
+                           for c, i, addr in chunk]
                 if self.kv.create_many(entries):
                     self._bump(name)
                     out.update({(c, name, i): addr for c, i, addr in chunk})
@@ -266,19 +289,18 @@ class Ipam:
                 return a
         return None
 
-    def reassert(self, network: str, address: IPAddress, container: str, interface: str
-                 ) -> bool:
+    def reassert(self, network: str, address: IPAddress, container: str, interface: str,
+                 spec: str = "") -> bool:
         """Re-create the key of an address this node has configured but whose key is
         gone (reclaimed while the node was away). False: someone else holds it now."""
-        value = json.dumps({"node": self.node, "container": container, "interface": interface,
-                            "allocated_at": int(time.time())}, sort_keys=True).encode()
+        value = _record(self.node, container, interface, spec, int(time.time()))
         if self.kv.put(self.layout.allocation(network, address), value, cas=0):
             self._bump(network)
             return True
         return False
 
-    def claim(self, net: Network, address: IPAddress, container: str, interface: str
-              ) -> Allocation | None:
+    def claim(self, net: Network, address: IPAddress, container: str, interface: str,
+              spec: str = "") -> Allocation | None:
         """Claim a static address cluster-wide, under the same keys as `allocate`.
 
         Returns None when (container, interface) holds it (already, or now), else the
@@ -298,25 +320,25 @@ class Ipam:
             if holder is not None:
                 if holder.container != container or holder.interface != interface:
                     return holder
-                if holder.node != self.node:
-                    self._adopt(holder)
+                if holder.node != self.node or (spec and holder.spec != spec):
+                    self._adopt(holder, spec)
                 return None
-            value = json.dumps({"node": self.node, "container": container,
-                                "interface": interface, "static": True,
-                                "allocated_at": int(time.time())}, sort_keys=True).encode()
+            value = _record(self.node, container, interface, spec, int(time.time()),
+                            static=True)
             if self.kv.put(key, value, cas=0):
                 self._bump(net.name)
                 return None
             # Someone claimed it between our read and our create: read who.
         raise CasConflict(f"{key} keeps changing; will retry")
 
-    def _adopt(self, a: Allocation) -> None:
+    def _adopt(self, a: Allocation, spec: str = "") -> None:
         """Record this node as the holder of an allocation another node name made for the
         same container (the daemon's node name changed): otherwise `reclaim_dead_nodes`
-        would free an address still in use once the old name's grace period ends."""
-        value = json.dumps({"node": self.node, "container": a.container,
-                            "interface": a.interface, "allocated_at": int(time.time())},
-                           sort_keys=True).encode()
+        would free an address still in use once the old name's grace period ends. Also
+        records the container's entry name `spec` (a record of an older daemon has
+        none; the container may match another entry now)."""
+        value = _record(self.node, a.container, a.interface, spec or a.spec,
+                        int(time.time()))
         key = a.key or self.layout.allocation(a.network, a.address)
         if not self.kv.put(key, value, cas=a.modify_index):
             raise CasConflict(f"allocation {key} changed while node {self.node!r} adopted it")

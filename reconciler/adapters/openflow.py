@@ -11,9 +11,11 @@ bridge's own NORMAL flow, are never touched. Takes and returns plain values; rai
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import subprocess
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from reconciler.errors import OvsError
 
@@ -21,6 +23,50 @@ _TIMEOUT = 30.0
 _PROTO = "OpenFlow14"
 _COOKIE_RE = re.compile(r"cookie=(0x[0-9a-f]+)")
 _PACKETS_RE = re.compile(r"n_packets=(\d+)")
+_CT_RE = re.compile(r"^(\w+),orig=\(([^)]*)\)")
+_CT_PROTOS = {"tcp": 6, "udp": 17, "sctp": 132, "udplite": 136, "icmp": 1, "icmpv6": 58,
+              "icmp6": 58}
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One entry of the datapath's connection tracker, by its original direction."""
+
+    src: _Address
+    dst: _Address
+    proto: int
+    fields: tuple[tuple[str, int], ...] = ()
+    """sport/dport, or id/type/code (ICMP), as OVS prints them."""
+
+    def tuple(self) -> str:
+        """The `ct-orig-tuple` of dpctl/flush-conntrack (every field: OVS 3.1 flushes
+        one connection by its full tuple)."""
+        fam = "nw" if self.src.version == 4 else "ipv6"
+        out = [f"ct_{fam}_src={self.src}", f"ct_{fam}_dst={self.dst}",
+               f"ct_nw_proto={self.proto}"]
+        names = {"sport": "ct_tp_src", "dport": "ct_tp_dst", "id": "icmp_id",
+                 "type": "icmp_type", "code": "icmp_code"}
+        out += [f"{names[k]}={v}" for k, v in self.fields if k in names]
+        return ",".join(out)
+
+
+def parse_conntrack(text: str) -> list[Connection]:
+    """`ovs-appctl dpctl/dump-conntrack` output -> its connections (lines it cannot read
+    are skipped)."""
+    out: list[Connection] = []
+    for line in text.splitlines():
+        m = _CT_RE.match(line.strip())
+        if m is None or m.group(1) not in _CT_PROTOS:
+            continue
+        kv = dict(part.split("=", 1) for part in m.group(2).split(",") if "=" in part)
+        try:
+            src, dst = ipaddress.ip_address(kv.pop("src")), ipaddress.ip_address(kv.pop("dst"))
+            fields = tuple((k, int(v)) for k, v in kv.items())
+        except (KeyError, ValueError):
+            continue
+        out.append(Connection(src, dst, _CT_PROTOS[m.group(1)], fields))
+    return out
 
 
 class OpenFlow:
@@ -56,6 +102,21 @@ class OpenFlow:
     def flush_conntrack(self, zone: int) -> None:
         """Forget the datapath's connections of one conntrack zone."""
         self._run("ovs-appctl", ["dpctl/flush-conntrack", f"zone={zone}"])
+
+    def connections(self, zone: int) -> list[Connection]:
+        """The datapath's tracked connections in one zone."""
+        return parse_conntrack(self._run("ovs-appctl", ["dpctl/dump-conntrack",
+                                                        f"zone={zone}"]))
+
+    def forget(self, zone: int, conn: Connection) -> bool:
+        """Forget one connection (both directions); False when it was gone already."""
+        try:
+            self._run("ovs-appctl", ["dpctl/flush-conntrack", f"zone={zone}", conn.tuple()])
+        except OvsError as e:
+            if "No such file or directory" in str(e):
+                return False
+            raise
+        return True
 
     def _dump(self, bridge: str, cookie: int, mask: int, stats: bool) -> str | None:
         args = ["-O", _PROTO, "dump-flows", bridge, f"cookie={cookie:#x}/{mask:#x}"]

@@ -39,6 +39,9 @@ class AddressBook:
         self._view: Mapping[str, Any] | None = None  # ipam/ keys as last watched
         self._covered: Collection[str] | None = None  # the networks the view holds
         self._unclaimed: dict[IfaceKey, IPAddress] = {}  # used while Consul was away
+        # container -> the name of the entry it matches, recorded in its allocations (the
+        # group policy classifies remote holders by it; issue 12)
+        self._specs: dict[str, str] = {}
 
     def set_view(self, view: Mapping[str, Any], covered: Collection[str] | None = None
                  ) -> None:
@@ -60,7 +63,8 @@ class AddressBook:
             self._cache[key] = ip
             self._networks.setdefault(key[0], set()).add(key[1])
 
-    def claim(self, net: Network, ip: IPAddress, cid: str, ifname: str) -> Allocation | None:
+    def claim(self, net: Network, ip: IPAddress, cid: str, ifname: str, spec: str = ""
+              ) -> Allocation | None:
         """Claim a static address; the holder when another container has it.
 
         While Consul is unreachable the address is the user's own, from the cached
@@ -68,10 +72,10 @@ class AddressBook:
         it) and claimed when Consul answers again (`unclaimed`); if someone else claimed
         it meanwhile, that one keeps it and this container gives way."""
         key = (cid, net.name, ifname)
-        if self.cached(key) == ip:
+        if self.cached(key) == ip and self._same_spec(cid, spec):
             return None
         try:
-            holder = self._ipam.claim(net, ip, cid, ifname)
+            holder = self._ipam.claim(net, ip, cid, ifname, spec)
         except ConsulError as e:
             with self._lock:
                 local = next((k for k, v in self._cache.items() if v == ip
@@ -101,13 +105,25 @@ class AddressBook:
                      if a.address == ip and a.container != cid), None)
 
     def allocate(self, net: Network, cid: str, ifname: str,
-                 reserved: Iterable[IPAddress]) -> IPAddress:
+                 reserved: Iterable[IPAddress], spec: str = "") -> IPAddress:
         key = (cid, net.name, ifname)
         ip = self.cached(key)
-        if ip is None or net.pool is None or ip not in net.pool:
-            ip = self._ipam.allocate(net, cid, ifname, reserved, known=self._view_of(net.name))
+        if ip is None or net.pool is None or ip not in net.pool \
+                or not self._same_spec(cid, spec):
+            ip = self._ipam.allocate(net, cid, ifname, reserved, known=self._view_of(net.name),
+                                     spec=spec)
             self._remember(key, ip)
         return ip
+
+    def _same_spec(self, cid: str, spec: str) -> bool:
+        """Whether `spec` is what `cid`'s allocations record (as far as this book knows);
+        remembers it. A cached allocation of a container whose entry name changed (or
+        was never recorded: the first run after an upgrade) is looked at again once."""
+        with self._lock:
+            same = self._specs.get(cid) == spec or not spec
+            if spec:
+                self._specs[cid] = spec
+        return same
 
     def find(self, net: Network, cid: str, ifname: str) -> IPAddress | None:
         """Read only: the address allocated to this interface, if any."""
@@ -115,7 +131,8 @@ class AddressBook:
         return None if held is None else held.address
 
     def allocate_many(self, wants: list[tuple[Network, str, str]],
-                      reserved: Iterable[IPAddress]) -> int:
+                      reserved: Iterable[IPAddress], specs: Mapping[str, str] | None = None
+                      ) -> int:
         """Allocate many `auto` addresses in a few Consul transactions (up to 64 each):
         with 200 replicas scaled out at once, one create round trip each was the largest
         cost of attaching (bench/attach.py). Best effort: whatever it leaves (a lost race,
@@ -126,7 +143,8 @@ class AddressBook:
         if view is None or len(wants) < 2:
             return 0  # one alone: the reconcile's own allocation costs the same
         try:
-            got = self._ipam.allocate_many(wants, list(reserved), view, covered=self._covered)
+            got = self._ipam.allocate_many(wants, list(reserved), view, covered=self._covered,
+                                           specs=specs)
         except (AdapterError, ReconcilerError) as e:
             log.warning("batch address allocation failed (one by one instead): %s", e)
             return 0
@@ -134,6 +152,8 @@ class AddressBook:
             self._cache.update(got)
             for cid, network, _ in got:
                 self._networks.setdefault(cid, set()).add(network)
+                if specs and specs.get(cid):
+                    self._specs[cid] = specs[cid]
         return len(got)
 
     def host_address(self, net: Network, reserved: Iterable[IPAddress]) -> IPAddress:
@@ -151,6 +171,7 @@ class AddressBook:
                 del self._cache[key]
             for key in [k for k in self._unclaimed if k[0] == cid]:
                 del self._unclaimed[key]
+            self._specs.pop(cid, None)
 
     def release_container(self, cid: str) -> int:
         """Release the addresses of a removed container: only the networks it held
@@ -208,7 +229,9 @@ class AddressBook:
         (reclaimed while this daemon was away longer than the grace period): create the
         key again. False when another container holds the address now."""
         ip = ipaddress.ip_interface(cidr).ip
-        if self._ipam.reassert(network, ip, cid, ifname):
+        with self._lock:
+            spec = self._specs.get(cid, "")
+        if self._ipam.reassert(network, ip, cid, ifname, spec):
             self._remember((cid, network, ifname), ip)
             return True
         return False

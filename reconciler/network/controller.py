@@ -259,7 +259,8 @@ class NetworkController:
             if self.dry_run:
                 holder = self._addresses.holder(net, itf.address.ip, info.id)
             else:
-                holder = self._addresses.claim(net, itf.address.ip, info.id, itf.name)
+                holder = self._addresses.claim(net, itf.address.ip, info.id, itf.name,
+                                               self._spec_name(info))
             if holder is not None:
                 why = (f"static address {itf.address.ip} on network {net.name!r} is held by "
                        f"container {holder.container[:12]} ({holder.interface}) on node "
@@ -278,7 +279,8 @@ class NetworkController:
         else:
             with self._lock:
                 reserved = self._reserved
-            ip = self._addresses.allocate(net, info.id, itf.name, reserved)
+            ip = self._addresses.allocate(net, info.id, itf.name, reserved,
+                                          self._spec_name(info))
             addr = ipaddress.ip_interface(f"{ip}/{net.subnet.prefixlen}")
         driver = self._segments.driver(net)
         mac = itf.mac
@@ -294,6 +296,13 @@ class NetworkController:
             # nobody hears.
             announce=False)
         return plan.Wanted(net, link, driver.port_want(net), allocate=allocate)
+
+    def _spec_name(self, info: ContainerInfo) -> str:
+        """The name of the entry `info` matches, recorded in its allocations (every host
+        then knows a remote container's group: the group policy, issue 12)."""
+        with self._lock:
+            spec = spec_for(self._state, info.name, info.labels)
+        return spec.name if spec is not None else ""
 
     def _observe(self, ns: netlink.ContainerNetns, info: ContainerInfo, w: plan.Wanted,
                  ) -> plan.Observed:
@@ -345,14 +354,19 @@ class NetworkController:
         with self._lock:
             state, reserved = self._state, self._reserved
         wants: list[tuple[Network, str, str]] = []
+        specs: dict[str, str] = {}
         for info in containers:
             if not info.running:
                 continue
-            for itf in self.wanted(info):
+            spec = spec_for(state, info.name, info.labels)
+            if spec is None:
+                continue
+            for itf in spec.interfaces:
                 net = state.networks.get(itf.network)
                 if itf.address is None and net is not None and net.pool is not None:
                     wants.append((net, info.id, itf.name))
-        return self._addresses.allocate_many(wants, reserved)
+                    specs[info.id] = spec.name
+        return self._addresses.allocate_many(wants, reserved, specs)
 
     def flush_ports(self) -> Committed:
         return self._batcher.flush()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from reconciler.policy.compiled import BridgeRules
+from reconciler.policy.compiled import BridgeRules, CutBlock
 
 Denied = dict[tuple[str, str, str], int]
 """(bridge, source group label, destination group label) -> packets denied."""
@@ -28,4 +28,9 @@ class PolicyBackend(Protocol):
 
     def denied(self) -> Denied:
         """Packets denied so far (monotonic across rule replacements)."""
+        ...
+
+    def cut(self, bridge: str, blocks: Sequence[CutBlock]) -> int:
+        """Forget the tracked connections of `bridge`'s networks that `blocks` name
+        (their original direction), so their replies no longer pass; how many."""
         ...

@@ -96,6 +96,10 @@ class NetworkRules:
     allowed: frozenset[tuple[str, str]]
     """(source group, isolated destination group) pairs that may open connections;
     EXTERNAL as a source means every address in no source set."""
+    cut: frozenset[tuple[str, str]] = frozenset()
+    """Denied (source, destination) pairs whose reverse is denied too (the source group
+    is isolated and may not be reached from the destination group): their connections'
+    conntrack entries are flushed when they become denied (`cuts`)."""
 
     def denied(self) -> list[tuple[str, str]]:
         """Every (source, destination) pair that is denied here, sources with addresses
@@ -132,6 +136,17 @@ class CompiledPolicy:
     def digest(self) -> str:
         return hashlib.sha256("".join(b.digest() for _, b in sorted(
             self.bridges.items())).encode()).hexdigest()
+
+
+def source_networks(state: DesiredState, local_groups: Iterable[str]) -> set[str]:
+    """The networks whose allocations a host needs, beyond those it has containers on, to
+    classify sources: none unless one of its containers is in an isolated group (no
+    policy, no cost: issue 9); then every network with a gateway, since a container of
+    any of them, on any host, may be routed into this host's networks (a gateway is
+    where traffic leaves a network)."""
+    if not set(local_groups) & set(state.policy.isolate):
+        return set()
+    return {name for name, net in state.networks.items() if net.gateway is not None}
 
 
 def compile_policy(state: DesiredState, allocations: Iterable[Allocation],
@@ -197,11 +212,71 @@ def _network_rules(state: DesiredState, netname: str, ports: tuple[PortRules, ..
         if p.network == netname:
             sources.setdefault(p.group, set()).update(p.addresses)
     allowed = frozenset((s, d) for s, d in allow if d in isolated)
-    return NetworkRules(
+    rules = NetworkRules(
         netname, zone_of(netname), str(net.subnet),
         {g: tuple(sorted(a, key=_addr_key)) for g, a in sorted(isolated.items()) if a},
         {g: tuple(sorted(a, key=_addr_key)) for g, a in sorted(sources.items()) if a},
         allowed)
+    both = frozenset((s, d) for s, d in rules.denied() if not state.policy.allows(d, s))
+    return NetworkRules(rules.network, rules.zone, rules.subnet, rules.isolated,
+                        rules.sources, allowed, both)
+
+
+@dataclass(frozen=True)
+class CutBlock:
+    """Connections to cut on one network: every tracked connection whose original
+    source is in `sources` and original destination in `destinations`."""
+
+    network: str
+    zone: int
+    sources: frozenset[IPAddress]
+    destinations: frozenset[IPAddress]
+
+    def matches(self, src: IPAddress, dst: IPAddress) -> bool:
+        return src in self.sources and dst in self.destinations
+
+
+def cuts(old: CompiledPolicy, new: CompiledPolicy) -> dict[str, list[CutBlock]]:
+    """Bridge -> the connections that became denied both ways between `old` and `new`
+    (a pair newly denied; an address that moved into a denied group). Their conntrack
+    entries are flushed: their packets are dropped either way, but a reply of an entry
+    left in place would still pass.
+
+    Only pairs denied both ways (`NetworkRules.cut`): when the reverse is allowed, an
+    entry flushed would come back from the other side's next packet (conntrack picks
+    up an established TCP connection mid-stream, as if that side had opened it, and the
+    policy lets that side open connections), so the entry is kept and the original
+    direction stays dropped; its replies are packets the policy allows anyway.
+    Addresses new to the network (a container that just started) have no connections
+    to cut. Without old rules for a network (the daemon started, the first isolated
+    container came), everything denied both ways is cut."""
+    out: dict[str, list[CutBlock]] = {}
+    for bridge, b in new.bridges.items():
+        prev = old.bridges.get(bridge)
+        olds = {n.network: n for n in prev.networks} if prev is not None else {}
+        blocks: list[CutBlock] = []
+        for n in b.networks:
+            on = olds.get(n.network)
+            for s, d in sorted(n.cut):
+                src = frozenset(n.sources.get(s, ()))
+                dst = frozenset(n.isolated.get(d, ()))
+                if on is None:
+                    pieces = [(src, dst)]
+                else:
+                    known_src = {a for addrs in on.sources.values() for a in addrs}
+                    known_dst = known_src | {a for addrs in on.isolated.values()
+                                             for a in addrs}
+                    src, dst = src & known_src, dst & known_dst
+                    if (s, d) in on.cut:  # only addresses that moved into s or d
+                        pieces = [(src - set(on.sources.get(s, ())), dst),
+                                  (src, dst - set(on.isolated.get(d, ())))]
+                    else:
+                        pieces = [(src, dst)]
+                blocks += [CutBlock(n.network, n.zone, frozenset(ps), frozenset(pd))
+                           for ps, pd in pieces if ps and pd]
+        if blocks:
+            out[bridge] = blocks
+    return out
 
 
 def _addr_key(a: IPAddress) -> tuple[int, int]:

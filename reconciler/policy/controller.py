@@ -2,7 +2,9 @@
 bridge's rules to its backend.
 
 Owns the one reconcile of the policy (`reconcile`: compile, then every backend applies
-the bridges of its kind, level-based) and the sum of what the backends deny (metrics).
+the bridges of its kind, level-based, then cuts the tracked connections that became
+denied both ways since the last applied rules: `compiled.cuts`) and the sum of what the
+backends deny (metrics).
 Every bridge of every network of a backend's kind is handed to it, with empty rules when
 nothing applies there, so rules of a bridge that no longer needs any are removed. In a
 dry run nothing is applied and `planned` says what would change.
@@ -20,10 +22,17 @@ from typing import Protocol
 from reconciler.adapters.netlink import host_veth_name
 from reconciler.adapters.nftables import Nftables
 from reconciler.adapters.openflow import OpenFlow
+from reconciler.errors import AdapterError
 from reconciler.ipam import Allocation
 from reconciler.model import DesiredState
 from reconciler.policy.base import Denied, PolicyBackend
-from reconciler.policy.compiled import BridgeRules, CompiledPolicy, LocalPort, compile_policy
+from reconciler.policy.compiled import (
+    BridgeRules,
+    CompiledPolicy,
+    LocalPort,
+    compile_policy,
+    cuts,
+)
 from reconciler.policy.nft import NftBackend
 from reconciler.policy.openflow import OpenFlowBackend
 
@@ -45,6 +54,7 @@ class PolicyController:
         self.dry_run = dry_run
         self.planned: list[str] = []
         self.compiled = CompiledPolicy()
+        self._applied = CompiledPolicy()  # what every backend last applied
         self._lock = threading.Lock()
 
     def reconcile(self, state: DesiredState, allocations: Iterable[Allocation],
@@ -63,6 +73,22 @@ class PolicyController:
                                          dry_run=self.dry_run)
             if self.dry_run:
                 self.planned += changes
+                return changes
+            # The rules are in place (no new entry can be made for a denied pair): now
+            # forget the connections that became denied both ways.
+            for bridge, blocks in sorted(cuts(self._applied, compiled).items()):
+                cutter = self._backends.get(compiled.bridges[bridge].driver)
+                if cutter is None:
+                    continue
+                try:
+                    n = cutter.cut(bridge, blocks)
+                except AdapterError as e:  # their packets stay dropped; replies pass
+                    log.warning("policy: cannot cut the connections now denied on %s: %s",
+                                bridge, e)
+                    continue
+                if n:
+                    changes.append(f"policy: {bridge}: cut {n} connection(s) now denied")
+            self._applied = compiled
         return changes
 
     def denied(self) -> Denied:

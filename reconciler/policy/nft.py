@@ -15,7 +15,9 @@ chain or rule is read for changing, so Docker's and everyone's rules stay as the
   (conntrack, stateful); every other packet, i.e. the original direction of a
   connection, is dropped when its source group is denied, counted per (source group,
   destination group) in a named counter. Judging every original-direction packet (not
-  only `ct state new`) cuts a connection the moment its pair is denied.
+  only `ct state new`) cuts a connection the moment its pair is denied; when the pair is
+  denied both ways its conntrack entries are deleted too (`cut`, the conntrack tool),
+  so its replies stop as well.
 
 Both tables are replaced in ONE nft transaction (`add table; delete table; add ...`) when
 what is installed differs from what the rules say, so there is never a moment without
@@ -32,10 +34,17 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from reconciler.adapters.conntrack import Conntrack
 from reconciler.adapters.nftables import Nftables
 from reconciler.model import EXTERNAL, IPAddress
 from reconciler.policy.base import Denied
-from reconciler.policy.compiled import BridgeRules, NetworkRules, PortRules, group_label
+from reconciler.policy.compiled import (
+    BridgeRules,
+    CutBlock,
+    NetworkRules,
+    PortRules,
+    group_label,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +72,10 @@ def _addrs(addrs: Sequence[IPAddress], version: int) -> list[str]:
 class NftBackend:
     kind = "linux"
 
-    def __init__(self, nft: Nftables, table: str = "reconciler") -> None:
+    def __init__(self, nft: Nftables, table: str = "reconciler",
+                 conntrack: Conntrack | None = None) -> None:
         self._nft = nft
+        self._ct = conntrack if conntrack is not None else Conntrack()
         self.table = table
         self._lock = threading.Lock()
         self._installed: str | None = None  # digest of nft's listing after our install
@@ -241,6 +252,21 @@ class NftBackend:
             key = self._counters.get(name)
             if key is not None:
                 self._base[key] = self._base.get(key, 0) + packets
+
+    def cut(self, bridge: str, blocks: Sequence[CutBlock]) -> int:
+        """The kernel's table is the host's (br_netfilter tracks bridged packets in it,
+        without zones): one listing per IP version, then one delete per (source,
+        destination) pair found. Overlapping subnets on two bridges share it: a flow of
+        the other bridge with the very same addresses is forgotten too, and picked up
+        again by its next packet (its own rules judge it)."""
+        found: set[tuple[IPAddress, IPAddress]] = set()
+        for version in sorted({a.version for b in blocks for a in b.destinations}):
+            found |= {(s, d) for s, d in self._ct.flows(version)
+                      if any(b.matches(s, d) for b in blocks)}
+        n = sum(self._ct.delete(s, d) for s, d in sorted(found, key=str))
+        if n:
+            log.info("policy: %s: cut %d connection(s) now denied", bridge, n)
+        return n
 
     def denied(self) -> Denied:
         with self._lock:

@@ -22,9 +22,10 @@ Pipeline (table 0 is shared, our flows sit above NORMAL; 60-62 are ours alone):
 - 62: allowed (source, destination) pairs are committed and forwarded; denied pairs are
   dropped by one flow each, whose cookie's low bits number it: its packet count is the
   metric. Every original-direction packet is judged, so a policy change cuts a
-  now-denied connection at once. Its conntrack entry is left to expire: flushing a
-  whole zone would also forget connections that stay allowed, whose replies would then
-  no longer be seen as replies.
+  now-denied connection at once. When the pair is denied both ways, its connections
+  are also forgotten one by one (`cut`: dump the zone, flush each by its tuple), so
+  their replies stop too; a whole zone is never flushed (connections that stay allowed
+  would lose their state).
 
 Each bridge's flows are replaced in one bundle when they differ from what the last
 install left (a dump taken right after it), which also repairs flows deleted by hand.
@@ -40,7 +41,7 @@ from collections.abc import Sequence
 from reconciler.adapters.openflow import OpenFlow
 from reconciler.model import EXTERNAL, IPAddress
 from reconciler.policy.base import Denied
-from reconciler.policy.compiled import BridgeRules, PortRules, group_label
+from reconciler.policy.compiled import BridgeRules, CutBlock, PortRules, group_label
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,20 @@ class OpenFlowBackend:
             key = self._labels.get(bridge, {}).get(cookie)
             if key is not None:
                 self._base[key] = self._base.get(key, 0) + packets
+
+    def cut(self, bridge: str, blocks: Sequence[CutBlock]) -> int:
+        """Per network zone: one dump of the datapath's connections, then one flush per
+        connection found, by its full tuple (OVS 3.1 flushes one connection only that
+        way; a zone flush would also forget connections that stay allowed)."""
+        n = 0
+        for zone in sorted({b.zone for b in blocks}):
+            mine = [b for b in blocks if b.zone == zone]
+            for conn in self._of.connections(zone):
+                if any(b.matches(conn.src, conn.dst) for b in mine):
+                    n += self._of.forget(zone, conn)
+        if n:
+            log.info("policy: %s: cut %d connection(s) now denied", bridge, n)
+        return n
 
     def denied(self) -> Denied:
         with self._lock:

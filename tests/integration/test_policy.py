@@ -127,6 +127,18 @@ def our_flows(bridge: str, node: str) -> list[str]:
     return [line for line in out.splitlines() if "cookie=" in line]
 
 
+def tracked(driver: str, src: str, dst: str) -> bool:
+    """Whether a TCP connection src -> dst:PORT is in the connection tracker (the
+    kernel's for Linux bridges, OVS's datapath for OVS)."""
+    if driver == "linux":
+        out = run(["conntrack", "-L", "-p", "tcp", "-s", src, "-d", dst, "--dport",
+                   str(PORT)], check=False).stdout
+        return any(line.startswith("tcp") for line in out.splitlines())
+    out = run(["ovs-appctl", "dpctl/dump-conntrack"], check=False).stdout
+    return any(f"orig=(src={src},dst={dst}," in line and f"dport={PORT})" in line
+               for line in out.splitlines())
+
+
 def nft_has(family: str, table: str) -> bool:
     return run(["nft", "list", "table", family, table], check=False).returncode == 0
 
@@ -201,11 +213,17 @@ def test_seed_scenario_spoofing_and_cuts(driver: str, consul_addr: str, ovs_data
         web_db, web_web = Held(pw1, d1_ip), Held(pw2, w1_ip)
         held += [web_db, web_web]
         assert web_db.echo() and web_web.echo()
+        assert tracked(driver, w1_ip, d1_ip), "web -> db is tracked before the change"
         put("policy", {"isolate": ["web", "db"],
                        "allow": [["web", "web"], ["external", "web"]]})
         wait_for(lambda: not probe(pw2, d1_ip), timeout=20, message="web -> db denied now")
         assert not web_db.echo(), "the now-denied connection is cut"
         assert web_web.echo(), "the allowed connection keeps working"
+        # Denied both ways (db may not reach web either): its conntrack entry is
+        # flushed, so not even db's replies pass; the allowed one is still tracked.
+        wait_for(lambda: not tracked(driver, w1_ip, d1_ip), timeout=10,
+                 message="the cut connection's conntrack entry flushed")
+        assert tracked(driver, w2_ip, w1_ip), "the allowed connection is still tracked"
 
         # Drift: our rules deleted by hand come back with the next reconcile.
         if driver == "linux":

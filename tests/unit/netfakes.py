@@ -541,7 +541,7 @@ class FakeIpam(Recorder):
 
     def allocate(self, net: Network, container: str, interface: str,
                  reserved: Iterable[IPAddress] = (),
-                 known: Mapping[str, Any] | None = None) -> IPAddress:
+                 known: Mapping[str, Any] | None = None, spec: str = "") -> IPAddress:
         self._rec("allocate", net.name, container, interface)
         for a in self.allocs:
             if (a.network, a.container, a.interface) == (net.name, container, interface):
@@ -549,15 +549,18 @@ class FakeIpam(Recorder):
         addr = next(self._free(net, reserved), None)
         if addr is None:
             raise PoolExhausted(f"network {net.name}: pool exhausted")
-        self.allocs.append(Allocation(net.name, addr, self.node, container, interface))
+        self.allocs.append(Allocation(net.name, addr, self.node, container, interface,
+                                      spec=spec))
         return addr
 
     def allocate_many(self, wants: Sequence[tuple[Network, str, str]],
                       reserved: Iterable[IPAddress], known: Mapping[str, Any],
-                      batch: int = 64, covered: Any = None
+                      batch: int = 64, covered: Any = None,
+                      specs: Mapping[str, str] | None = None,
                       ) -> dict[tuple[str, str, str], IPAddress]:
         self._rec("allocate_many", [(n.name, c, i) for n, c, i in wants])
-        return {(c, n.name, i): self.allocate(n, c, i, reserved) for n, c, i in wants}
+        return {(c, n.name, i): self.allocate(n, c, i, reserved, spec=(specs or {}).get(c, ""))
+                for n, c, i in wants}
 
     def find(self, network: str, container: str, interface: str) -> Allocation | None:
         self._rec("find", network, container, interface)
@@ -565,12 +568,13 @@ class FakeIpam(Recorder):
                      == (network, container, interface)), None)
 
     def claim(self, net: Network, address: IPAddress, container: str, interface: str,
-              ) -> Allocation | None:
+              spec: str = "") -> Allocation | None:
         self._rec("claim", net.name, str(address), container, interface)
         for a in self.allocs:
             if a.network == net.name and a.address == address:
                 return None if (a.container, a.interface) == (container, interface) else a
-        self.allocs.append(Allocation(net.name, address, self.node, container, interface))
+        self.allocs.append(Allocation(net.name, address, self.node, container, interface,
+                                      spec=spec))
         return None
 
     def release(self, allocation: Allocation) -> bool:
@@ -598,11 +602,12 @@ class FakeIpam(Recorder):
         return gone
 
     def reassert(self, network: str, address: IPAddress, container: str, interface: str,
-                 ) -> bool:
+                 spec: str = "") -> bool:
         self._rec("reassert", network, str(address), container, interface)
         if not self.reassert_ok:
             return False
-        self.allocs.append(Allocation(network, address, self.node, container, interface))
+        self.allocs.append(Allocation(network, address, self.node, container, interface,
+                                      spec=spec))
         return True
 
 

@@ -365,3 +365,55 @@ def test_status_key_shapes() -> None:
     for key in ("nodes/n1/status", "nodes/n2/other", "nodes/n3/status/x", "nodes//status"):
         kv.raw_put(P + key, b"{}")
     assert Ipam(kv, P, "me").alive_nodes() == {"n1"}
+
+
+# ------------------------------------------------------------------ the entry name (issue 12)
+
+
+def test_records_name_the_entry_and_old_records_still_parse() -> None:
+    items = {
+        f"{P}ipam/v/10.77.1.5": FakeItem("", json.dumps(
+            {"node": "n", "container": "c1", "interface": "eth1", "spec": "web"}).encode(), 1),
+        f"{P}ipam/v/10.77.1.6": FakeItem("", alloc_value("n", "c2"), 1),  # an older daemon
+        f"{P}ipam/v/10.77.1.7": FakeItem("", json.dumps(
+            {"node": "n", "container": "c3", "interface": "eth1", "spec": ["x"]}).encode(), 1),
+    }
+    got = {a.container: a.spec for a in parse_allocations(P, items)}
+    assert got == {"c1": "web", "c2": "", "c3": ""}
+
+
+def test_allocate_claim_reassert_and_batches_record_the_entry() -> None:
+    kv = FakeKV()
+    ipam = Ipam(kv, P, "a")
+    n = net(start="10.77.1.2", end="10.77.1.100", gateway=None)
+
+    def spec_of(addr: object) -> object:
+        return json.loads(kv.data[f"{P}ipam/vnet1/{addr}"].value).get("spec")
+
+    one = ipam.allocate(n, "c1", "eth1", spec="web")
+    assert spec_of(one) == "web"
+    assert ipam.claim(n, ip("10.77.1.150"), "c2", "eth1", "db") is None
+    assert spec_of("10.77.1.150") == "db"
+    got = ipam.allocate_many([(n, "c3", "eth1"), (n, "c4", "eth1")], [], kv.data,
+                             specs={"c3": "web"})
+    assert spec_of(got[("c3", "vnet1", "eth1")]) == "web"
+    assert spec_of(got[("c4", "vnet1", "eth1")]) is None  # not told: no field at all
+    assert ipam.reassert("vnet1", ip("10.77.1.160"), "c5", "eth1", "web")
+    assert spec_of("10.77.1.160") == "web"
+
+
+def test_an_old_record_gets_the_entry_name_and_keeps_its_address() -> None:
+    kv = FakeKV()
+    n = net(start="10.77.1.2", end="10.77.1.20", gateway=None)
+    kv.raw_put(f"{P}ipam/vnet1/10.77.1.9", alloc_value("a", "c1"))  # no "spec"
+    ipam = Ipam(kv, P, "a")
+    assert ipam.allocate(n, "c1", "eth1", spec="web") == ip("10.77.1.9")
+    [a] = ipam.allocations()
+    assert (a.node, a.container, a.spec) == ("a", "c1", "web")
+    puts = kv.puts
+    assert ipam.allocate(n, "c1", "eth1", spec="web") == ip("10.77.1.9")
+    assert kv.puts == puts  # recorded once, not rewritten again
+    # A static claim of an old record too.
+    kv.raw_put(f"{P}ipam/vnet1/10.77.1.150", alloc_value("a", "c2"))
+    assert ipam.claim(n, ip("10.77.1.150"), "c2", "eth1", "db") is None
+    assert {x.container: x.spec for x in ipam.allocations()} == {"c1": "web", "c2": "db"}

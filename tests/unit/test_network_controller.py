@@ -728,3 +728,17 @@ def test_sweep_releases_the_hosts_overlay_address_once_the_network_is_no_overlay
     assert "allocation vnet/10.77.1.50" in done
     assert ("vnet", "10.77.1.50", f"host:{NODE}", "host") not in rig.ipam.held()
     assert ("vnet", "10.77.1.51", f"host:{OTHER_NODE}", "host") in rig.ipam.held()
+
+
+def test_allocations_record_the_entry_the_container_matches(rig: Rig) -> None:
+    # The group policy classifies another host's containers by it (issue 12).
+    rig.ctrl.set_state(state({"web": [itf("eth1"), itf("eth2"),
+                                      itf("eth3", address="10.77.1.10/24")]}))
+    rig.ctrl.set_ipam_view({})
+    assert rig.ctrl.preallocate([WEB]) == 2
+    rig.reconcile(WEB)
+    assert {(str(a.address), a.spec) for a in rig.ipam.allocs} == {
+        ("10.77.1.11", "web"), ("10.77.1.12", "web"), ("10.77.1.10", "web")}
+    rig.ipam.allocs.clear()  # reclaimed while the daemon was away
+    rig.ctrl.sweep([WEB])
+    assert {a.spec for a in rig.ipam.allocs} == {"web"}

@@ -10,9 +10,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from reconciler.adapters.openflow import Connection, parse_conntrack
 from reconciler.model import KVEntry, parse_kv
 from reconciler.policy.base import Denied
-from reconciler.policy.compiled import BridgeRules, LocalPort, NetworkRules, PortRules
+from reconciler.policy.compiled import (
+    BridgeRules,
+    CutBlock,
+    LocalPort,
+    NetworkRules,
+    PortRules,
+)
 from reconciler.policy.controller import PolicyController, local_ports
 from reconciler.policy.nft import NftBackend
 from reconciler.policy.openflow import OpenFlowBackend
@@ -131,6 +138,7 @@ class RecordingBackend:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self.seen: list[list[BridgeRules]] = []
+        self.cuts: list[tuple[str, list[CutBlock]]] = []
 
     def apply(self, bridges: Sequence[BridgeRules], *, dry_run: bool = False) -> list[str]:
         self.seen.append(list(bridges))
@@ -138,6 +146,10 @@ class RecordingBackend:
 
     def denied(self) -> Denied:
         return {("b", "s", "d"): 2}
+
+    def cut(self, bridge: str, blocks: Sequence[CutBlock]) -> int:
+        self.cuts.append((bridge, list(blocks)))
+        return len(blocks)
 
 
 def test_controller_dispatches_by_kind_and_plans() -> None:
@@ -183,3 +195,104 @@ def test_local_ports_from_results() -> None:
                                                    W(Net("b"), Link("eth2", "02:00:00:00:00:01"))])}
     [p] = local_ports(res)  # eth2 is not up and right: no rules for it
     assert p.network == "a" and p.port.startswith("rv") and p.addresses == (ip("10.77.1.5"),)
+
+
+# ------------------------------------------------------------------ cutting connections
+
+W, D, X = ip("10.77.9.10"), ip("10.77.9.11"), ip("10.77.9.99")
+BLOCK = CutBlock("n1", 7, frozenset({W}), frozenset({D}))
+
+
+class FakeConntrack:
+    def __init__(self, flows: set[tuple[Any, Any]]) -> None:
+        self.table = set(flows)
+        self.deleted: list[tuple[Any, Any]] = []
+
+    def flows(self, version: int) -> set[tuple[Any, Any]]:
+        return {f for f in self.table if f[0].version == version}
+
+    def delete(self, src: Any, dst: Any) -> int:
+        self.deleted.append((src, dst))
+        gone = {f for f in self.table if f == (src, dst)}
+        self.table -= gone
+        return len(gone)
+
+
+def test_nft_cut_deletes_only_the_flows_named() -> None:
+    ct = FakeConntrack({(W, D), (D, W), (X, D), (W, X)})
+    be = NftBackend(FakeNft(), table="t", conntrack=ct)  # type: ignore[arg-type]
+    assert be.cut("br-x", [BLOCK]) == 1
+    assert ct.deleted == [(W, D)]
+    assert ct.table == {(D, W), (X, D), (W, X)}
+
+
+def test_ovs_conntrack_dump_parsed_and_flushed_by_full_tuple() -> None:
+    dump = (
+        "tcp,orig=(src=10.77.9.10,dst=10.77.9.11,sport=40000,dport=8080),reply=(src=10.77.9"
+        ".11,dst=10.77.9.10,sport=8080,dport=40000),zone=7,protoinfo=(state=ESTABLISHED)\n"
+        "icmp,orig=(src=10.77.9.10,dst=10.77.9.11,id=9,type=8,code=0),reply=(src=10.77.9.11"
+        ",dst=10.77.9.10,id=9,type=0,code=0),zone=7\n"
+        "udp,orig=(src=10.77.9.99,dst=10.77.9.11,sport=5,dport=53),reply=(...),zone=7\n"
+        "tcp,orig=(src=fd00::1,dst=fd00::2,sport=1,dport=2),reply=(...),zone=7\n"
+        "garbage line\n")
+    conns = parse_conntrack(dump)
+    assert [c.tuple() for c in conns] == [
+        "ct_nw_src=10.77.9.10,ct_nw_dst=10.77.9.11,ct_nw_proto=6,ct_tp_src=40000,"
+        "ct_tp_dst=8080",
+        "ct_nw_src=10.77.9.10,ct_nw_dst=10.77.9.11,ct_nw_proto=1,icmp_id=9,icmp_type=8,"
+        "icmp_code=0",
+        "ct_nw_src=10.77.9.99,ct_nw_dst=10.77.9.11,ct_nw_proto=17,ct_tp_src=5,ct_tp_dst=53",
+        "ct_ipv6_src=fd00::1,ct_ipv6_dst=fd00::2,ct_nw_proto=6,ct_tp_src=1,ct_tp_dst=2"]
+
+    class Of(FakeOfctl):
+        forgotten: list[tuple[int, Connection]] = []
+
+        def connections(self, zone: int) -> list[Connection]:
+            return conns if zone == 7 else []
+
+        def forget(self, zone: int, conn: Connection) -> bool:
+            self.forgotten.append((zone, conn))
+            return True
+
+    of = Of()
+    be = OpenFlowBackend(of, cookie_tag=1)  # type: ignore[arg-type]
+    assert be.cut("br-x", [BLOCK, CutBlock("n2", 8, frozenset({X}), frozenset({D}))]) == 2
+    assert [c.proto for _, c in of.forgotten] == [6, 1]  # the udp one is of zone 8's block
+
+
+def test_controller_cuts_after_applying_and_not_in_a_dry_run() -> None:
+    nets = {"a": {"subnet": "10.77.1.0/24", "bridge": "br-a",
+                  "pool": {"start": "10.77.1.5", "end": "10.77.1.9"}}}
+
+    def state(allow: list[list[str]]) -> Any:
+        entries = [KVEntry("p/networks/a", json.dumps(nets["a"]).encode(), 1)]
+        for i, (name, g) in enumerate((("w", "web"), ("d", "db"))):
+            entries.append(KVEntry(f"p/containers/{name}", json.dumps({"group": g,
+                "interfaces": [{"name": "eth1", "network": "a"}]}).encode(), 2 + i))
+        entries.append(KVEntry("p/policy", json.dumps({"isolate": ["web", "db"],
+                                                         "allow": allow}).encode(), 9))
+        st = parse_kv("p/", entries)
+        assert st.problems == ()
+        return st
+
+    ports = [LocalPort("a", "rv1", "c1", (ip("10.77.1.5"),)),
+             LocalPort("a", "rv2", "c2", (ip("10.77.1.6"),))]
+    specs = {"c1": "w", "c2": "d"}
+    ovs = RecordingBackend("ovs")
+    dry = PolicyController([ovs], dry_run=True)
+    dry.reconcile(state([]), [], ports, specs)
+    assert ovs.cuts == []
+    ctl = PolicyController([ovs])
+    selves = [["web", "web"], ["db", "db"]]
+    ctl.reconcile(state([["web", "db"], *selves]), [], ports, specs)
+    # First rules of the daemon: what is denied both ways is cut (none here: db -> web
+    # is denied but web -> db is allowed).
+    assert ovs.cuts == []
+    ctl.reconcile(state(selves), [], ports, specs)
+    # web -> db is denied now, and so is db -> web still: both ways (db -> web has no
+    # connection to cut, it was denied before, but it is cut both ways only now).
+    w, d = ip("10.77.1.5"), ip("10.77.1.6")
+    assert [(b, sorted((str(*x.sources), str(*x.destinations)) for x in bl))
+            for b, bl in ovs.cuts] == [("br-a", [(str(w), str(d)), (str(d), str(w))])]
+    ctl.reconcile(state(selves), [], ports, specs)
+    assert len(ovs.cuts) == 1  # nothing changed: nothing more to cut

@@ -14,7 +14,9 @@ from reconciler.policy.compiled import (
     UNGROUPED,
     LocalPort,
     compile_policy,
+    cuts,
     group_label,
+    source_networks,
     zone_of,
 )
 
@@ -181,3 +183,72 @@ def test_labels_and_zones() -> None:
     assert group_label(UNGROUPED) == "(none)" and group_label("web") == "web"
     assert zone_of("n1") == zone_of("n1") and 1 <= zone_of("x") <= 65000
     assert zone_of("n1") != zone_of("n2")
+
+
+def test_source_networks_only_when_a_local_group_is_isolated() -> None:
+    st = desired(SEED, nets={"n1": N1, "n2": N2, "n3": N3}, web="web", db="db", other=None)
+    assert source_networks(st, []) == set()
+    assert source_networks(st, ["other"]) == set()  # not isolated: no extra cost
+    assert source_networks(st, ["db"]) == {"n1"}  # the networks with a gateway
+    assert source_networks(desired(None, web="web"), ["web"]) == set()
+
+
+def test_remote_holder_classified_by_the_entry_its_allocation_names() -> None:
+    # web on another host (allocation only), db here: web -> db allowed, so web's address
+    # is in web's source set, not UNGROUPED.
+    st = desired(SEED, web="web", db="db")
+    allocs = [alloc("n1", "10.77.1.100", "remote-web", node="h2"),
+              alloc("n1", "10.77.1.101", "local-db"),
+              alloc("n1", "10.77.1.102", "unknown", node="h2")]
+    got = compile_policy(st, allocs, [port("n1", "10.77.1.101", "local-db")],
+                         {"local-db": "db", "remote-web": "web"})
+    [rules] = got.bridges["br-a"].networks
+    assert rules.sources["web"] == (ip("10.77.1.100"),)
+    assert rules.sources[UNGROUPED] == (ip("10.77.1.102"),)
+    assert ("web", "db") in rules.allowed and (UNGROUPED, "db") in rules.denied()
+
+
+def _cut_pairs(got: Any) -> set[tuple[str, str]]:
+    return {(str(s), str(d)) for blocks in got.values() for b in blocks
+            for s in b.sources for d in b.destinations}
+
+
+def test_cuts_only_what_became_denied_both_ways() -> None:
+    both = {"isolate": ["web", "db"], "allow": [["web", "db"], ["web", "web"]]}
+    ports = [port("n1", "10.77.1.100", "w1"), port("n1", "10.77.1.101", "d1")]
+    allocs = [alloc("n1", "10.77.1.100", "w1"), alloc("n1", "10.77.1.101", "d1")]
+    specs = {"w1": "web", "d1": "db", "w2": "web"}
+    before = compile_policy(desired(both, web="web", db="db"), allocs, ports, specs)
+    # web -> db now denied; db -> web was and is denied: both pairs are denied both ways
+    # now, so both are cut (an entry db -> web opened before db -> web was denied would
+    # let web's packets through as its replies).
+    after = compile_policy(desired({**both, "allow": [["web", "web"]]}, web="web", db="db"),
+                           allocs, ports, specs)
+    assert _cut_pairs(cuts(before, after)) == {("10.77.1.100", "10.77.1.101"),
+                                               ("10.77.1.101", "10.77.1.100")}
+    assert cuts(after, after) == {}
+    # The same change while db may reach web: nothing is cut (the entry stays; web's
+    # packets stay dropped, db's are allowed anyway).
+    lax = {"isolate": ["web", "db"], "allow": [["web", "db"], ["db", "web"]]}
+    b2 = compile_policy(desired(lax, web="web", db="db"), allocs, ports, specs)
+    a2 = compile_policy(desired({**lax, "allow": [["db", "web"]]}, web="web", db="db"),
+                        allocs, ports, specs)
+    assert cuts(b2, a2) == {}
+    # A container that just started has nothing to cut; nothing known before: all.
+    more = compile_policy(desired({**both, "allow": [["web", "web"]]}, web="web", db="db"),
+                          [*allocs, alloc("n1", "10.77.1.102", "w2", node="h2")], ports, specs)
+    assert cuts(after, more) == {}
+    assert _cut_pairs(cuts(compile_policy(desired(None), [], [], {}), more)) == {
+        ("10.77.1.100", "10.77.1.101"), ("10.77.1.102", "10.77.1.101"),
+        ("10.77.1.101", "10.77.1.100"), ("10.77.1.101", "10.77.1.101")}  # db -> db too
+
+
+def test_cuts_an_address_that_moved_into_a_denied_group() -> None:
+    pol = {"isolate": ["web", "db", "batch"],
+           "allow": [["web", "db"], ["web", "web"], ["batch", "batch"]]}
+    ports = [port("n1", "10.77.1.101", "d1")]
+    allocs = [alloc("n1", "10.77.1.100", "x1", node="h2"), alloc("n1", "10.77.1.101", "d1")]
+    st = desired(pol, web="web", db="db", batch="batch")
+    before = compile_policy(st, allocs, ports, {"x1": "web", "d1": "db"})
+    after = compile_policy(st, allocs, ports, {"x1": "batch", "d1": "db"})
+    assert _cut_pairs(cuts(before, after)) == {("10.77.1.100", "10.77.1.101")}
