@@ -7,15 +7,18 @@ HAProxy) as one host of it:
 
 - K allocations across K/1000 (at least 10) networks, written by H simulated other
   hosts, each network with its generation key (what the daemons write);
-- K/10 members across K/100 services (10 each; mode tcp, no health check; members on
-  127.0.1.x, nothing ever connects to them), every service with its config and `active`;
+- K/10 members across K/100 services (10 each, published by the other hosts under
+  `members/` with their generation keys; in maintenance, so HAProxy does not check them;
+  on 127.0.1.x, nothing ever connects to them), every service with its config (mode tcp)
+  and `active`;
 - H other hosts: registry entry `hosts/<h>` and status document `nodes/<h>/status`.
 
 Then, per K:
 1. idle: the daemon's CPU over a window with no write;
 2. churn: R writes a second that are other hosts' business (allocations with their
-   generation bump, status documents, audit records) and members of services this host
-   serves (a member's weight changed: it must apply); daemon CPU, and the Consul reads
+   generation bump, status documents, audit records, members of services this host does
+   not serve) and members of services it serves (`--serve`, default 5 of them; a quarter
+   of the member writes; a weight changed: it must apply); daemon CPU, and the Consul reads
    its watches made per write (`reconciler_consul_watch_reads_total` by watch) with the
    bytes those reads returned (reads x the size of what each watch reads);
 3. latency, while the churn goes on: a `containers/` entry put -> the daemon's status
@@ -131,8 +134,10 @@ class Cluster:
             ops.append(TxnOp.set(L.service_config(svc), json.dumps(
                 {"bind": f"127.0.0.1:{31000 + s_i}", "mode": "tcp"}).encode()))
             ops.append(TxnOp.set(L.service_active(svc), b"blue"))
-            for m in range(10):
-                ops.append(TxnOp.set(L.member(svc, "blue", f"m{m}"), self.member(s_i, m)))
+            for m in range(10):  # published by the other hosts (members/, issue 9)
+                ops.append(TxnOp.set(L.published_member(svc, "blue", f"m{m}"),
+                                     self.member(s_i, m)))
+            ops.append(TxnOp.set(L.members_index(svc), b"fill"))
             if s_i == 0:  # the service the flips switch
                 ops.append(TxnOp.set(L.member(svc, "green", "m0"), self.member(s_i, 10)))
         for h_i, host in enumerate(self.hosts):
@@ -171,10 +176,15 @@ class Cluster:
             host = rnd.choice(self.hosts)
             self.kv.put(L.node_status(host), self.status(host))
         elif kind == "member":
-            s_i = rnd.randrange(len(self.services))
+            # One in four to a service this host serves (the first five), the rest to
+            # services of other hosts' HAProxies.
+            s_i = rnd.randrange(min(5, len(self.services))) if rnd.random() < 0.25 \
+                else rnd.randrange(len(self.services))
             m = rnd.randrange(10)
-            self.kv.put(L.member(self.services[s_i], "blue", f"m{m}"),
+            svc = self.services[s_i]
+            self.kv.put(L.published_member(svc, "blue", f"m{m}"),
                         self.member(s_i, m, weight=rnd.randrange(1, 100)))
+            self.kv.put(L.members_index(svc), f"churn {time.time_ns()}".encode())
         else:
             self.kv.put(L.audit_record(rnd.choice(self.services), time.time()), b"{}")
         return kind
@@ -246,7 +256,8 @@ def run_k(args: argparse.Namespace, kv: ConsulKV, k: int, work: Path) -> dict[st
     log = open(work / f"daemon-{k}.log", "w", encoding="utf-8")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "reconciler", "--prefix", prefix, "run", "--node", node,
-         "--state-dir", str(state), "--listen", listen, "--resync", "30"],
+         "--state-dir", str(state), "--listen", listen, "--resync", "30",
+         "--serve", args.serve],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     out: dict[str, object] = {"K": k, "fill_s": fill_s, "services": len(cluster.services),
@@ -271,7 +282,9 @@ def run_k(args: argparse.Namespace, kv: ConsulKV, k: int, work: Path) -> dict[st
                                 layout.desired_areas()),
                  "hosts": response_bytes(args.consul, layout.hosts_prefix()),
                  "allocation_index": response_bytes(args.consul, layout.ipam_index_prefix()),
-                 "allocations": 0}
+                 "allocations": 0,
+                 "members_index": response_bytes(args.consul, layout.members_index_prefix()),
+                 "members": response_bytes(args.consul, layout.members_prefix("svc0000"))}
         whole = response_bytes(args.consul, prefix)
         out["prefix_bytes"] = whole
         r0 = metric_reads(f"http://{listen}/metrics")
@@ -353,6 +366,8 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=20.0, help="seconds per CPU window")
     ap.add_argument("--settle", type=float, default=5.0, help="seconds after start-up")
     ap.add_argument("--samples", type=int, default=20, help="latency samples per kind")
+    ap.add_argument("--serve", default="svc000[0-4]",
+                    help="the daemon's --serve (default: 5 of the services; '*': all)")
     ap.add_argument("--quick", action="store_true", help="K=1000,10000; 10 s windows")
     ap.add_argument("--consul", default=os.environ.get("CONSUL_HTTP_ADDR", "127.0.0.1:8500"))
     args = ap.parse_args()
@@ -360,7 +375,8 @@ def main() -> int:
         args.k, args.window, args.samples = "1000,10000", 10.0, 10
     print(f"machine: {describe('consul', 'version')}")
     print(f"H={args.hosts} other hosts, R={args.rate:g} writes/s "
-          f"(allocations 6 : status 6 : members 4 : audit 2), {args.window:g} s windows")
+          f"(allocations 6 : status 6 : members 4 : audit 2; a quarter of the member writes "
+          f"to the services served), --serve {args.serve!r}, {args.window:g} s windows")
     kv = ConsulKV(ConsulSettings.from_env())
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:

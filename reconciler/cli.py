@@ -36,6 +36,7 @@ from reconciler.settings import (
     default_ovs_db,
     env_prefix,
     parse_log_target,
+    parse_serve,
     parse_stats_bind,
     read_env_file,
     read_stats_auth,
@@ -191,6 +192,10 @@ def _node_arg(p: argparse.ArgumentParser) -> None:
 
 
 def _daemon_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--serve", default=os.environ.get("RECONCILER_SERVE"), metavar="PATTERNS",
+                   help="the services this host's HAProxy serves: comma-separated names or "
+                   "shell patterns (default: $RECONCILER_SERVE, else every service); the "
+                   "members of the others are not read")
     p.add_argument("--advertise-addr", default=os.environ.get("RECONCILER_ADVERTISE_ADDR"),
                    help="this host's address for overlay tunnels (default: "
                    "$RECONCILER_ADVERTISE_ADDR, else the source address towards Consul)")
@@ -253,7 +258,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
                             config_path=getattr(args, "haproxy_config", None),
                             log_target=parse_log_target(getattr(args, "haproxy_log", None)),
                             stats_bind=stats, stats_auth_file=stats_auth,
-                            run_as=_haproxy_user(getattr(args, "haproxy_user", None))),
+                            run_as=_haproxy_user(getattr(args, "haproxy_user", None)),
+                            serve=parse_serve(getattr(args, "serve", None))),
         observe=ObserveSettings(
             listen=parse_listen(getattr(args, "listen", "off")),
             unready_after=getattr(args, "unready_after", 60.0)),

@@ -25,7 +25,30 @@ from typing import Any
 from reconciler.errors import CasConflict, CutoverRefused
 from reconciler.kvlayout import Layout, kv_entries
 from reconciler.model import Member, Service, parse_kv
+from reconciler.settings import serves
 from reconciler.status import read_statuses
+
+
+def serving(statuses: dict[str, dict[str, Any]], service: str) -> dict[str, dict[str, Any]]:
+    """The nodes' statuses of those whose HAProxy serves `service` (a node started with
+    `--serve` says which in its status; one that says nothing serves every service)."""
+    out = {}
+    for node, st in statuses.items():
+        proxy = st.get("proxy")
+        pats = proxy.get("serves") if isinstance(proxy, dict) else None
+        if isinstance(pats, list) and not serves(tuple(str(p) for p in pats), service):
+            continue
+        out[node] = st
+    return out
+
+
+def services_state(kv: Any, prefix: str) -> tuple[dict[str, Any], Any]:
+    """The `services/` keys and the state they make with the members nodes publish
+    (`members/`), read consistently: what a cutover judges a pool by."""
+    layout = Layout(prefix)
+    items = dict(kv.read_prefix(layout.services_prefix(), consistent=True).items)
+    published = kv.read_prefix(layout.members_prefix(), consistent=True).items
+    return items, parse_kv(prefix, kv_entries([*items.values(), *published.values()]))
 
 AUDIT_KEEP = 50
 
@@ -69,8 +92,7 @@ class Cutover:
         return Layout(self.prefix)
 
     def _service(self) -> tuple[dict[str, Any], Any]:
-        snap = self.kv.read_prefix(self.layout.services_prefix(), consistent=True)
-        return snap.items, parse_kv(self.prefix, kv_entries(snap.items.values()))
+        return services_state(self.kv, self.prefix)
 
     def run(self, service: str, to: str | None, *, timeout: float = 30.0,
             min_healthy: int | None = None, rollback: bool = False,
@@ -136,7 +158,7 @@ class Cutover:
         while True:
             statuses = read_statuses(self.kv, self.prefix)
             lagging = set()
-            for node, st in statuses.items():
+            for node, st in serving(statuses, service).items():
                 proxy = st.get("proxy")
                 act = proxy.get("active") if isinstance(proxy, dict) else None
                 applied = act.get(service) if isinstance(act, dict) else None

@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from reconciler.adapters.docker_engine import (
@@ -60,6 +60,7 @@ from reconciler.policy.controller import PolicyController, local_ports
 from reconciler.runtime.areawatch import AreaWatch, IndexedArea
 from reconciler.runtime.kvwatch import KVWatcher, Snapshot
 from reconciler.runtime.workqueue import Controller, Result
+from reconciler.settings import serves
 from reconciler.status import NodeStatus, StatusPublisher, build_status, hosts_from
 from reconciler.workkeys import (
     MEMBERS,
@@ -128,6 +129,7 @@ class DaemonOptions:
     dry_run: bool = False
     session_file: str | None = None
     advertise: str | None = None  # this host's underlay address (tunnel endpoint)
+    serve: tuple[str, ...] = ("*",)  # services this host's HAProxy serves (patterns)
 
 
 @dataclass
@@ -163,6 +165,11 @@ class Daemon:
         self.allocations = IndexedArea(kv, self.layout.ipam_prefix(),
                                        self.layout.ipam_index_prefix(),
                                        wanted=self._networks_here)
+        # The members nodes publish (`members/`), by service: read per service whose
+        # generation moved, and handed to the desired-state watch (issue 9).
+        self.published = IndexedArea(kv, self.layout.members_prefix(),
+                                     self.layout.members_index_prefix(),
+                                     wanted=self._served_services)
         self._refresh_allocations = False
         self._legacy_hosts: dict[str, str] = {}  # see _unregistered_hosts
         self.status = NodeStatus(opts.node, address=opts.advertise)
@@ -211,23 +218,32 @@ class Daemon:
         # a core with no container at all; found by bench/attach.py and
         # tests/integration/test_daemon_network.py). Daemon-owned areas are not even
         # watched here (issue 9).
-        digest = user_digest(self.opts.prefix, snap.items)
+        digest = snap.digest if snap.desired_digest else user_digest(self.opts.prefix,
+                                                                     snap.items)
         if self.snapshot is not None and digest == self._acted_digest:
             self.snapshot = snap
             return
         self._acted_digest = digest
-        previous = self.snapshot.state if self.snapshot is not None else None
+        previous = self.snapshot if self.snapshot is not None else None
         self.snapshot = snap
+        if previous is not None and snap.desired_digest \
+                and snap.desired_digest == previous.desired_digest:
+            # Only the members other nodes publish changed: the proxy's business alone
+            # (no member of ours, no container, no status index moved).
+            if self.proxy is not None:
+                self.proxy.set_state(self._served(snap.state))
+                self.controller.queue.add(PROXY)
+            return
         self.netctl.set_state(snap.state)
         if self.proxy is not None:
-            self.proxy.set_state(snap.state)
+            self.proxy.set_state(self._served(snap.state))
         self.status.index = snap.index
         for p in snap.state.problems:
             log.warning("invalid: %s", p)
         self._status_dirty.set()
         keys = self._all_keys()
-        if previous is not None and previous.networks == snap.state.networks \
-                and previous.containers == snap.state.containers:
+        if previous is not None and previous.state.networks == snap.state.networks \
+                and previous.state.containers == snap.state.containers:
             # Only services changed: no container's interfaces can differ, so neither
             # reconcile every container of the host nor sweep (a flip of `active` waited
             # behind them, and competed with them for the GIL; found by bench/proxy.py).
@@ -261,6 +277,26 @@ class Daemon:
         self.controller.queue.add(PEERS)
         if self.policy is not None:
             self.controller.queue.add(POLICY)  # sources are classified by allocation
+
+    def _served_services(self) -> set[str] | None:
+        """The services whose published members this host reads: those its HAProxy
+        serves (`--serve`; None: every one)."""
+        if self.opts.serve == ("*",):
+            return None
+        snap = self.snapshot
+        names = snap.state.services if snap is not None else {}
+        return {s for s in names if serves(self.opts.serve, s)}
+
+    def _served(self, state: DesiredState) -> DesiredState:
+        """The state as this host's HAProxy sees it: only the services it serves."""
+        if self.opts.serve == ("*",):
+            return state
+        return replace(state, services={k: v for k, v in state.services.items()
+                                        if serves(self.opts.serve, k)})
+
+    def _on_published(self, services: set[str]) -> None:
+        """Members published by nodes (this one too) changed in these services."""
+        self.watcher.set_published(self.published.pieces(), services)
 
     def _on_hosts(self, _: Any) -> None:
         """A host joined, left or moved: its tunnel endpoints follow."""
@@ -560,11 +596,20 @@ class Daemon:
         delay = 0.0 if self._once else self.proxy.quiet_delay()
         if delay > 0:  # coalesce a burst of changes into one reload
             return _Deferred(requeue_after=delay)
+        if self.opts.serve != ("*",):
+            # The services served may have changed (a config came or went): read the
+            # published members of those newly served (the snapshot this hands on sets
+            # the proxy's state at once).
+            changed = self.published.sync()
+            if changed:
+                self.watcher.set_published(self.published.pieces(), changed)
         try:
             self.status.proxy = self.proxy.reconcile()
         finally:
             # A failed reload shows in `reconciler status` too (last_reload).
             self.status.proxy = self.proxy.status()
+            if self.opts.serve != ("*",):  # `reconciler cutover` waits only for these
+                self.status.proxy = {**self.status.proxy, "serves": list(self.opts.serve)}
         again = None if self._once else self.proxy.poll_after()
         # While a progressive cutover runs, HAProxy's counters are re-read and published
         # this often (the command driving it judges each step by them; issue 13).
@@ -628,9 +673,7 @@ class Daemon:
         invalid = 0
         snap = self.snapshot
         if snap is not None:
-            for a in parse_allocations(self.opts.prefix, self.allocations.entries()):
-                if a.node == self.opts.node:
-                    allocations[a.network] = allocations.get(a.network, 0) + 1
+            allocations.update(self.netctl.allocation_counts())
             for name, net in snap.state.networks.items():
                 allocations.setdefault(name, 0)
                 if net.pool is not None:
@@ -648,13 +691,15 @@ class Daemon:
 
     def consul_watch_ok(self) -> bool:
         return self.watcher.healthy.is_set() and self.hosts.healthy.is_set() \
-            and self.allocations.healthy.is_set()
+            and self.allocations.healthy.is_set() and self.published.healthy.is_set()
 
     def consul_reads(self) -> dict[str, int]:
         """Consul reads made by each watch (/metrics; tests, bench/scale.py)."""
         return {"desired": self.watcher.reads, "hosts": self.hosts.reads,
                 "allocation_index": self.allocations.index.reads,
-                "allocations": self.allocations.piece_reads}
+                "allocations": self.allocations.piece_reads,
+                "members_index": self.published.index.reads,
+                "members": self.published.piece_reads}
 
     def _read_other_areas(self) -> None:
         """First reads of the host registry and the allocation index (each retried by
@@ -664,6 +709,11 @@ class Daemon:
                 poll(consistent=True)
             except ConsulError as e:
                 log.warning("waiting for Consul: %s", e)
+        try:
+            changed = self.published.poll(consistent=True)
+            self.watcher.set_published(self.published.pieces(), changed, deliver=False)
+        except ConsulError as e:
+            log.warning("waiting for Consul: %s", e)
 
     def docker_events_ok(self) -> bool:
         return self.events is not None and self.events.connected
@@ -718,10 +768,10 @@ class Daemon:
         delay = 0.5
         while not stop.is_set():
             try:
+                self._read_other_areas()
                 snap = self.watcher.poll(consistent=True)
                 if snap is not None:
                     self._on_snapshot(snap)
-                self._read_other_areas()
                 return True
             except ConsulError as e:
                 log.warning("waiting for Consul: %s", e)
@@ -742,6 +792,8 @@ class Daemon:
                              name="kv-hosts", daemon=True),
             threading.Thread(target=self.allocations.run, args=(stop, self._on_allocations),
                              name="kv-allocations", daemon=True),
+            threading.Thread(target=self.published.run, args=(stop, self._on_published),
+                             name="kv-members", daemon=True),
             threading.Thread(target=watcher.run, args=(stop,), name="docker-watch",
                              daemon=True),
             threading.Thread(target=self._status_loop, args=(stop,), name="status",
@@ -777,10 +829,10 @@ class Daemon:
     def run_once(self) -> int:
         """Reconcile everything once, in order, through the same handlers as `run`;
         0 when every key applied, 1 otherwise."""
+        self._read_other_areas()
         snap = self.watcher.poll(consistent=True)
         if snap is not None:
             self._on_snapshot(snap)
-        self._read_other_areas()
         try:
             running = [c for c in self.docker.list_containers() if c.running]
         except DockerError as e:

@@ -14,6 +14,7 @@ Every Consul key reconciler reads or writes is built and parsed here, and nowher
     <prefix>ipam/<network>/<address>                   daemon: one allocated address
     <prefix>nodes/<node>/status                        daemon: a node's status document
     <prefix>hosts/<node>                               daemon: the host registry (address)
+    <prefix>members/<service>/<pool>/<member>          daemon: a member a node publishes
     <prefix>index/<area>/<piece>                       daemon: generation of <area>/<piece>/
     <prefix>audit/<service>/<time>                     daemon: cutover audit records
     <prefix>locks/...                                  daemon: reserved for coordination
@@ -46,7 +47,7 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}\Z")
 DEFAULT_PREFIX = "reconciler/"
 
 UserArea = Literal["networks/", "containers/", "services/"]
-DaemonArea = Literal["nodes/", "ipam/", "audit/", "locks/", "hosts/", "index/"]
+DaemonArea = Literal["nodes/", "ipam/", "audit/", "locks/", "hosts/", "index/", "members/"]
 Area = UserArea | DaemonArea
 
 USER_AREAS: tuple[UserArea, ...] = get_args(UserArea)
@@ -84,7 +85,13 @@ class KeyRef:
 
 def classify_key(rel: str) -> KeyRef | str | None:
     """Map a key relative to the prefix to a KeyRef; None for daemon-owned keys; a reason
-    string for a key that is not part of the layout."""
+    string for a key that is not part of the layout. A member a node published
+    (`members/<service>/<pool>/<member>`, daemon-owned) is a "member" like a user's."""
+    if rel.startswith("members/"):
+        parts = rel.split("/")
+        if len(parts) == 4 and all(NAME_RE.match(p) for p in parts[1:]):
+            return KeyRef("member", parts[1], parts[2], parts[3])
+        return None
     if rel.startswith(DAEMON_AREAS):
         return None
     if rel == POLICY_KEY:
@@ -189,6 +196,17 @@ class Layout:
         reconcile, so that the overlay peers of every host need not watch the status."""
         return f"{self.hosts_prefix()}{node}"
 
+    def published_member(self, service: str, pool: str, member: str) -> str:
+        """`members/<service>/<pool>/<member>`: a member a node publishes for a labelled
+        container (held by its session). Apart from the user's `services/` so that the
+        churn of every node's containers does not wake every host's desired state, and
+        read per service through `index/members/<service>` (issue 9)."""
+        return f"{self.members_prefix(service)}{pool}/{member}"
+
+    def members_index(self, service: str) -> str:
+        """`index/members/<service>`: bumped with every write under `members/<service>/`."""
+        return f"{self.members_index_prefix()}{service}"
+
     def ipam_index(self, network: str) -> str:
         """`index/ipam/<network>`: bumped with every write under `ipam/<network>/`, so a
         host learns which networks' allocations changed from one small read."""
@@ -230,6 +248,14 @@ class Layout:
 
     def ipam_index_prefix(self) -> str:
         return self.area("index/") + "ipam/"
+
+    def members_prefix(self, service: str | None = None) -> str:
+        """`members/`, or `members/<service>/` for one service's published members."""
+        base = self.area("members/")
+        return base if service is None else f"{base}{service}/"
+
+    def members_index_prefix(self) -> str:
+        return self.area("index/") + "members/"
 
     def desired_areas(self) -> list[str]:
         """The read prefixes of the desired state, each watched apart (issue 9): the user

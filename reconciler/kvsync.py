@@ -70,7 +70,7 @@ def diff_kv(
         for key, cur in current.items():
             if key in desired:
                 continue
-            found = layout.parse(key)
+            found = None if layout.is_daemon_owned(key) else layout.parse(key)
             if found is None:  # daemon-owned, not part of the layout, outside the prefix
                 continue  # never pruned
             if found.kind in ("member", "service_cutover") and cur.session:

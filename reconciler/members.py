@@ -2,8 +2,11 @@
 
 Owns the mapping from a running container's labels (`reconciler.service`,
 `reconciler.pool`, `reconciler.port`, optional `reconciler.network` and
-`reconciler.weight`) to a member key `services/<s>/pools/<p>/<node>_<container>`, and
-their publication held by this node's Consul session: a member disappears when its
+`reconciler.weight`) to a member key `members/<s>/<p>/<node>_<container>` (daemon-owned,
+apart from the user's `services/` so that the churn of every node's containers wakes no
+host's desired state; a node writes `index/members/<s>` after changing a service's members,
+and hosts read the services whose index moved: issue 9), and their publication held by
+this node's Consul session: a member disappears when its
 container stops (the daemon deletes it) or when the node dies (the session is
 invalidated, behavior=delete). A daemon restart that reuses its session (see
 `status.StatusPublisher`) re-puts identical values, so members do not flap.
@@ -24,6 +27,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -58,7 +62,7 @@ def member_key(prefix: str, node: str, container: Any) -> str | None:
     svc, pool = container.labels.get(L_SERVICE, ""), container.labels.get(L_POOL, "")
     if not (NAME_RE.match(svc) and NAME_RE.match(pool)):
         return None
-    return Layout(prefix).member(svc, pool, member_name(node, container.name))
+    return Layout(prefix).published_member(svc, pool, member_name(node, container.name))
 
 
 def wanted_members(prefix: str, node: str, containers: Iterable[Any],
@@ -103,7 +107,7 @@ def wanted_members(prefix: str, node: str, containers: Iterable[Any],
                               + (f" on {labels[L_NETWORK]!r}" if labels.get(L_NETWORK) else "")
                               + " and no Docker network address)")
             continue
-        key = layout.member(svc, pool, member_name(node, c.name))
+        key = layout.published_member(svc, pool, member_name(node, c.name))
         value = json.dumps({"address": addr, "port": port, "weight": weight},
                            sort_keys=True, separators=(",", ":")).encode()
         out[key] = Wanted(key, value)
@@ -195,6 +199,33 @@ class MemberPublisher:
         self.node = node
         self.errors: dict[str, str] = {}
         self.published = 0  # members held under the session after the last sync (metrics)
+        self._services: set[str] | None = None  # services published to (None: not known)
+
+    def _current(self, session: str, wanted: Mapping[str, Wanted]) -> dict[str, Any]:
+        """What Consul holds of the members this node may hold: under `members/<s>/` of
+        the services it publishes to or did (all of `members/` the first time, and the
+        members a daemon of an older version published under `services/`)."""
+        if self._services is None:
+            items = dict(self.kv.read_prefix(self.layout.members_prefix()).items)
+            old = self.kv.read_prefix(self.layout.services_prefix()).items
+            items.update({k: i for k, i in old.items()
+                          if i.session == session and "/pools/" in k})
+            return items
+        items = {}
+        for svc in sorted(self._services | {self._service_of(k) for k in wanted}):
+            items.update(self.kv.read_prefix(self.layout.members_prefix(svc)).items)
+        return items
+
+    def _service_of(self, key: str) -> str:
+        return key[len(self.layout.members_prefix()):].split("/", 1)[0]
+
+    def _bump(self, services: set[str]) -> None:
+        stamp = f"{self.node} {time.time_ns()}".encode()
+        for svc in sorted(services):
+            try:
+                self.kv.put(self.layout.members_index(svc), stamp)
+            except ConsulError as e:
+                log.debug("cannot bump the members index of %s: %s", svc, e)
 
     def sync(self, session: str, wanted: Mapping[str, Wanted],
              keep: Collection[str] = ()) -> list[str]:
@@ -202,19 +233,20 @@ class MemberPublisher:
 
         Keys in `keep` (containers not reconciled yet) are left as they are: neither
         published nor withdrawn."""
-        snap = self.kv.read_prefix(self.layout.services_prefix())
-        mine = {k: i for k, i in snap.items.items()
-                if i.session == session and "/pools/" in k}
+        current = self._current(session, wanted)
+        mine = {k: i for k, i in current.items() if i.session == session}
         changes: list[str] = []
+        touched: set[str] = set()
         held = 0
         for key, w in wanted.items():
-            cur = snap.items.get(key)
+            cur = current.get(key)
             if cur is not None and cur.value == w.value and cur.session == session:
                 held += 1
                 continue
             try:
                 if self.kv.put(key, w.value, acquire=session):
                     changes.append(f"published {key[len(self.prefix):]}")
+                    touched.add(self._service_of(key))
                     self.errors.pop(key, None)
                     held += 1
                 else:
@@ -231,7 +263,12 @@ class MemberPublisher:
             if key not in wanted and key not in keep:
                 self.kv.delete(key)
                 changes.append(f"withdrew {key[len(self.prefix):]}")
+                if key.startswith(self.layout.members_prefix()):
+                    touched.add(self._service_of(key))
             elif key not in wanted:
                 held += 1  # kept as it is for a container not reconciled yet
         self.published = held
+        self._bump(touched)
+        self._services = {self._service_of(k) for k in (*wanted, *mine)
+                          if k.startswith(self.layout.members_prefix())}
         return changes

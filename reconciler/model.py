@@ -931,9 +931,16 @@ def _decoded(memo: ParseMemo | None, e: RawEntry) -> tuple[Any, list[Problem]]:
     return raw, list(probs)
 
 
-def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None) -> DesiredState:
+PublishedPools = Mapping[str, tuple[Mapping[str, Mapping[str, "Member"]], str]]
+"""service -> (pool -> member name -> Member, the service's config key): the members
+nodes publish (`members/`), parsed per service by the watch (reconciler.runtime.kvwatch)."""
+
+
+def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None,
+                published: PublishedPools | None = None) -> DesiredState:
     """Validate every entry, then the cross-object rules, into a DesiredState (entries
-    parsed before are taken from `memo`)."""
+    parsed before are taken from `memo`; `published` members are merged into their
+    pools as they are: a user's member of the same name wins)."""
     problems: list[Problem] = []
     ents = sorted(entries, key=lambda e: (e.order, e.where))
     by_kind: dict[str, list[RawEntry]] = {}
@@ -1048,6 +1055,14 @@ def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None) -> D
             pools.setdefault(e.ref.name, {}).setdefault(e.ref.pool, {})
             continue
         pools.setdefault(e.ref.name, {}).setdefault(e.ref.pool, {})[mem.name] = mem
+    published_where: dict[str, str] = {}
+    for name, (ppools, config_key) in (published or {}).items():
+        published_where[name] = config_key
+        svc_p = pools.setdefault(name, {})
+        for pool, mems in ppools.items():
+            merged = dict(mems)
+            merged.update(svc_p.get(pool, {}))
+            svc_p[pool] = merged
 
     services: dict[str, Service] = {}
     for name in sorted(set(configs) | set(actives) | set(pools)):
@@ -1055,7 +1070,10 @@ def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None) -> D
         act, act_where = actives.get(name, (None, ""))
         svc_pools = pools.get(name, {})
         if cfg is None:
-            where = _sibling_where(act_where or _first_member_where(ents, name), "config")
+            user_where = act_where or _first_member_where(ents, name)
+            where = published_where[name] if name in published_where and not any(
+                e.ref.kind == "member" and e.ref.name == name for e in ents) \
+                and not act_where else _sibling_where(user_where, "config")
             # (a state file reports a missing config itself, at its own location)
             if name not in config_seen and ": services." not in where:
                 problems.append(Problem(where, "", "missing: the service has pools or an "
@@ -1138,6 +1156,9 @@ def _route_overlap(a: ServiceConfig, b: ServiceConfig) -> tuple[str, str] | None
 
 def _sibling_where(where: str, leaf: str) -> str:
     # ".../services/web/active" or ".../services/web/pools/p/m" → ".../services/web/<leaf>"
+    # (a member a node published, ".../members/web/p/m", too)
+    if "/services/" not in where and "/members/" in where:
+        where = where.replace("/members/", "/services/", 1)
     marker = "/services/" if "/services/" in where else "services/"
     head, _, tail = where.rpartition(marker)
     svc = tail.split("/", 1)[0]
@@ -1154,8 +1175,8 @@ def _first_member_where(ents: list[RawEntry], service: str) -> str:
 # ------------------------------------------------------------------ from KV
 
 
-def parse_kv(prefix: str, items: Iterable[KVEntry], memo: ParseMemo | None = None
-             ) -> DesiredState:
+def parse_kv(prefix: str, items: Iterable[KVEntry], memo: ParseMemo | None = None,
+             published: PublishedPools | None = None) -> DesiredState:
     """Parse every key under `prefix` (already normalised, ending in '/'); with `memo`,
     an entry whose ModifyIndex did not move is not parsed again."""
     layout = Layout(prefix)
@@ -1170,7 +1191,7 @@ def parse_kv(prefix: str, items: Iterable[KVEntry], memo: ParseMemo | None = Non
             continue
         entries.append(RawEntry(it.key, ref, it.value, it.create_index, it.session,
                                 it.modify_index))
-    st = build_state(entries, memo)
+    st = build_state(entries, memo, published)
     if extra:
         st = replace(st, problems=tuple(sorted(set(st.problems) | set(extra))))
     return st

@@ -34,10 +34,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.adapters.consul_kv import TxnOp
-from reconciler.cutover import AUDIT_KEEP, Probe, _who, probe_member
+from reconciler.cutover import (
+    AUDIT_KEEP,
+    Probe,
+    _who,
+    probe_member,
+    services_state,
+    serving,
+)
 from reconciler.errors import CasConflict, ConfigurationError, ConsulError, CutoverRefused
-from reconciler.kvlayout import Layout, kv_entries
-from reconciler.model import Member, Service, parse_kv
+from reconciler.kvlayout import Layout
+from reconciler.model import Member, Service
 from reconciler.status import read_statuses
 
 MIN_SAMPLE = 20
@@ -230,13 +237,12 @@ class Progressive:
 
     def run(self, service: str, to: str, steps: Sequence[int], interval: float,
             max_error_rate: float = 0.01, min_healthy: int | None = None) -> int:
-        snap = self.kv.read_prefix(self.layout.services_prefix(), consistent=True)
-        state = parse_kv(self.prefix, kv_entries(snap.items.values()))
+        items, state = services_state(self.kv, self.prefix)
         svc: Service | None = state.services.get(service)
         if svc is None:
             raise CutoverRefused(f"service {service!r} does not exist or is invalid")
         active_key = self.layout.service_active(service)
-        item = snap.items.get(active_key)
+        item = items.get(active_key)
         frm = item.value.decode(errors="replace").strip() if item is not None else None
         if frm is None or frm not in svc.pools:
             raise CutoverRefused(f"service {service!r} has no valid active pool to move "
@@ -361,7 +367,7 @@ class Progressive:
         base: dict[str, NodeSample] = {}
         while True:
             self._renew()
-            statuses = self._statuses()
+            statuses = serving(self._statuses(), service)
             for node, s in samples(statuses, service, to, weight).items():
                 base.setdefault(node, s)
             lagging = set(statuses) - set(base)
@@ -378,7 +384,7 @@ class Progressive:
         while True:
             self._renew()
             over = self.clock() >= end
-            now = samples(self._statuses(), service, to, weight)
+            now = samples(serving(self._statuses(), service), service, to, weight)
             for node, s in now.items():
                 base.setdefault(node, s)  # a node that applied the step late
             counters = step_counters(base, now, min_healthy)
@@ -395,7 +401,7 @@ class Progressive:
     def _wait_share_gone(self, service: str) -> bool:
         deadline = self.clock() + self.apply_timeout
         while self.clock() < deadline:
-            statuses = self._statuses()
+            statuses = serving(self._statuses(), service)
             if all(service not in (_cut(doc) or {}) for doc in statuses.values()):
                 return True
             time.sleep(0.05)

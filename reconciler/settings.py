@@ -6,6 +6,7 @@ connection itself follows Consul's own variables (see `adapters.consul_kv.Consul
 
 from __future__ import annotations
 
+import fnmatch
 import grp
 import ipaddress
 import os
@@ -119,12 +120,38 @@ class ProxySettings:
     """`--haproxy-stats HOST:PORT`: the stats page and `/metrics` listen here."""
     stats_auth_file: str | None = None
     """`--haproxy-stats-auth FILE`: one line `user:password` (never from KV or argv)."""
+    serve: tuple[str, ...] = ("*",)
+    """`--serve`: the services this host's HAProxy serves (shell patterns of names; all by
+    default). The members of the others are not even read (issue 9)."""
     run_as: str | None = None
     """`--haproxy-user`: HAProxy's workers drop root to this user and its group of the
     same name (Debian's package creates `haproxy`); None: they keep the master's user."""
     cutover_poll: float = 0.5
     """While a progressive cutover runs: seconds between reads of HAProxy's counters
     (published in the node status for the command driving it)."""
+
+
+_SERVE_RE = re.compile(r"[A-Za-z0-9_.*?\[\]!-]{1,63}\Z")
+
+
+def parse_serve(value: str | None) -> tuple[str, ...]:
+    """`--serve web,api-*`: comma-separated shell patterns of service names (`*`, `?`,
+    `[...]`); empty or None: every service. Raises ConfigurationError for anything else."""
+    if not value or not value.strip():
+        return ("*",)
+    out: list[str] = []
+    for part in value.split(","):
+        part = part.strip()
+        if not _SERVE_RE.match(part):
+            raise ConfigurationError(f"--serve {part!r}: a service name or pattern of "
+                                     "[A-Za-z0-9_.-] and *, ?, [...] (comma-separated)")
+        out.append(part)
+    return tuple(out)
+
+
+def serves(patterns: tuple[str, ...], service: str) -> bool:
+    """Whether `service` is among the services `patterns` (`--serve`) name."""
+    return patterns == ("*",) or any(fnmatch.fnmatchcase(service, p) for p in patterns)
 
 
 _LOG_TARGET_RE = re.compile(r"(?:udp@)?(\[[0-9A-Fa-f:.]+\]|[0-9.]+):(\d{1,5})\Z")

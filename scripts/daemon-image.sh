@@ -43,5 +43,7 @@ find "$ctx" -name __pycache__ -prune -exec rm -rf {} +
 say "docker build -t $TAG (BASE=$base)"
 docker build --network host --build-arg "BASE=$base" -t "$TAG" "$ctx" >"$ctx/build.log" 2>&1 \
   || { tail -40 "$ctx/build.log" >&2; say "docker build failed"; exit 1; }
-grep -c "Using cache" "$ctx/build.log" | sed 's/^/daemon-image: cached steps: /' >&2
+# (grep -c exits 1 when it counts 0: a full rebuild is no failure)
+cached=$(grep -c "Using cache" "$ctx/build.log" || true)
+echo "daemon-image: cached steps: ${cached:-0}" >&2
 echo "$TAG"

@@ -54,6 +54,15 @@ class AddressBook:
         covered = self._covered
         return self._view if covered is None or network in covered else None
 
+    def counts(self) -> dict[str, int]:
+        """Network -> addresses this node holds in it (its cache: what it allocated or
+        claimed, and what the last sweep found held)."""
+        out: dict[str, int] = {}
+        with self._lock:
+            for _, network, _ in self._cache:
+                out[network] = out.get(network, 0) + 1
+        return out
+
     def cached(self, key: IfaceKey) -> IPAddress | None:
         with self._lock:
             return self._cache.get(key)

@@ -384,6 +384,10 @@ class NetworkController:
                 self.planned += [f"overlay {c}" for c in changes]
         return changes
 
+    def allocation_counts(self) -> Mapping[str, int]:
+        """Network -> addresses this node holds in it (as allocated or last swept)."""
+        return self._addresses.counts()
+
     def peer_counts(self) -> Mapping[str, int]:
         """Overlay network -> remote endpoints its tunnel here knows (as last programmed)."""
         return self._peers.counts if self._peers is not None else {}

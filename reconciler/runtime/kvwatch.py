@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from typing import Protocol
 
 from reconciler.errors import ConsulError, Problem
 from reconciler.kvlayout import KVEntry, Layout, kv_digest, kv_entries
-from reconciler.model import DesiredState, ParseMemo, parse_kv
+from reconciler.model import (
+    DesiredState,
+    Member,
+    ParseMemo,
+    PublishedPools,
+    decode_json,
+    parse_kv,
+    parse_member,
+)
 from reconciler.runtime.areawatch import AreaChange, AreaWatch
 
 log = logging.getLogger(__name__)
@@ -37,6 +45,7 @@ class Snapshot:
     state: DesiredState
     items: tuple[KVEntry, ...]
     digest: str
+    desired_digest: str = ""  # of `items` alone (without the members nodes publish)
 
 
 class PrefixReader(Protocol):
@@ -68,14 +77,14 @@ def snapshot_from(prefix: str, raw: object,
 
 
 def _with_last_valid(prefix: str, items: tuple[KVEntry, ...], state: DesiredState,
-                     last_valid: dict[str, KVEntry], memo: ParseMemo | None = None
-                     ) -> DesiredState:
+                     last_valid: dict[str, KVEntry], memo: ParseMemo | None = None,
+                     published: PublishedPools | None = None) -> DesiredState:
     present = {e.key for e in items}
     bad = state.invalid_keys
     swap = {k: last_valid[k] for k in bad if k in last_valid and k in present}
     if swap:
         held = [last_valid[e.key] if e.key in swap else e for e in items]
-        kept = parse_kv(prefix, held, memo)
+        kept = parse_kv(prefix, held, memo, published)
         # A swapped key whose own value did not change was only invalid through a key it
         # depends on, which is held now: what the held state says about it is the truth.
         changed = {e.key for e in items if e.key in swap and e.value != swap[e.key].value}
@@ -127,6 +136,10 @@ class KVWatcher:
         self.memo = ParseMemo()
         self.healthy = _AllHealthy(self.areas)
         self._lock = threading.Lock()
+        self._deliver = threading.Lock()  # one snapshot handed on at a time, in order
+        # The members nodes publish (`members/<service>/`), parsed per service.
+        self._published: dict[str, tuple[dict[str, dict[str, Member]], str]] = {}
+        self._published_version = 0
 
     @property
     def index(self) -> int:
@@ -143,14 +156,44 @@ class KVWatcher:
         with self._lock:
             items = tuple(sorted((e for a in self.areas for e in a.entries.values()),
                                  key=lambda e: e.key))
-            digest = kv_digest(items)
+            desired = kv_digest(items)
+            digest = f"{desired}/{self._published_version}"
             if self.last is not None and digest == self.last.digest:
                 return None
-            state = parse_kv(self.prefix, items, memo=self.memo)
-            state = _with_last_valid(self.prefix, items, state, self.last_valid, self.memo)
+            published = dict(self._published)
+            state = parse_kv(self.prefix, items, memo=self.memo, published=published)
+            state = _with_last_valid(self.prefix, items, state, self.last_valid, self.memo,
+                                     published)
             self.memo.sweep()
-            self.last = Snapshot(self.index, state, items, digest)
+            self.last = Snapshot(self.index, state, items, digest, desired)
             return self.last
+
+    def set_published(self, pieces: Mapping[str, Mapping[str, KVEntry]],
+                      changed: Collection[str], deliver: bool = True) -> None:
+        """The members nodes publish, by service (`members/<service>/` as read by the
+        daemon's `IndexedArea`): the `changed` services are parsed again (the others are
+        kept as they are), then a snapshot is handed on (`deliver`)."""
+        layout = Layout(self.prefix)
+        with self._lock:
+            for svc in changed:
+                entries = pieces.get(svc)
+                pools: dict[str, dict[str, Member]] = {}
+                for e in (entries or {}).values():
+                    ref = layout.parse(e.key)
+                    if ref is None or ref.kind != "member" or ref.name != svc:
+                        continue
+                    raw, problems = decode_json(e.key, e.value)
+                    mem = None if problems else \
+                        parse_member(e.key, ref.member, raw, e.session)[0]
+                    if mem is not None:  # (nodes write valid members; junk is skipped)
+                        pools.setdefault(ref.pool, {})[mem.name] = mem
+                if pools:
+                    self._published[svc] = (pools, layout.service_config(svc))
+                else:
+                    self._published.pop(svc, None)
+            self._published_version += 1
+        if deliver:
+            self._area_changed(None)
 
     def poll(self, consistent: bool = False) -> Snapshot | None:
         """One read of every area, blocking unless `consistent` (a confirmation or a
@@ -162,10 +205,11 @@ class KVWatcher:
                 or changed
         return self._snapshot() if changed or self.last is None else None
 
-    def _area_changed(self, _: AreaChange) -> None:
-        snap = self._snapshot()
-        if snap is not None:
-            self.on_change(snap)
+    def _area_changed(self, _: AreaChange | None) -> None:
+        with self._deliver:
+            snap = self._snapshot()
+            if snap is not None:
+                self.on_change(snap)
 
     def run(self, stop: threading.Event) -> None:
         """One loop per area (threads), until `stop`."""

@@ -136,7 +136,7 @@ def test_kill9_during_attach_of_100_containers(
     ids = {c.id for c in containers}
     pids = {c.id: int(c.attrs["State"]["Pid"]) for c in containers}
     veths = {host_veth_name(cid, "eth1") for cid in ids}
-    members_base = f"{prefix}services/crash{run_id}/pools/blue/"
+    members_base = f"{prefix}members/crash{run_id}/blue/"
     ipam_base = f"{prefix}ipam/{net}/"
 
     def ipam() -> dict[str, str]:

@@ -597,7 +597,7 @@ def test_member_published_only_while_its_interface_is_attached(
     ctr = container_factory(name=f"rt-{env.run_id}-blk", labels={
         "reconciler.name": spec, "reconciler.service": f"svc{env.run_id}",
         "reconciler.pool": "blue", "reconciler.port": "8080"})
-    member = f"{env.prefix}services/svc{env.run_id}/pools/blue/{env.node}_{ctr.name}"
+    member = f"{env.prefix}members/svc{env.run_id}/blue/{env.node}_{ctr.name}"
     pid = container_pid(ctr)
     # The obstacle exists before the spec: nothing races the daemon for the name.
     run(["nsenter", "-t", str(pid), "-n", "ip", "link", "add", "eth1", "type", "veth",

@@ -563,7 +563,7 @@ class NetEnv:
 
     def member_key(self, env: Env, pool: str) -> str:
         name = member_name(env.node, self.containers[pool].name)
-        return f"{env.prefix}services/webc/pools/{pool}/{name}"
+        return f"{env.prefix}members/webc/{pool}/{name}"
 
 
 @pytest.fixture(scope="module")

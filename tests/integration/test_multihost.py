@@ -290,7 +290,7 @@ def test_a_lost_host_vanishes_from_tunnels_and_members_and_comes_back(env: Env) 
     net = f"mhl-{env.rid}"
     wait_for(lambda: _peer_hosts(env, 1, net) >= {"198.18.0.2", "198.18.0.3"}, timeout=15,
              interval=0.3, message="host1's tunnel knows hosts 2 and 3")
-    members = [k for k in kv_keys("services/") if "/pools/" in k and "host3_" in k]
+    members = [k for k in kv_keys("members/") if "host3_" in k]
     # Cut host3 off the underlay: its agent, its session and everything it published go.
     env.lab.exec(3, "ip", "link", "set", "eth0", "down", check=True)
     t0 = time.monotonic()
@@ -477,8 +477,13 @@ def test_consul_leader_lost_nothing_torn_down_and_a_flip_applies_everywhere(
                      timeout=20, interval=0.2, message=f"host{h} serves green after election")
         FIGURES["flip right after a leader election, on the other hosts"] = \
             f"{time.monotonic() - t0:.2f}s (new leader {new})"
-        # The host without its agent keeps serving what it had: nothing torn down there.
-        assert _serves(env, lost, port) == pools["blue"]
+        # The host without its agent keeps what it had: nothing torn down there. (Its
+        # HAProxy keeps every blue member; whether the remote ones still answer it
+        # depends on Consul: once its agent is found dead, its session ends and the other
+        # hosts drop it from their tunnels, by design, so their replies cannot reach it.)
+        assert _serves(env, lost, port) <= pools["blue"]
+        cfg = (env.lab.state_dir(lost) / "haproxy.cfg").read_text()
+        assert all(name in cfg for name in pools["blue"]), cfg
     finally:
         env.lab.up()  # brings host{lost}'s agent back
     wait_for(lambda: _serves(env, lost, port) == pools["green"], timeout=60, interval=0.3,

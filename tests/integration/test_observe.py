@@ -193,7 +193,8 @@ def test_metrics_move_after_a_container_is_attached(env: Env,
         assert name.startswith("reconciler_")
         for labels in by_labels:
             assert {k for k, _ in labels} <= {"kind", "result", "reason", "change",
-                                              "network", "le"}, (name, labels)
+                                              "network", "le", "watch", "bridge",
+                                              "source", "destination"}, (name, labels)
     body = get(env.daemon.url("/metrics"))[1]
     assert c.id[:12] not in body and c.name not in body and f"10.77.{env.octet}." not in body
 

@@ -61,8 +61,8 @@ def task_containers(stack: str, service: str) -> dict[str, str]:
 
 
 def members(kv: ConsulKV, prefix: str, pool: str) -> set[str]:
-    """The member names published under services/web/pools/<pool>/."""
-    snap = kv.read_prefix(f"{prefix}services/web/pools/{pool}/")
+    """The member names published under members/web/<pool>/."""
+    snap = kv.read_prefix(f"{prefix}members/web/{pool}/")
     return {k.rsplit("/", 1)[1] for k in snap.items}
 
 

@@ -13,6 +13,7 @@ read and applied.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import urllib.request
@@ -24,6 +25,7 @@ from helpers import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
+from reconciler.adapters.haproxy import HaproxyProcess
 from reconciler.kvlayout import Layout
 
 from .daemon_helpers import DaemonProcess
@@ -105,3 +107,43 @@ def test_other_hosts_writes_do_not_reread_the_desired_state(
              .get("index", 0) >= item.modify_index, timeout=10,
              message="the flip is applied")
     assert reads(daemon)["desired"] > after["desired"]
+
+
+def test_serve_renders_only_its_services_and_reads_only_their_members(
+        consul_addr: str, tmp_path: Path) -> None:
+    prefix = f"t-serve-{secrets.token_hex(3)}/"
+    L = Layout(prefix)
+    kv = ConsulKV(ConsulSettings.from_env())
+    for svc in ("web", "api"):
+        kv.put(L.service_config(svc), json.dumps({"bind": f"127.0.0.1:{_port()}",
+                                                  "mode": "tcp"}).encode())
+        kv.put(L.service_active(svc), b"blue")
+    daemon = DaemonProcess(prefix, f"s-{secrets.token_hex(2)}", tmp_path, resync=300,
+                           run_args=["--serve", "web"])
+    daemon.start()
+    cfg = daemon.state_dir / "haproxy.cfg"
+    try:
+        wait_for(lambda: cfg.exists() and "web" in cfg.read_text(), timeout=30,
+                 message="HAProxy serves web")
+        assert "api" not in cfg.read_text()
+        # Its status says which services it serves (`reconciler cutover` waits for it
+        # only for those).
+        wait_for(lambda: json.loads(kv.get(L.node_status(daemon.node)).value)  # type: ignore[union-attr]
+                 .get("proxy", {}).get("serves") == ["web"], timeout=10,
+                 message="the status names the services served")
+        before = reads(daemon)
+        # Other nodes publish members of both services (with their generation bumps).
+        for svc, port in (("api", 9001), ("web", 9002)):
+            kv.put(L.published_member(svc, "blue", f"other_{svc}"), json.dumps(
+                {"address": "127.0.0.1", "port": port}).encode())
+            kv.put(L.members_index(svc), f"other {svc}".encode())
+        wait_for(lambda: "other_web" in cfg.read_text(), timeout=10,
+                 message="web's published member rendered")
+        after = reads(daemon)
+        assert after["members"] - before["members"] == 1  # web's piece only, not api's
+        assert "other_api" not in cfg.read_text() and "api" not in cfg.read_text()
+    finally:
+        daemon.stop()
+        with contextlib.suppress(Exception):
+            HaproxyProcess(daemon.state_dir).stop()
+        kv.delete(prefix, recurse=True)

@@ -186,7 +186,8 @@ def test_daemon_area_classification(rel: str, owned: bool) -> None:
 
 
 def test_areas_are_disjoint_and_cover_the_documented_layout() -> None:
-    assert set(DAEMON_AREAS) == {"nodes/", "ipam/", "audit/", "locks/", "hosts/", "index/"}
+    assert set(DAEMON_AREAS) == {"nodes/", "ipam/", "audit/", "locks/", "hosts/", "index/",
+                                 "members/"}
     assert set(USER_AREAS) == {"networks/", "containers/", "services/"}
     assert not set(DAEMON_AREAS) & set(USER_AREAS)
 
