@@ -560,13 +560,19 @@ class Soak:
         with contextlib.suppress(OSError, ValueError):
             for word in (self.state_dir / "haproxy.pid").read_text().split():
                 kill_pid(int(word), "haproxy")
-        leftovers = self.docker.containers.list(
-            all=True, filters={"label": f"reconciler-bench.run={self.rid}"})
-        for c in leftovers:
-            with contextlib.suppress(docker.errors.NotFound):
-                c.remove(force=True)
         for _, _, proc in self.backends.values():
             stop_popen(proc)
+        # Docker last among the processes: a dockerd that does not answer (its API timed
+        # out at setup once, on a shared machine) must not leave the backends running.
+        try:
+            leftovers = self.docker.containers.list(
+                all=True, filters={"label": f"reconciler-bench.run={self.rid}"})
+            for c in leftovers:
+                with contextlib.suppress(docker.errors.NotFound):
+                    c.remove(force=True)
+        except (docker.errors.DockerException, OSError) as e:  # timeouts are OSErrors
+            print(f"cleanup: containers labelled reconciler-bench.run={self.rid} may be "
+                  f"left: {e}", file=sys.stderr)
         sh("ovs-vsctl", "--timeout=10", "--if-exists", "del-br", self.bridge, check=False)
         with contextlib.suppress(Exception):
             self.kv.delete(self.prefix, recurse=True)
