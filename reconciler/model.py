@@ -936,11 +936,33 @@ PublishedPools = Mapping[str, tuple[Mapping[str, Mapping[str, "Member"]], str]]
 nodes publish (`members/`), parsed per service by the watch (reconciler.runtime.kvwatch)."""
 
 
-def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None,
-                published: PublishedPools | None = None) -> DesiredState:
+def with_published(state: DesiredState, published: PublishedPools) -> DesiredState:
+    """`state` with the members nodes publish merged into its services' pools (a user's
+    member of the same name wins). A service with published members but no config is
+    reported at its config key (unless that key is there and invalid). Costs the services
+    and members published, not a parse of the desired state (issue 9)."""
+    if not published:
+        return state
+    services = dict(state.services)
+    problems = set(state.problems)
+    bad = state.invalid_keys
+    for name, (pools, config_key) in published.items():
+        svc = services.get(name)
+        if svc is None:
+            if config_key not in bad:
+                problems.add(Problem(config_key, "", "missing: the service has pools or an "
+                                     "active pool but no config"))
+            continue
+        merged = {p: dict(m) for p, m in pools.items()}
+        for p, m in svc.pools.items():
+            merged.setdefault(p, {}).update(m)
+        services[name] = replace(svc, pools=merged)
+    return replace(state, services=services, problems=tuple(sorted(problems)))
+
+
+def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None) -> DesiredState:
     """Validate every entry, then the cross-object rules, into a DesiredState (entries
-    parsed before are taken from `memo`; `published` members are merged into their
-    pools as they are: a user's member of the same name wins)."""
+    parsed before are taken from `memo`)."""
     problems: list[Problem] = []
     ents = sorted(entries, key=lambda e: (e.order, e.where))
     by_kind: dict[str, list[RawEntry]] = {}
@@ -1055,14 +1077,6 @@ def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None,
             pools.setdefault(e.ref.name, {}).setdefault(e.ref.pool, {})
             continue
         pools.setdefault(e.ref.name, {}).setdefault(e.ref.pool, {})[mem.name] = mem
-    published_where: dict[str, str] = {}
-    for name, (ppools, config_key) in (published or {}).items():
-        published_where[name] = config_key
-        svc_p = pools.setdefault(name, {})
-        for pool, mems in ppools.items():
-            merged = dict(mems)
-            merged.update(svc_p.get(pool, {}))
-            svc_p[pool] = merged
 
     services: dict[str, Service] = {}
     for name in sorted(set(configs) | set(actives) | set(pools)):
@@ -1070,10 +1084,7 @@ def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None,
         act, act_where = actives.get(name, (None, ""))
         svc_pools = pools.get(name, {})
         if cfg is None:
-            user_where = act_where or _first_member_where(ents, name)
-            where = published_where[name] if name in published_where and not any(
-                e.ref.kind == "member" and e.ref.name == name for e in ents) \
-                and not act_where else _sibling_where(user_where, "config")
+            where = _sibling_where(act_where or _first_member_where(ents, name), "config")
             # (a state file reports a missing config itself, at its own location)
             if name not in config_seen and ": services." not in where:
                 problems.append(Problem(where, "", "missing: the service has pools or an "
@@ -1175,8 +1186,8 @@ def _first_member_where(ents: list[RawEntry], service: str) -> str:
 # ------------------------------------------------------------------ from KV
 
 
-def parse_kv(prefix: str, items: Iterable[KVEntry], memo: ParseMemo | None = None,
-             published: PublishedPools | None = None) -> DesiredState:
+def parse_kv(prefix: str, items: Iterable[KVEntry], memo: ParseMemo | None = None
+             ) -> DesiredState:
     """Parse every key under `prefix` (already normalised, ending in '/'); with `memo`,
     an entry whose ModifyIndex did not move is not parsed again."""
     layout = Layout(prefix)
@@ -1191,7 +1202,7 @@ def parse_kv(prefix: str, items: Iterable[KVEntry], memo: ParseMemo | None = Non
             continue
         entries.append(RawEntry(it.key, ref, it.value, it.create_index, it.session,
                                 it.modify_index))
-    st = build_state(entries, memo, published)
+    st = build_state(entries, memo)
     if extra:
         st = replace(st, problems=tuple(sorted(set(st.problems) | set(extra))))
     return st

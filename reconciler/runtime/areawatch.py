@@ -98,6 +98,7 @@ class AreaWatch:
         self.index = 0
         self.entries: dict[str, KVEntry] = {}
         self.read_once = False
+        self.generation = 0  # moves with every change of `entries`
         self.reads = 0  # Consul requests made (observability and tests)
         self.healthy = threading.Event()
 
@@ -131,6 +132,7 @@ class AreaWatch:
         self.entries = new
         if not changed and not removed and not first:
             return None
+        self.generation += 1
         return AreaChange(index, changed, removed)
 
     def run(self, stop: threading.Event, on_change: Callable[[AreaChange], None],

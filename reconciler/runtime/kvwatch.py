@@ -27,10 +27,10 @@ from reconciler.model import (
     DesiredState,
     Member,
     ParseMemo,
-    PublishedPools,
     decode_json,
     parse_kv,
     parse_member,
+    with_published,
 )
 from reconciler.runtime.areawatch import AreaChange, AreaWatch
 
@@ -77,14 +77,14 @@ def snapshot_from(prefix: str, raw: object,
 
 
 def _with_last_valid(prefix: str, items: tuple[KVEntry, ...], state: DesiredState,
-                     last_valid: dict[str, KVEntry], memo: ParseMemo | None = None,
-                     published: PublishedPools | None = None) -> DesiredState:
+                     last_valid: dict[str, KVEntry], memo: ParseMemo | None = None
+                     ) -> DesiredState:
     present = {e.key for e in items}
     bad = state.invalid_keys
     swap = {k: last_valid[k] for k in bad if k in last_valid and k in present}
     if swap:
         held = [last_valid[e.key] if e.key in swap else e for e in items]
-        kept = parse_kv(prefix, held, memo, published)
+        kept = parse_kv(prefix, held, memo)
         # A swapped key whose own value did not change was only invalid through a key it
         # depends on, which is held now: what the held state says about it is the truth.
         changed = {e.key for e in items if e.key in swap and e.value != swap[e.key].value}
@@ -140,6 +140,12 @@ class KVWatcher:
         # The members nodes publish (`members/<service>/`), parsed per service.
         self._published: dict[str, tuple[dict[str, dict[str, Member]], str]] = {}
         self._published_version = 0
+        # The desired areas as last parsed, kept while no area changed: a change of the
+        # published members alone is merged into it (`with_published`), not re-parsed.
+        self._generations: tuple[int, ...] = ()
+        self._items: tuple[KVEntry, ...] = ()
+        self._desired_digest = ""
+        self._desired = DesiredState()
 
     @property
     def index(self) -> int:
@@ -154,18 +160,24 @@ class KVWatcher:
     def _snapshot(self) -> Snapshot | None:
         """The union of the areas as a Snapshot, when its content differs from the last."""
         with self._lock:
-            items = tuple(sorted((e for a in self.areas for e in a.entries.values()),
-                                 key=lambda e: e.key))
-            desired = kv_digest(items)
-            digest = f"{desired}/{self._published_version}"
+            generations = tuple(a.generation for a in self.areas)
+            if generations != self._generations or self.last is None:
+                self._generations = generations
+                items = tuple(sorted((e for a in self.areas for e in a.entries.values()),
+                                     key=lambda e: e.key))
+                desired = kv_digest(items)
+                if desired != self._desired_digest or self.last is None:
+                    state = parse_kv(self.prefix, items, memo=self.memo)
+                    state = _with_last_valid(self.prefix, items, state, self.last_valid,
+                                             self.memo)
+                    self.memo.sweep()
+                    self._items, self._desired_digest, self._desired = items, desired, state
+            digest = f"{self._desired_digest}/{self._published_version}"
             if self.last is not None and digest == self.last.digest:
                 return None
-            published = dict(self._published)
-            state = parse_kv(self.prefix, items, memo=self.memo, published=published)
-            state = _with_last_valid(self.prefix, items, state, self.last_valid, self.memo,
-                                     published)
-            self.memo.sweep()
-            self.last = Snapshot(self.index, state, items, digest, desired)
+            state = with_published(self._desired, self._published)
+            self.last = Snapshot(self.index, state, self._items, digest,
+                                 self._desired_digest)
             return self.last
 
     def set_published(self, pieces: Mapping[str, Mapping[str, KVEntry]],
