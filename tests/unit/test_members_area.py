@@ -127,3 +127,23 @@ def test_watch_merges_published_members_parsing_only_the_services_that_moved() -
     # A service whose published members are all gone has only the user's.
     w.set_published({}, {"web"})
     assert set(got[-1].state.services["web"].pools["blue"]) == {"u1"}
+
+
+def test_published_members_of_a_service_without_config_are_reported_at_its_config() -> None:
+    kv = SessionKV()
+    kv.put(L.service_config("web"), SVC)
+    w = KVWatcher(kv, P, lambda s: None, areas=L.desired_areas())
+    orphan = {L.published_member("ghost", "blue", "h1_a"):
+              entry(L.published_member("ghost", "blue", "h1_a"), member(2), 20, "s1")}
+    w.set_published({"ghost": orphan}, {"ghost"}, deliver=False)
+    snap = w.poll(consistent=True)
+    assert snap is not None and "ghost" not in snap.state.services
+    assert [str(p) for p in snap.state.problems] == [
+        f"{L.service_config('ghost')}: missing: the service has pools or an active pool "
+        "but no config"]
+    parsed = w.memo.parsed
+    got: list[Any] = []
+    w.on_change = got.append
+    w.set_published({}, {"ghost"})
+    assert len(got) == 1 and got[0].state.problems == ()
+    assert w.memo.parsed == parsed  # the desired areas were not parsed again
