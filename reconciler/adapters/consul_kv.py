@@ -478,6 +478,42 @@ class ConsulKV:
         items = {item.key: item for item in (_kv_item(row) for row in rows or [])}
         return KVSnapshot(index=_to_int(raw_index), items=MappingProxyType(items))
 
+    def read_versions(
+        self,
+        prefix: str,
+        *,
+        index: int | None = None,
+        wait: str | None = None,
+        consistent: bool = False,
+    ) -> tuple[int, dict[str, tuple[int, str | None]]]:
+        """`read_prefix` without the values: (Consul index, {key: (ModifyIndex, session)}).
+
+        For indexes of generation keys, where only a key's ModifyIndex matters: the
+        response is decoded in one `json.loads`, with no value decoded and no object per
+        key (a quarter of `read_prefix`'s CPU for 1,000 keys; issue 9)."""
+        _check_key(prefix)
+        params: list[tuple[str, Any]] = [("recurse", "1")]
+        if index:
+            params.append(("index", index))
+            if wait:
+                params.append(("wait", wait))
+        if consistent:
+            params.append(("consistent", "1"))
+        what = f"read of {prefix!r}"
+        with self._translate(what):
+            response = self._client.http.get(_raw, f"/v1/kv/{prefix}", params=params,
+                                             headers=self._headers())
+        raw_index = _to_int(response.headers.get("X-Consul-Index", 0))
+        if int(response.code) == 404:
+            return raw_index, {}
+        self._raise_for_status(response, what)
+        try:
+            rows = json.loads(response.body)
+            return raw_index, {str(r["Key"]): (_to_int(r.get("ModifyIndex", 0)),
+                                               r.get("Session") or None) for r in rows or ()}
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConsulError(self._scrub(f"{what}: unexpected answer ({e})")) from e
+
     def get(self, key: str, *, consistent: bool = False) -> KVItem | None:
         """One key, or None when it does not exist."""
         _check_key(key)

@@ -87,7 +87,8 @@ class AreaWatch:
 
     def __init__(self, kv: PrefixReader, prefix: str, *, wait: str = "30s",
                  confirm_empty: bool = False, rate: float = 20.0, burst: float = 5.0,
-                 max_backoff: float = 2.0, empty_interval: float = 0.5) -> None:
+                 max_backoff: float = 2.0, empty_interval: float = 0.5,
+                 versions_only: bool = False) -> None:
         self.kv = kv
         self.prefix = prefix
         self.wait = wait
@@ -95,6 +96,9 @@ class AreaWatch:
         self.bucket = TokenBucket(rate, burst)
         self.max_backoff = max_backoff
         self.empty_interval = empty_interval
+        # Only (ModifyIndex, session) of each key matter (an index of generation keys):
+        # read them without the values when the reader can (`read_versions`).
+        self.versions_only = versions_only and hasattr(kv, "read_versions")
         self.index = 0
         self.entries: dict[str, KVEntry] = {}
         self.read_once = False
@@ -107,10 +111,18 @@ class AreaWatch:
         Returns what changed, or None when nothing did."""
         block = block and self.index > 1 and not consistent and self.read_once
         self.reads += 1
-        raw = self.kv.read_prefix(self.prefix, index=self.index if block else None,
-                                  wait=self.wait if block else None, consistent=consistent)
-        index = int(getattr(raw, "index"))  # noqa: B009
-        rows = getattr(raw, "items")  # noqa: B009
+        new: dict[str, KVEntry]
+        if self.versions_only:
+            index, versions = getattr(self.kv, "read_versions")(  # noqa: B009
+                self.prefix, index=self.index if block else None,
+                wait=self.wait if block else None, consistent=consistent)
+            new = {k: KVEntry(k, b"", 0, sess, mi) for k, (mi, sess) in versions.items()}
+        else:
+            raw = self.kv.read_prefix(self.prefix, index=self.index if block else None,
+                                      wait=self.wait if block else None,
+                                      consistent=consistent)
+            index = int(getattr(raw, "index"))  # noqa: B009
+            new = {e.key: e for e in kv_entries(getattr(raw, "items").values())}  # noqa: B009
         if index < self.index:
             log.info("consul index of %s went backwards (%d -> %d): resetting", self.prefix,
                      self.index, index)
@@ -118,7 +130,6 @@ class AreaWatch:
         else:
             self.index = index
         self.healthy.set()
-        new = {e.key: e for e in kv_entries(rows.values())}
         if self.confirm_empty and not new and self.entries and not consistent:
             # Suddenly empty: believe it only after a consistent read says so too.
             log.warning("%s reads empty; confirming with a consistent read", self.prefix)
@@ -184,7 +195,8 @@ class IndexedArea:
                  wait: str = "30s", rate: float = 10.0, burst: float = 5.0) -> None:
         self.kv = kv
         self.data_prefix = data_prefix
-        self.index = AreaWatch(kv, index_prefix, wait=wait, rate=rate, burst=burst)
+        self.index = AreaWatch(kv, index_prefix, wait=wait, rate=rate, burst=burst,
+                               versions_only=True)
         self.wanted = wanted
         self._lock = threading.Lock()
         self._pieces: dict[str, dict[str, KVEntry]] = {}

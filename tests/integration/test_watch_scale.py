@@ -147,3 +147,23 @@ def test_serve_renders_only_its_services_and_reads_only_their_members(
         with contextlib.suppress(Exception):
             HaproxyProcess(daemon.state_dir).stop()
         kv.delete(prefix, recurse=True)
+
+
+def test_read_versions_agrees_with_read_prefix(consul_addr: str) -> None:
+    kv = ConsulKV(ConsulSettings.from_env())
+    prefix = f"t-ver-{secrets.token_hex(3)}/"
+    sid = kv.session_create("rtest-versions", ttl="30s", behavior="delete")
+    try:
+        assert kv.read_versions(prefix)[1] == {}  # nothing there: no error
+        for i in range(5):
+            kv.put(f"{prefix}k{i}", f"v{i}".encode())
+        kv.put(f"{prefix}held", b"x", acquire=sid)
+        kv.put(f"{prefix}k2", b"v2 again")
+        full = kv.read_prefix(prefix)
+        index, versions = kv.read_versions(prefix)
+        assert index == full.index
+        assert versions == {k: (i.modify_index, i.session) for k, i in full.items.items()}
+        assert versions[f"{prefix}held"][1] == sid
+    finally:
+        kv.session_destroy(sid)
+        kv.delete(prefix, recurse=True)
