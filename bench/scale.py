@@ -23,7 +23,9 @@ Then, per K:
    bytes those reads returned (reads x the size of what each watch reads);
 3. latency, while the churn goes on: a `containers/` entry put -> the daemon's status
    index at or past it; a flip of `active` -> HAProxy's map file on disk names the new
-   pool (the daemon persists it after `set map`); p50/p95 of `--samples` each;
+   pool (the daemon persists it after `set map`); a member published by another host to
+   a served service (with its generation bump) -> HAProxy's running worker has the
+   server (`show servers state`); p50/p95 of `--samples` each;
 4. RSS at the end.
 
 Baselines in the same run: K = 1k is the reference for the ratios of CPU at 10k and 100k
@@ -60,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import describe
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings, TxnOp
+from reconciler.adapters.haproxy import HaproxyProcess
 from reconciler.kvlayout import Layout, kv_entries
 from reconciler.model import parse_kv
 from reconciler.proxy.view import backend_name
@@ -305,6 +308,8 @@ def run_k(args: argparse.Namespace, kv: ConsulKV, k: int, work: Path) -> dict[st
             # 3. latencies
             spec_lat: list[float] = []
             flip_lat: list[float] = []
+            member_lat: list[float] = []
+            haproxy = HaproxyProcess(state)
             map_file = state / "active.map"
             svc = cluster.services[0]
             pools = ["green", "blue"]
@@ -330,10 +335,25 @@ def run_k(args: argparse.Namespace, kv: ConsulKV, k: int, work: Path) -> dict[st
                             flip_lat.append(time.monotonic() - t)
                             break
                     time.sleep(0.002)
+                # A member published (by another host) to a served service -> HAProxy's
+                # running worker has the server.
+                name = f"new{i}"
+                t = time.monotonic()
+                kv.put(layout.published_member(svc, "blue", name), cluster.member(0, 20 + i))
+                kv.put(layout.members_index(svc), f"probe {time.time_ns()}".encode())
+                while time.monotonic() - t < 10:
+                    with contextlib.suppress(Exception):
+                        if name in haproxy.worker_command(
+                                f"show servers state {backend_name(svc, 'blue')}"):
+                            member_lat.append(time.monotonic() - t)
+                            break
+                    time.sleep(0.002)
                 time.sleep(0.05)
             out["spec_p50"], out["spec_p95"] = pct(spec_lat, 0.5), pct(spec_lat, 0.95)
             out["flip_p50"], out["flip_p95"] = pct(flip_lat, 0.5), pct(flip_lat, 0.95)
-            out["samples"] = (len(spec_lat), len(flip_lat))
+            out["member_p50"] = pct(member_lat, 0.5)
+            out["member_p95"] = pct(member_lat, 0.95)
+            out["samples"] = (len(spec_lat), len(flip_lat), len(member_lat))
         out["rss_mib"] = rss_mib(proc.pid)
         # Baseline: one read + parse of the whole prefix, as the single watch did per write.
         times = []
@@ -390,8 +410,8 @@ def main() -> int:
     print()
     print("| K | services | prefix | CPU idle | CPU at R/s | vs K=1k | reads/write | "
           "bytes/write | whole-prefix baseline (CPU at R/s) | spec p50/p95 | "
-          "flip p50/p95 | RSS |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "flip p50/p95 | member p50/p95 | RSS |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = float(r["cpu_churn"]) / max(float(base["cpu_churn"]), 1e-9)  # type: ignore[arg-type]
         whole = float(r["whole_read_parse_s"]) * args.rate  # type: ignore[arg-type]
@@ -401,6 +421,7 @@ def main() -> int:
               f"{float(r['bytes_per_write']) / 1e3:.1f} kB | {100 * whole:.0f} % | "  # type: ignore[arg-type]
               f"{1e3 * float(r['spec_p50']):.0f}/{1e3 * float(r['spec_p95']):.0f} ms | "  # type: ignore[arg-type]
               f"{1e3 * float(r['flip_p50']):.0f}/{1e3 * float(r['flip_p95']):.0f} ms | "  # type: ignore[arg-type]
+              f"{1e3 * float(r['member_p50']):.0f}/{1e3 * float(r['member_p95']):.0f} ms | "  # type: ignore[arg-type]
               f"{float(r['rss_mib']):.0f} MiB |")  # type: ignore[arg-type]
     return 0
 
