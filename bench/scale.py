@@ -21,11 +21,12 @@ Then, per K:
    of the member writes; a weight changed: it must apply); daemon CPU, and the Consul reads
    its watches made per write (`reconciler_consul_watch_reads_total` by watch) with the
    bytes those reads returned (reads x the size of what each watch reads);
-3. latency, while the churn goes on: a `containers/` entry put -> the daemon's status
-   index at or past it; a flip of `active` -> HAProxy's map file on disk names the new
-   pool (the daemon persists it after `set map`); a member published by another host to
-   a served service (with its generation bump) -> HAProxy's running worker has the
-   server (`show servers state`); p50/p95 of `--samples` each;
+3. latency, while the churn goes on: a `containers/` entry put -> the daemon's applied
+   index (`reconciler_applied_index`) at or past it; a flip of `active` -> HAProxy's map
+   file on disk names the new pool (the daemon persists it after `set map`); a member
+   published by another host to a served service (with its generation bump) ->
+   HAProxy's running worker has the server (`show servers state`); p50/p95 of
+   `--samples` each;
 4. RSS at the end.
 
 Baselines in the same run: K = 1k is the reference for the ratios of CPU at 10k and 100k
@@ -232,6 +233,14 @@ def metric_reads(url: str) -> dict[str, float]:
     return out
 
 
+def applied_index(url: str) -> int:
+    """`reconciler_applied_index`: the Consul index of the desired state the daemon took
+    in (the status document says it too, but is published at most 5 times a second)."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    m = re.search(r"^reconciler_applied_index (\S+)$", text, re.M)
+    return int(float(m.group(1))) if m else 0
+
+
 def response_bytes(addr: str, prefix: str) -> int:
     url = f"http://{addr}/v1/kv/{prefix}?recurse"
     try:
@@ -322,7 +331,7 @@ def run_k(args: argparse.Namespace, kv: ConsulKV, k: int, work: Path) -> dict[st
                 idx = kv.get(key)
                 target = idx.modify_index if idx is not None else 0
                 while time.monotonic() - t < 10:
-                    if int(str(node_status(kv, layout, node).get("index", 0))) >= target:
+                    if applied_index(f"http://{listen}/metrics") >= target:
                         spec_lat.append(time.monotonic() - t)
                         break
                     time.sleep(0.002)

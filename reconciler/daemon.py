@@ -684,6 +684,7 @@ class Daemon:
             attached_interfaces=sum(len(r.addresses) for r in results.values()),
             attached_containers=sum(1 for r in results.values() if r.addresses),
             members_published=self.members.publisher.published, invalid_keys=invalid,
+            applied_index=self.status.index,
             ipam_allocations=allocations, ipam_pool_size=pools,
             overlay_peers=dict(self.netctl.peer_counts()),
             policy_denied=self.policy.denied() if self.policy is not None else {},

@@ -70,6 +70,9 @@ class StateSample:
     """Pool members this node holds under its session."""
     invalid_keys: int = 0
     """User keys whose value is invalid (each reported in `reconciler status`)."""
+    applied_index: int = 0
+    """The Consul index of the desired state last taken in (`reconciler status` shows it
+    too, published at most five times a second)."""
     ipam_allocations: Mapping[str, int] = field(default_factory=dict)
     """Network -> addresses this node holds in it."""
     ipam_pool_size: Mapping[str, int] = field(default_factory=dict)
@@ -261,6 +264,8 @@ class _StateCollector(Collector):
             ("members_published", "Pool members this node publishes under its session.",
              s.members_published),
             ("invalid_keys", "User keys in Consul whose value is invalid.", s.invalid_keys),
+            ("applied_index", "Consul index of the desired state last taken in.",
+             s.applied_index),
         ):
             yield GaugeMetricFamily(series_name(name), text, value=value)
         for name, text, values in (
