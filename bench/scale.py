@@ -11,6 +11,7 @@ HAProxy) as one host of it:
   `members/` with their generation keys; in maintenance, so HAProxy does not check them;
   on 127.0.1.x, nothing ever connects to them), every service with its config (mode tcp)
   and `active`;
+- K/100 container entries (`containers/`);
 - H other hosts: registry entry `hosts/<h>` and status document `nodes/<h>/status`.
 
 Then, per K:
@@ -144,6 +145,10 @@ class Cluster:
             ops.append(TxnOp.set(L.members_index(svc), b"fill"))
             if s_i == 0:  # the service the flips switch
                 ops.append(TxnOp.set(L.member(svc, "green", "m0"), self.member(s_i, 10)))
+        for c_i in range(max(10, self.k // 100)):  # the apps' container entries
+            ops.append(TxnOp.set(L.container(f"app{c_i:04d}"), json.dumps({"interfaces": [
+                {"name": "eth1", "network": self.networks[c_i % len(self.networks)],
+                 "address": "auto"}]}).encode()))
         for h_i, host in enumerate(self.hosts):
             ops.append(TxnOp.set(L.host(host), json.dumps(
                 {"node": host, "address": f"198.19.{h_i // 250}.{h_i % 250 + 1}"}).encode()))
