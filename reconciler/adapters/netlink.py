@@ -45,7 +45,8 @@ import select
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -757,8 +758,15 @@ class NetlinkAdapter:
         return self._delete_link(name)
 
     def _delete_link(self, name: str) -> bool:
-        with _translate(f"delete link {name}"):
-            return self._host().del_link(name=name)
+        OWN_LINK_DELETES.add(name)  # before: the report may come before the answer
+        deleted = False
+        try:
+            with _translate(f"delete link {name}"):
+                deleted = self._host().del_link(name=name)
+        finally:
+            if not deleted:
+                OWN_LINK_DELETES.discard(name)
+        return deleted
 
     def list_owned_host_veths(self, node: str | None = None) -> list[str]:
         """Names of host veths that reconciler created (by name shape and kind); with
@@ -976,6 +984,8 @@ class LinkWatcher:
             # Only the name and index: decoding every attribute (pyroute2's Marshal) cost
             # ~150 µs a message, several per attached container (bench/attach.py).
             for t, index, name in parse_link_events(data):
+                if t != RTM_NEWLINK and OWN_LINK_DELETES.take(name):
+                    continue  # this process deleted it: not drift
                 events.append(LinkEvent("new" if t == RTM_NEWLINK else "del", name, index))
 
     def close(self) -> None:
@@ -1014,6 +1024,42 @@ class _RecentPorts:
 
 
 OWN_PORTIDS = _RecentPorts()
+
+
+class RecentNames:
+    """Names this process marked a moment ago (for `ttl` seconds), each taken by the
+    first report about it: links or OVS ports it is deleting. The kernel reports every
+    link deletion with port id 0 and OVSDB every row deletion alike, so the daemon's own
+    deletions came back as drift — two more looks at each of N containers detached at
+    once (bench/attach.py)."""
+
+    def __init__(self, ttl: float = 10.0, keep: int = 8192) -> None:
+        self._names: dict[str, float] = {}
+        self._ttl = ttl
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._names.pop(name, None)
+            self._names[name] = time.monotonic() + self._ttl
+            while len(self._names) > self._keep:
+                del self._names[next(iter(self._names))]
+
+    def discard(self, name: str) -> None:
+        with self._lock:
+            self._names.pop(name, None)
+
+    def take(self, name: str) -> bool:
+        """Whether `name` was marked (and not expired); unmarks it."""
+        if name not in self._names:  # the common case, without the lock
+            return False
+        with self._lock:
+            deadline = self._names.pop(name, None)
+        return deadline is not None and deadline >= time.monotonic()
+
+
+OWN_LINK_DELETES = RecentNames()  # host links this process is deleting
 
 
 @dataclass(frozen=True)
@@ -1106,6 +1152,15 @@ class NetnsWatcher:
         with self._lock:
             if key in self._socks:
                 self._expect[key] = dict(links)
+
+    def forget_links(self, key: str, ifnames: Iterable[str]) -> None:
+        """`key`'s links `ifnames` are being removed by the daemon itself: their
+        disappearance (reported by the kernel, not by our socket) is no drift."""
+        with self._lock:
+            expected = self._expect.get(key)
+            if expected is not None:
+                for name in ifnames:
+                    expected.pop(name, None)
 
     def _drop(self, key: str) -> socket.socket | None:
         sock = self._socks.pop(key, None)

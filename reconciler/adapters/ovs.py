@@ -39,6 +39,7 @@ from ovsdbapp.backend.ovs_idl import connection as ovs_connection
 from ovsdbapp.backend.ovs_idl import idlutils
 from ovsdbapp.schema.open_vswitch import impl_idl
 
+from reconciler.adapters.netlink import RecentNames
 from reconciler.errors import OvsError
 
 __all__ = [
@@ -139,6 +140,15 @@ class _Idl(ovs_connection.OvsdbIdl):  # type: ignore[misc]
     listeners: list[Callable[[PortEvent], None]]
     cfg_changed: threading.Condition
     cfg_seq: int
+    bridge_seq: int  # moves with every change of a Bridge row (its ports among them)
+    own_deletes: RecentNames  # ports this adapter is deleting
+
+    def cooperative_yield(self) -> None:
+        """No yield per row update. ovsdbapp's `time.sleep(0)` (for green threads) runs
+        while the connection lock is held: each one handed the GIL to a busy thread
+        and waited up to a switch interval for it back, so applying the updates of a
+        burst of new ports (500 containers: thousands of rows) kept every reader of
+        the replica waiting on the lock for seconds (bench/attach.py, py-spy)."""
 
     def notify(self, event: str, row: Any, updates: Any = None) -> None:
         table = row._table.name
@@ -147,6 +157,9 @@ class _Idl(ovs_connection.OvsdbIdl):  # type: ignore[misc]
                 self.cfg_seq += 1
                 self.cfg_changed.notify_all()
             return
+        if table == "Bridge":
+            self.bridge_seq += 1
+            return
         if table not in ("Port", "Interface") or not self.listeners:
             return
         try:
@@ -154,6 +167,8 @@ class _Idl(ovs_connection.OvsdbIdl):  # type: ignore[misc]
             ids = dict(row.external_ids)
         except AttributeError:  # a delete of a row whose columns were never seen
             return
+        if event == "delete" and table == "Port" and self.own_deletes.take(name):
+            return  # deleted by this adapter: not news to anyone here
         ev = PortEvent(event, table, name, ids)
         for callback in list(self.listeners):
             callback(ev)
@@ -163,25 +178,40 @@ def _find(api: Any, table: str, name: str) -> Any | None:
     return idlutils.row_by_value(api.idl, table, "name", name, None)
 
 
-# Port -> bridge, per replica, rebuilt when the replica changed (its change_seqno): the
-# scan converts every bridge's port list to rows, which per attached container made a
-# burst of N attachments O(N^2) (bench/attach.py).
+# Port -> bridge, per replica, rebuilt when a Bridge row changed (the scan converts
+# every bridge's port list to rows: per attached container that made a burst of N
+# attachments O(N^2); keyed on any change of the replica, as before, it was rebuilt at
+# almost every read while ovs-vswitchd filled in the new ports' Interface rows).
 _PORT_BRIDGES: weakref.WeakKeyDictionary[Any, tuple[int, dict[Any, Any]]] = \
     weakref.WeakKeyDictionary()
 
 
-def _bridge_of(api: Any, port: Any, *, replica: bool = False) -> Any | None:
+def _port_bridges(api: Any) -> dict[Any, Any]:
+    return {p.uuid: br for br in api.tables["Bridge"].rows.values() for p in br.ports}
+
+
+def _bridge_of(api: Any, port: Any, *, replica: bool = False, txn: Any = None,
+               ) -> Any | None:
     """The bridge holding `port`. `replica=True` (reads outside a transaction, under the
-    connection lock): from the per-replica index; inside a transaction, whose pending
-    changes the index does not know, by a scan."""
+    connection lock): from the per-replica index. Inside transaction `txn`, whose
+    pending changes that index does not know: from an index of that transaction, built
+    at its first lookup (for commands that only delete ports: later ones see their
+    bridges' port lists as the earlier ones left them); without either, by a scan."""
     if replica:
         idl = api.idl
+        seq = getattr(idl, "bridge_seq", None)
+        key = idl.change_seqno if seq is None else seq
         hit = _PORT_BRIDGES.get(idl)
-        if hit is None or hit[0] != idl.change_seqno:
-            hit = (idl.change_seqno, {p.uuid: br for br in api.tables["Bridge"].rows.values()
-                                      for p in br.ports})
+        if hit is None or hit[0] != key:
+            hit = (key, _port_bridges(api))
             _PORT_BRIDGES[idl] = hit
         return hit[1].get(port.uuid)
+    if txn is not None:
+        index = getattr(txn, "_reconciler_port_bridges", None)
+        if index is None:
+            index = _port_bridges(api)
+            txn._reconciler_port_bridges = index
+        return index.get(port.uuid)
     for br in api.tables["Bridge"].rows.values():
         if any(p.uuid == port.uuid for p in br.ports):
             return br
@@ -377,7 +407,9 @@ class _DeletePort(ovs_command.BaseCommand):  # type: ignore[misc]
         if port is None or dict(port.external_ids).get(OWNER_KEY) != OWNER:
             self.result = False
             return
-        br = _bridge_of(self.api, port)
+        # Many deletions share one transaction (the port batch, the sweep): one scan of
+        # the bridges for all of them, not one each (O(N^2) for N ports).
+        br = _bridge_of(self.api, port, txn=txn)
         if br is not None:
             br.delvalue("ports", port)
         for iface in port.interfaces:
@@ -423,6 +455,8 @@ class OvsAdapter:
             self._idl.listeners = []
             self._idl.cfg_changed = threading.Condition()
             self._idl.cfg_seq = 0
+            self._idl.bridge_seq = 0
+            self._idl.own_deletes = RecentNames()
             self._conn = ovs_connection.Connection(self._idl, timeout=int(timeout))
             # ovsdbapp keeps the connection as a *class* attribute of the API class:
             # a fresh subclass per adapter keeps adapters (and test instances) apart.
@@ -707,6 +741,7 @@ class OvsAdapter:
     def delete_port(self, name: str) -> bool:
         """Delete port `name` if reconciler owns it; False if absent or not ours."""
         cmd = _DeletePort(self._api, name)
+        self._idl.own_deletes.add(name)
         if self._in_batch():
             self._local.txn.add(cmd)
             return self.get_port(name) is not None

@@ -239,6 +239,9 @@ class NetworkController:
         if self.dry_run:
             self._report(info.name, actions)
             return
+        if unwanted and self.netns_watcher is not None:
+            # Their removal, reported inside the namespace, is ours: no drift to look at.
+            self.netns_watcher.forget_links(info.id, [i for i, _ in unwanted])
         res.wanted = plans
         self._executor.apply(ns, info.id, info.name, plans, actions, res)
 

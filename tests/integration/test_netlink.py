@@ -317,6 +317,29 @@ def test_link_watcher_reports_deleted_host_veth(
         wait_for(lambda: saw("del"), timeout=2, interval=0, message="RTM_DELLINK")
 
 
+def test_link_watcher_skips_deletions_of_this_process(
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, cleanup_links: list[str]
+) -> None:
+    """The kernel reports every deletion with port id 0: the daemon's own (detaches)
+    are told apart by name, so only someone else's deletion is drift."""
+    ours, theirs = (InterfaceSpec(f"test-{secrets.token_hex(4)}", "eth1") for _ in range(2))
+    cleanup_links += [ours.host_veth, theirs.host_veth]
+    with LinkWatcher() as watcher:
+        nl.ensure_interface(netns_factory(), ours)
+        nl.ensure_interface(netns_factory(), theirs)
+        seen: list[LinkEvent] = []
+
+        def saw_del(name: str) -> bool:
+            seen.extend(watcher.read(timeout=0.2))
+            return any(e.kind == "del" and e.ifname == name for e in seen)
+
+        assert nl.delete_host_veth(ours.host_veth) is True
+        subprocess.run(["ip", "link", "del", theirs.host_veth], check=True)
+        wait_for(lambda: saw_del(theirs.host_veth), timeout=2, interval=0,
+                 message="RTM_DELLINK of someone else's deletion")
+    assert not [e for e in seen if e.kind == "del" and e.ifname == ours.host_veth]
+
+
 def test_watch_links_callback_loop(nl: NetlinkAdapter, cleanup_links: list[str]) -> None:
     name = f"rtdm{secrets.token_hex(4)}"
     cleanup_links.append(name)
@@ -423,6 +446,40 @@ def test_netns_watcher_reports_foreign_changes_only(
         wait_for(got.is_set, timeout=5, interval=0.01, message="c1 still watched")
         assert set(seen) == {"c1"}
         assert watcher.keys() == {"c1"}
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        watcher.close()
+
+
+@pytest.mark.parametrize("forget", [True, False])
+def test_netns_watcher_detach_by_the_daemon_is_no_drift(
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str],
+    forget: bool,
+) -> None:
+    """An expected link the daemon removes itself (`forget_links` first) is not reported
+    when the kernel says it is gone; without `forget_links` it is (drift)."""
+    ns, spec = attach_full(nl, netns_factory, octet, cleanup_links)
+    other = netns_factory()
+    watcher = NetnsWatcher()
+    watcher.add("c1", ns)  # after the attach: none of its reports are in flight
+    watcher.add("c2", other)
+    watcher.expect("c1", {"eth1": LinkExpect(mtu=1400, mac=spec.mac)})
+    seen: list[str] = []  # keys reported, in order
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(seen.append, stop), daemon=True)
+    thread.start()
+    try:
+        if forget:
+            watcher.forget_links("c1", ["eth1"])
+        assert nl.detach(spec.container_id, "eth1") is True
+        nsexec(other.pid, "ip", "addr", "add", "127.0.0.3/8", "dev", "lo")  # a marker
+        wait_for(lambda: "c2" in seen, timeout=5, interval=0.01, message="marker reported")
+        if forget:
+            assert seen == ["c2"]
+        else:
+            wait_for(lambda: "c1" in seen, timeout=5, interval=0.01,
+                     message="removal of an expected link reported")
     finally:
         stop.set()
         thread.join(timeout=5)

@@ -205,6 +205,28 @@ def test_port_delete_notification(ovs: OvsAdapter, bridge: str, veth: Callable[[
     assert ovs.ensure_port(bridge, port, 5, {}) is True  # and the next ensure repairs it
 
 
+def test_own_port_deletions_are_not_reported_back(
+        ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
+    """A port the adapter deletes itself (a batch of them, as the port batcher does) is
+    no news to its subscribers; a port deleted by someone else still is."""
+    ours, theirs = [veth() for _ in range(3)], veth()
+    for p in [*ours, theirs]:
+        ovs.ensure_port(bridge, p, 5, {})
+    deleted: list[str] = []
+    unsubscribe = ovs.subscribe(
+        lambda e: deleted.append(e.name) if e.kind == "delete" and e.table == "Port" else None)
+    try:
+        with ovs.transaction():
+            for p in ours:
+                assert ovs.delete_port(p) is True
+        ovs_vsctl("del-port", theirs)
+        wait_for(lambda: theirs in deleted, timeout=5, message="foreign delete event")
+    finally:
+        unsubscribe()
+    assert not set(ours) & set(deleted)
+    assert not {p.name for p in ovs.list_owned_ports() if p.bridge == bridge}
+
+
 def test_batched_ports(ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
     ports = [veth() for _ in range(20)]
     with ovs.transaction():

@@ -632,6 +632,10 @@ class FakeWatcher(Recorder):
     def expect(self, key: str, links: Mapping[str, netlink.LinkExpect]) -> None:
         self.expected[key] = dict(links)
 
+    def forget_links(self, key: str, ifnames: Any) -> None:
+        for name in ifnames:
+            self.expected.get(key, {}).pop(name, None)
+
     def remove(self, key: str) -> None:
         self._rec("remove", key)
 
