@@ -646,6 +646,11 @@ class Daemon:
         self._status_dirty.set()
 
     def _on_success(self, key: WorkKey) -> None:
+        if key == MEMBERS:
+            # `_handle_members` sets and clears its own entry: the members it could not
+            # publish (held by another node's session...) are problems of a successful
+            # run, and were dropped here before the status could show them.
+            return
         with self._lock:
             if self.known.errors.pop(key, None) is not None:
                 self._status_dirty.set()

@@ -15,6 +15,7 @@ anything is torn down, the last good state kept while Consul is away) and its pa
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Collection, Mapping
@@ -28,6 +29,7 @@ from reconciler.model import (
     Member,
     ParseMemo,
     decode_json,
+    parse_active,
     parse_kv,
     parse_member,
     with_published,
@@ -146,6 +148,10 @@ class KVWatcher:
         self._items: tuple[KVEntry, ...] = ()
         self._desired_digest = ""
         self._desired = DesiredState()
+        self._position: dict[str, int] = {}  # key -> its place in `_items`
+        # Keys changed since the last parse, as the area loops reported them (None:
+        # not known, e.g. after a `poll`: parse everything).
+        self._pending: set[str] | None = None
 
     @property
     def index(self) -> int:
@@ -161,17 +167,12 @@ class KVWatcher:
         """The union of the areas as a Snapshot, when its content differs from the last."""
         with self._lock:
             generations = tuple(a.generation for a in self.areas)
-            if generations != self._generations or self.last is None:
+            pending, self._pending = self._pending, set()
+            if generations != self._generations or self.last is None or pending:
+                # (An area whose loop has not reported yet is parsed when it does.)
                 self._generations = generations
-                items = tuple(sorted((e for a in self.areas for e in a.entries.values()),
-                                     key=lambda e: e.key))
-                desired = kv_digest(items)
-                if desired != self._desired_digest or self.last is None:
-                    state = parse_kv(self.prefix, items, memo=self.memo)
-                    state = _with_last_valid(self.prefix, items, state, self.last_valid,
-                                             self.memo)
-                    self.memo.sweep()
-                    self._items, self._desired_digest, self._desired = items, desired, state
+                if not (self.last is not None and pending and self._flipped(pending)):
+                    self._parse()
             digest = f"{self._desired_digest}/{self._published_version}"
             if self.last is not None and digest == self.last.digest:
                 return None
@@ -179,6 +180,52 @@ class KVWatcher:
             self.last = Snapshot(self.index, state, self._items, digest,
                                  self._desired_digest)
             return self.last
+
+    def _parse(self) -> None:
+        """Parse the union of the areas (entries parsed before come from the memo)."""
+        items = tuple(sorted((e for a in self.areas for e in a.entries.values()),
+                             key=lambda e: e.key))
+        desired = kv_digest(items)
+        if desired == self._desired_digest and self.last is not None:
+            return
+        state = parse_kv(self.prefix, items, memo=self.memo)
+        state = _with_last_valid(self.prefix, items, state, self.last_valid, self.memo)
+        self.memo.sweep()
+        self._items, self._desired_digest, self._desired = items, desired, state
+        self._position = {e.key: i for i, e in enumerate(items)}
+
+    def _flipped(self, keys: set[str]) -> bool:
+        """The fast path of a flip: when every changed key is the `active` of a service
+        that has a valid config, was there before and names a pool now, only those
+        services' `active` change (no parse of the desired state, whose cost grows with
+        the cluster: issue 9). False, changing nothing, when that does not hold."""
+        layout = Layout(self.prefix)
+        entries = {k: e for a in self.areas for k, e in a.entries.items() if k in keys}
+        services = dict(self._desired.services)
+        flips: list[tuple[KVEntry, str]] = []
+        bad = self._desired.invalid_keys
+        for key in keys:
+            ref = layout.parse(key)
+            e = entries.get(key)
+            if ref is None or ref.kind != "service_active" or e is None \
+                    or key not in self._position or key in bad or ref.name not in services:
+                return False
+            active, problems = parse_active(key, e.value)
+            if problems or active is None:
+                return False
+            flips.append((e, active))
+        items = list(self._items)
+        h = hashlib.sha256(self._desired_digest.encode())
+        for e, active in flips:
+            name = layout.parse(e.key).name  # type: ignore[union-attr]
+            services[name] = replace(services[name], active=active)
+            items[self._position[e.key]] = e
+            self.last_valid[e.key] = e
+            h.update(e.key.encode() + b"\0" + e.value + b"\0" + str(e.modify_index).encode())
+        self._items = tuple(items)
+        self._desired = replace(self._desired, services=services)
+        self._desired_digest = h.hexdigest()
+        return True
 
     def set_published(self, pieces: Mapping[str, Mapping[str, KVEntry]],
                       changed: Collection[str], deliver: bool = True) -> None:
@@ -217,7 +264,11 @@ class KVWatcher:
                 or changed
         return self._snapshot() if changed or self.last is None else None
 
-    def _area_changed(self, _: AreaChange | None) -> None:
+    def _area_changed(self, change: AreaChange | None) -> None:
+        if change is not None:
+            with self._lock:
+                if self._pending is not None:
+                    self._pending |= change.changed | change.removed
         with self._deliver:
             snap = self._snapshot()
             if snap is not None:

@@ -187,3 +187,45 @@ def test_token_bucket_lets_a_burst_through_and_spaces_a_storm() -> None:
     assert abs(b.delay() - 0.1) < 1e-9  # then one read per 1/rate
     now[0] += 10.0
     assert b.delay() == 0.0  # refilled after a quiet while
+
+
+def test_a_flip_alone_is_applied_without_parsing_the_desired_state() -> None:
+    kv = MemKV()
+    kv.put(L.network("a"), NET)
+    for s in ("web", "api"):
+        kv.put(L.service_config(s), SVC.replace(b"18080", b"18081") if s == "api" else SVC)
+        kv.put(L.service_active(s), b"blue")
+    got: list[Any] = []
+    w = KVWatcher(kv, P, got.append, areas=L.desired_areas())
+    first = w.poll(consistent=True)
+    assert first is not None and first.state.services["web"].active == "blue"
+    services = next(a for a in w.areas if a.prefix == P + "services/")
+
+    def deliver() -> Any:
+        change = services.poll(block=False)
+        assert change is not None
+        w._area_changed(change)
+        return got[-1]
+
+    parsed = w.memo.parsed
+    kv.put(L.service_active("web"), b"green")
+    snap = deliver()
+    assert snap.state.services["web"].active == "green"
+    assert snap.state.services["api"].active == "blue"
+    assert w.memo.parsed == parsed  # nothing parsed: the fast path
+    assert snap.desired_digest != first.desired_digest
+    # A typo is not a flip: the full parse reports it and keeps the last valid pool.
+    kv.put(L.service_active("web"), b"gr een")
+    snap = deliver()
+    assert snap.state.services["web"].active == "green"
+    assert any("keeping its last valid value" in str(p) for p in snap.state.problems)
+    # ... and the next valid flip clears the problem (full parse: the key was invalid).
+    kv.put(L.service_active("web"), b"blue")
+    snap = deliver()
+    assert snap.state.services["web"].active == "blue" and snap.state.problems == ()
+    # Any other change (a config) is parsed.
+    parsed = w.memo.parsed
+    kv.put(L.service_config("api"), SVC.replace(b"18080", b"18082"))
+    snap = deliver()
+    assert snap.state.services["api"].config.bind_port == 18082
+    assert w.memo.parsed > parsed

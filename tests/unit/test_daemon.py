@@ -229,3 +229,14 @@ def test_nothing_before_the_first_snapshot() -> None:
     d._on_docker_list([ContainerInfo("a", "ca", running=True, pid=1)])
     assert d._reconcile(ContainerKey("a")) is not None  # requeued: nothing is known yet
     assert nc.reconciled == []
+
+
+def test_members_that_could_not_be_published_stay_in_the_status() -> None:
+    d, _ = make()
+    refused = {"reconciler/members/web/blue/n1_c": ["held by another node's session"]}
+    with d._lock:
+        d.known.errors[MEMBERS] = refused  # as _handle_members records them
+    d._on_success(MEMBERS)  # the work queue's report of that run
+    assert d.build_status().errors == refused
+    d._on_success(PROXY)
+    assert d.build_status().errors == refused
