@@ -1,5 +1,5 @@
 """Process helpers the benchmarks share: run a command, a free local port, a percentile,
-a process's RSS and open fds, stopping a child or a process by pid."""
+a process's CPU seconds, RSS and open fds, stopping a child or a process by pid."""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ def free_port() -> int:
 def pct(values: Iterable[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        rest = f.read().rsplit(b")", 1)[1].split()
+    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:

@@ -51,13 +51,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from _machine import CpuAccounts, describe, pid_of  # bench/_machine.py (run as scripts)
+from _proc import cpu_seconds, pct, rss_mib, sh
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
 from reconciler.adapters.rtnl import Rtnl
@@ -74,12 +75,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sh(*args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run a command (never a shell) and capture its text output."""
-    return subprocess.run(list(args), check=check, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def _setns(fd: int) -> None:
@@ -133,20 +128,6 @@ class NetnsProbe:
         with contextlib.suppress(Exception):
             self.rtnl.close()
             self.events.close()
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        rest = f.read().rsplit(b")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mib(pid: int) -> float:
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 BLOCK = 8  # a /21 of eight /24s: pools from x.10 of the first to .250 of the last
@@ -225,11 +206,6 @@ def settle(pid: int, limit: float = 45.0) -> float:
         if (cpu_seconds(pid) - c) / 2 < 0.02:
             break
     return time.perf_counter() - t0
-
-
-def pct(values: Iterable[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
 # --------------------------------------------------------------------------- one run

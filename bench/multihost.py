@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
 from _machine import describe  # bench/_machine.py (they run as scripts)
+from _proc import cpu_seconds, pct, sh
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = "reconciler-test/busybox:latest"
@@ -106,17 +107,6 @@ def lab_up() -> LabLike:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sh(*args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run a command (never a shell) and capture its text output."""
-    return subprocess.run(list(args), check=check, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def pct(values: Iterable[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
 def wait_value(fn: Callable[[], T | None], timeout: float, what: str,
@@ -210,12 +200,6 @@ def tcp_ext(netns_path: str, name: str) -> int:
     out = sh("nsenter", f"--net={netns_path}", "cat", "/proc/net/netstat").stdout
     rows = [line.split()[1:] for line in out.splitlines() if line.startswith("TcpExt:")]
     return int(dict(zip(rows[0], rows[1], strict=True))[name])
-
-
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        rest = f.read().rsplit(b")", 1)[1].split()
-    return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --------------------------------------------------------------------------- ping

@@ -63,12 +63,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from _machine import describe  # bench/_machine.py (they run as scripts)
+from _proc import free_port, pct, sh
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
 from reconciler.errors import ConsulError
@@ -82,23 +83,6 @@ TARGETS = {"flip_p95_ms": 50.0, "add_p95_ms": 50.0, "failures": 0.0}
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sh(*args: str, check: bool = True, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
-    """Run a command (never a shell) and capture its text output."""
-    return subprocess.run(list(args), check=check, capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def pct(values: Iterable[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(q * len(s)))] if s else float("nan")
 
 
 def fetch(port: int, timeout: float = 1.0) -> str | None:
