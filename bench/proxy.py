@@ -69,7 +69,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from _machine import describe  # bench/_machine.py (they run as scripts)
-from _proc import free_port, pct, sh
+from _proc import free_port, pct, sh, stop_popen
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
 from reconciler.errors import ConsulError
@@ -178,17 +178,6 @@ def kill_pid(pid: int, marker: str | None = None) -> None:
                 if not _running(pid):
                     return
             time.sleep(0.02)
-
-
-def stop_popen(p: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
-    if p is None or p.poll() is not None:
-        return
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(timeout)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait(5)
 
 
 # --------------------------------------------------------------------------- backends
