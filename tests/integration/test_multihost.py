@@ -448,6 +448,12 @@ def _service(env: Env, tag: str, base_port: int) -> tuple[str, int, dict[str, se
     return svc, port, pools
 
 
+def _voters(env: Env) -> int:
+    """How many servers of the lab's Consul cluster vote, as its leader says."""
+    conf = env.lab.consul_get(1, "/v1/operator/raft/configuration")
+    return sum(1 for s in conf.get("Servers", []) if s.get("Voter"))
+
+
 def _kv_put_via(host: int, key: str, value: bytes) -> None:
     req = urllib.request.Request(f"http://198.18.0.{host}:8500/v1/kv/reconciler/{key}",
                                  data=value, method="PUT")
@@ -461,6 +467,11 @@ def test_consul_leader_lost_nothing_torn_down_and_a_flip_applies_everywhere(
     before = {name: env.address(name) for name in env.containers
               if env.lab.docker(env.containers[name][0], "inspect", "-f", "{{.State.Running}}",
                                 name, check=False).stdout.strip() == "true"}
+    # Losing one server leaves a quorum only when all three vote: a server an earlier
+    # test restarted rejoins as a non-voter until autopilot promotes it (seen in CI:
+    # the leader killed while host3 was a non-voter, and no leader for 60 s).
+    wait_for(lambda: _voters(env) == len(HOSTS), timeout=60, interval=0.5, ignore=(OSError,),
+             message="every Consul server a voter")
     leader = env.lab.consul_get(1, "/v1/status/leader")
     lost = int(leader.split(":")[0].rsplit(".", 1)[1])
     pid = int((env.lab.ovs_rundir(lost).parent / "consul.pid").read_text())
