@@ -98,7 +98,8 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
         if daemon is not None:
             daemon.on_tunnel()
 
-    batcher = PortBatcher(ovs, notify=ports_pending, after_commit=committed)
+    batcher = PortBatcher(ovs, notify=ports_pending, after_commit=committed,
+                          reap=nl.reap_retired)
     vx = VxlanAdapter()
     advertise = settings.network.advertise or advertise_towards_consul()
     drivers = build_drivers(node=settings.node, nl=nl, ovs=ovs,

@@ -74,6 +74,8 @@ have it; issue 10). The daemon's own entries (``/proc/thread-self``) stay ``/pro
 __all__ = [
     "HOST_VETH_PREFIX",
     "OWNER_ALIAS_PREFIX",
+    "RETIRED_GROUP",
+    "RETIRED_VETH_PREFIX",
     "Change",
     "ContainerNetns",
     "InterfaceSpec",
@@ -99,6 +101,10 @@ IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 HOST_VETH_PREFIX = "rv"
 """Every host-side veth reconciler creates is named ``rv`` + 13 lowercase hex digits."""
 _HOST_VETH_RE = re.compile(r"^rv[0-9a-f]{13}$")
+RETIRED_VETH_PREFIX = "rx"
+"""A host veth retired by `NetlinkAdapter.retire_host_veth` is renamed ``rx`` + its hash."""
+RETIRED_GROUP = 0x72780001
+"""The link group of retired host veths (``rx``, 1): `reap_retired` deletes the group."""
 OWNER_ALIAS_PREFIX = "reconciler:"
 """Linux bridges created by reconciler have ``ifalias`` = this prefix + the network name."""
 
@@ -574,6 +580,11 @@ class NetlinkAdapter:
             host = hipr.get_link(host_name)
             peer = nipr.get_link(spec.ifname)
             paired = host is not None and peer is not None and _is_pair(host, peer)
+            if peer is not None and not paired and self._retired_peer(peer):
+                # The interface was detached a moment ago (retired, not deleted yet): its
+                # end in the container still holds the name. Reap now.
+                self.reap_retired()
+                peer = nipr.get_link(spec.ifname)
             if peer is not None and not paired:
                 raise NetlinkError(
                     f"{spec.ifname} exists in netns of pid {ns.pid} and is not reconciler's "
@@ -756,6 +767,48 @@ class NetlinkAdapter:
         if not is_owned_host_veth_name(name):
             raise NetlinkError(f"refusing to delete {name!r}: not a reconciler veth name")
         return self._delete_link(name)
+
+    def retire_host_veth(self, name: str) -> bool:
+        """Take host veth `name` (and so its peer) out of service now, and leave the
+        deletion to `reap_retired`; False if it was already gone.
+
+        Deleting a veth waits for an RCU grace period (~15-20 ms here), one after the
+        other: removing 500 took 8-10 s. Retired, it is down, renamed ``rx<hash>`` (its
+        name is free at once for a new interface of that container) and in
+        `RETIRED_GROUP`; one group delete then removes all of them in one batch."""
+        if not is_owned_host_veth_name(name):
+            raise NetlinkError(f"refusing to retire {name!r}: not a reconciler veth name")
+        retired = RETIRED_VETH_PREFIX + name[len(HOST_VETH_PREFIX):]
+        ipr = self._host()
+        with _translate(f"retire link {name}"):
+            link = ipr.get_link(name)
+            if link is None:
+                return False
+            try:
+                ipr.set_link(link.index, up=False, name=retired, group=RETIRED_GROUP)
+            except RtnlError as exc:
+                if exc.code == errno.ENODEV:
+                    return False
+                if exc.code == errno.EEXIST:  # retired before, not reaped yet
+                    self.reap_retired()
+                elif exc.code != errno.EBUSY:  # EBUSY: a kernel that renames only down
+                    raise
+                ipr.set_link(link.index, up=False)
+                ipr.set_link(link.index, name=retired, group=RETIRED_GROUP)
+        return True
+
+    def _retired_peer(self, peer: Link) -> bool:
+        """Whether container link `peer` is the peer of a retired host veth."""
+        if peer.kind != "veth" or not peer.peer_index:
+            return False
+        host = self._host().get_link(index=peer.peer_index)
+        return host is not None and host.name.startswith(RETIRED_VETH_PREFIX) \
+            and host.peer_index == peer.index
+
+    def reap_retired(self) -> bool:
+        """Delete every retired host veth, in one request; whether there was any."""
+        with _translate("delete retired links"):
+            return self._host().del_link(group=RETIRED_GROUP)
 
     def _delete_link(self, name: str) -> bool:
         OWN_LINK_DELETES.add(name)  # before: the report may come before the answer

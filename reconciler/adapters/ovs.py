@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -746,6 +746,50 @@ class OvsAdapter:
             self._local.txn.add(cmd)
             return self.get_port(name) is not None
         return bool(self._run(cmd, f"delete port {name}"))
+
+    def delete_ports(self, names: Iterable[str]) -> list[str]:
+        """Delete the ports of `names` that reconciler owns, in ONE transaction sent
+        straight to ovsdb-server; the names deleted.
+
+        Unlike every other commit it does not wait for ovs-vswitchd: the rows are gone
+        when it returns, and vswitchd closes each port's packet socket afterwards, one
+        RCU grace period each (~13 ms here, one after the other: 6.5 s for 500 ports).
+        Nothing waits on that but the next commit that does wait. Ports absent or not
+        ours are skipped; without a local socket it falls back to a batched
+        `delete_port` transaction (which waits)."""
+        wanted = list(dict.fromkeys(names))
+        if not wanted:
+            return []
+        if not self.db.startswith("unix:"):
+            with self.transaction():
+                return [n for n in wanted if self.delete_port(n)]
+        by_bridge: dict[str, list[str]] = {}
+        done: list[str] = []
+        with self._read("find ports to delete") as api:
+            for name in wanted:
+                port = _find(api, "Port", name)
+                if port is None or dict(port.external_ids).get(OWNER_KEY) != OWNER:
+                    continue
+                br = _bridge_of(api, port, replica=True)
+                if br is None:
+                    continue
+                by_bridge.setdefault(str(br.uuid), []).append(str(port.uuid))
+                done.append(name)
+        if not done:
+            return []
+        # Port and Interface rows are not roots: unreferenced, ovsdb-server drops them.
+        ops: list[Any] = [
+            {"op": "mutate", "table": "Bridge", "where": [["_uuid", "==", ["uuid", br]]],
+             "mutations": [["ports", "delete", ["set", [["uuid", u] for u in ports]]]]}
+            for br, ports in by_bridge.items()]
+        for name in done:
+            self._idl.own_deletes.add(name)
+        with _translate(f"delete {len(done)} port(s)"):
+            results = _transact(self.db[len("unix:"):], ops, self.timeout)
+        bad = [r for r in results if not isinstance(r, dict) or "error" in r]
+        if bad:
+            raise OvsError(f"delete {len(done)} port(s): {bad[0]}")
+        return done
 
     def get_port(self, name: str) -> OwnedPort | None:
         """Port `name` if it exists and reconciler owns it."""

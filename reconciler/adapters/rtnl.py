@@ -51,7 +51,7 @@ _F_REPLACE, _F_EXCL, _F_CREATE = 0x100, 0x200, 0x400
 # link attributes
 _IFLA_ADDRESS, _IFLA_IFNAME, _IFLA_MTU, _IFLA_LINK = 1, 3, 4, 5
 _IFLA_MASTER, _IFLA_LINKINFO, _IFLA_IFALIAS, _IFLA_AF_SPEC = 10, 18, 20, 26
-_IFLA_NET_NS_FD, _IFLA_EXT_MASK = 28, 29
+_IFLA_GROUP, _IFLA_NET_NS_FD, _IFLA_EXT_MASK = 27, 28, 29
 _IFLA_INFO_KIND, _IFLA_INFO_DATA = 1, 2
 _VETH_INFO_PEER = 1
 _IFLA_INET_CONF = 1
@@ -418,15 +418,21 @@ class Rtnl:
     def set_link(self, index: int, *, up: bool | None = None, mac: str | None = None,
                  mtu: int | None = None, alias: str | None = None, master: int | None = None,
                  inet_conf: dict[int, int] | None = None,
-                 ipv6_addrconf: bool | None = None) -> None:
+                 ipv6_addrconf: bool | None = None, name: str | None = None,
+                 group: int | None = None) -> None:
         """Change link `index`: only what is given. `ipv6_addrconf=False` (on a link that
         is down): no IPv6 link-local address, DAD or router solicitation when it goes up,
-        e.g. for a switch port (the kernel refuses this on creation)."""
+        e.g. for a switch port (the kernel refuses this on creation). `name` renames it
+        (the kernel renames before it applies `up`), `group` sets its link group."""
         flags = change = 0
         if up is not None:
             change = _IFF_UP
             flags = _IFF_UP if up else 0
         attrs = b""
+        if name is not None:
+            attrs += _str(_IFLA_IFNAME, name)
+        if group is not None:
+            attrs += _u32(_IFLA_GROUP, group)
         if mac is not None:
             attrs += _attr(_IFLA_ADDRESS, _mac(mac))
         if mtu is not None:
@@ -445,12 +451,18 @@ class Rtnl:
         self._request(RTM_NEWLINK, 0, _ifinfo(index, flags, change) + attrs,
                       f"set link {index}")
 
-    def del_link(self, index: int = 0, name: str | None = None) -> bool:
-        """Delete a link; False if it was already gone."""
+    def del_link(self, index: int = 0, name: str | None = None, *,
+                 group: int | None = None) -> bool:
+        """Delete a link; False if it was already gone. With `group` (and neither index
+        nor name): every link of that group, in one request — the kernel unregisters
+        them as one batch, so they share one RCU grace period (~15-20 ms each when
+        deleted one by one); False if the group had no link."""
         attrs = _str(_IFLA_IFNAME, name) if name is not None else b""
+        if group is not None:
+            attrs += _u32(_IFLA_GROUP, group)
         try:
             self._request(RTM_DELLINK, 0, _ifinfo(index) + attrs,
-                          f"delete link {name or index}")
+                          f"delete link {name or index or f'group {group}'}")
         except RtnlError as exc:
             if exc.code == errno.ENODEV:
                 return False

@@ -6,7 +6,9 @@ Consul — one FDB entry (MAC -> remote host) and one permanent neighbour entry 
 MAC, answered locally by the device's ARP proxy) per remote endpoint. Learning is off
 and there is no all-zeros FDB entry, so nothing is ever flooded to every host. Takes
 and returns plain values; called rarely (per overlay change, not per packet), so the
-convenience of pyroute2 is worth its cost here.
+convenience of pyroute2 is worth its cost here — except `owned`, which every sweep calls
+and which lists every link of the host (hundreds of veths): it reads them through the
+lean client of `reconciler.adapters.rtnl` (pyroute2 decoded 1,000 links in ~150 ms).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError as Pyroute2Error
 
+from reconciler.adapters.rtnl import Rtnl
 from reconciler.errors import NetlinkError
 
 OWNER_ALIAS = "reconciler:"
@@ -59,6 +62,7 @@ class VxlanAdapter:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ipr: Any = None
+        self._rtnl: Rtnl | None = None
 
     def _api(self) -> Any:
         if self._ipr is None:
@@ -70,6 +74,9 @@ class VxlanAdapter:
             if self._ipr is not None:
                 self._ipr.close()
                 self._ipr = None
+            if self._rtnl is not None:
+                self._rtnl.close()
+                self._rtnl = None
 
     def _index(self, name: str) -> int | None:
         found = self._api().link_lookup(ifname=name)
@@ -141,15 +148,15 @@ class VxlanAdapter:
         """{device: network} of vxlan devices this node's daemon made."""
         out: dict[str, str] = {}
         with self._lock, _translate("list vxlan devices"):
-            for link in self._api().get_links():
-                info = link.get_attr("IFLA_LINKINFO")
-                alias = link.get_attr("IFLA_IFALIAS") or ""
-                if info is None or info.get_attr("IFLA_INFO_KIND") != "vxlan" \
-                        or not alias.startswith(OWNER_ALIAS):
+            if self._rtnl is None:
+                self._rtnl = Rtnl()
+            for link in self._rtnl.links():
+                alias = link.alias or ""
+                if link.kind != "vxlan" or not alias.startswith(OWNER_ALIAS):
                     continue
                 net, _, who = alias[len(OWNER_ALIAS):].rpartition("@")
                 if who == node and net:
-                    out[str(link.get_attr("IFLA_IFNAME"))] = net
+                    out[link.name] = net
         return out
 
     def peers(self, name: str) -> set[Peer]:

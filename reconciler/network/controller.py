@@ -80,7 +80,7 @@ class NetworkController:
         self._batcher = batcher
         self._inspect = inspect
         self._dirty = DirtyTracker()
-        self._executor = Executor(node=node, nl=nl, segments=segments)
+        self._executor = Executor(node=node, nl=nl, segments=segments, batcher=batcher)
         self._sweeper = Sweeper(node=node, nl=nl, segments=segments, addresses=addresses,
                                 inspect=inspect, reclaim_grace=reclaim_grace,
                                 tunnels=tunnels)

@@ -24,6 +24,7 @@ from reconciler.network.plan import (
     RepairInterface,
     Wanted,
 )
+from reconciler.network.portbatch import PortBatcher
 from reconciler.network.segments import Segments
 
 # A change after which neighbours (the host's gateway too) must learn the address/MAC.
@@ -45,10 +46,12 @@ class AttachResult:
 
 
 class Executor:
-    def __init__(self, *, node: str, nl: netlink.NetlinkAdapter, segments: Segments) -> None:
+    def __init__(self, *, node: str, nl: netlink.NetlinkAdapter, segments: Segments,
+                 batcher: PortBatcher | None = None) -> None:
         self._node = node
         self._nl = nl
         self._segments = segments
+        self._batcher = batcher
 
     def apply(self, ns: netlink.ContainerNetns, cid: str, name: str,
               wanted: Sequence[Wanted], actions: Sequence[Action], res: AttachResult) -> None:
@@ -118,11 +121,17 @@ class Executor:
         res.changes.append(f"{w.link.ifname} garp")
 
     def detach(self, cid: str, ifname: str, host_veth: str, res: AttachResult) -> None:
-        """Remove an interface of ours and its port, on whichever driver has it."""
-        if self._nl.detach(cid, ifname):
-            res.changes.append(f"{ifname} detached")
+        """Remove an interface of ours and its port, on whichever driver has it. With a
+        batcher that reaps, the veth is retired now (down, renamed, its name free) and
+        deleted with the batch's next flush, together with the others."""
         for d in self._segments.drivers.values():
             d.unplug(host_veth)
+        if self._batcher is not None and self._batcher.reaps:
+            if self._nl.retire_host_veth(netlink.host_veth_name(cid, ifname)):
+                res.changes.append(f"{ifname} detached")
+                self._batcher.retired()
+        elif self._nl.detach(cid, ifname):
+            res.changes.append(f"{ifname} detached")
 
 
 def _ifname(a: Action) -> str:

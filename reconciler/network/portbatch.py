@@ -1,9 +1,11 @@
-"""The OVS port batcher: queues port additions and deletions, commits each kind in one
-OVSDB transaction.
+"""The data-path batcher: queues OVS port additions and deletions, and the deletion of
+retired host veths; commits each kind at once.
 
 Owns the queue and its lock, nothing else. vswitchd reconfigures a bridge once per
 transaction, at a cost that grows with its port count: one port per transaction made
-attaching N containers O(N^2) (bench/attach.py). Reconciles queue ports here; whoever
+attaching N containers O(N^2) (bench/attach.py). Deleting a veth waits for an RCU grace
+period (~15-20 ms here): detaches retire their veths (`NetlinkAdapter.retire_host_veth`)
+and one group delete per flush removes them all. Reconciles queue work here; whoever
 owns the scheduling (the daemon's `ovs-ports` work key) calls `flush`. Without a
 `notify` callback (one-shot runs) a queued change is committed at once.
 """
@@ -50,13 +52,26 @@ class PortBatcher:
 
     def __init__(self, ovs: Any, *, notify: Callable[[], None] | None = None,
                  after_commit: Callable[[Sequence[PendingPort]], None] | None = None,
-                 ) -> None:
+                 reap: Callable[[], object] | None = None) -> None:
         self._ovs = ovs
         self._notify = notify
         self._after_commit = after_commit
+        self._reap = reap
         self._lock = threading.Lock()
         self._adds: dict[str, PendingPort] = {}
         self._deletes: set[str] = set()
+        self._retired = False
+
+    @property
+    def reaps(self) -> bool:
+        """Whether retired host veths are deleted by `flush` (else delete them at once)."""
+        return self._reap is not None
+
+    def retired(self) -> None:
+        """A host veth was retired: delete the retired ones with the next flush."""
+        with self._lock:
+            self._retired = True
+        self._kick()
 
     def add(self, p: PendingPort) -> None:
         with self._lock:
@@ -87,16 +102,23 @@ class PortBatcher:
         with self._lock:
             pending = dict(self._adds)
             deletes, self._deletes = self._deletes, set()
+            reap, self._retired = self._retired, False
         if deletes:
-            # One transaction for all: one per port cost ~20 ms each (the commit waits
-            # for ovs-vswitchd), which made removing 200 replicas take seconds.
+            # One transaction for all, not waiting for ovs-vswitchd: one per port cost
+            # ~20 ms each, which made removing 200 replicas take seconds.
             try:
-                with self._ovs.transaction():
-                    for name in deletes:
-                        self._ovs.delete_port(name)
+                self._ovs.delete_ports(sorted(deletes))
             except AdapterError:
                 with self._lock:  # retried with the next flush
                     self._deletes |= deletes - set(self._adds)
+                    self._retired |= reap
+                raise
+        if reap and self._reap is not None:
+            try:
+                self._reap()
+            except AdapterError:
+                with self._lock:
+                    self._retired = True
                 raise
         if not pending:
             return Committed(deleted=tuple(sorted(deletes)))
@@ -128,4 +150,4 @@ class PortBatcher:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._adds) + len(self._deletes)
+            return len(self._adds) + len(self._deletes) + int(self._retired)

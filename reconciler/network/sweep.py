@@ -65,6 +65,8 @@ class Sweeper:
                 done.append(f"veth {v}")
                 if not dry_run:
                     self._nl.delete_host_veth(v)
+        if not dry_run and self._nl.reap_retired():  # left by a crash before a flush
+            done.append("retired veths")
         done += self._sweep_tunnels(state, running, wanted, dry_run=dry_run)
         used = {n.bridge for n in state.networks.values()}
         for d in drivers.values():

@@ -19,6 +19,8 @@ import pytest
 from helpers import NetnsFactory, ip_if, nsexec, pings, wait_for
 
 from reconciler.adapters.netlink import (
+    RETIRED_GROUP,
+    RETIRED_VETH_PREFIX,
     Change,
     ContainerNetns,
     InterfaceSpec,
@@ -115,6 +117,45 @@ def test_attach_observe_idempotent_detach(
     obs = nl.observe(ns, cid, "eth1")
     assert not obs.exists and not obs.host_present
     assert spec.host_veth not in nl.list_owned_host_veths()
+
+
+def test_retired_veths_free_their_name_at_once_and_go_in_one_group_delete(
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str]
+) -> None:
+    specs = []
+    for _ in range(3):
+        ns, spec = attach_full(nl, netns_factory, octet, cleanup_links)
+        specs.append((ns, spec))
+    for _, spec in specs:
+        cleanup_links.append(RETIRED_VETH_PREFIX + spec.host_veth[2:])
+
+    for _, spec in specs:
+        assert nl.retire_host_veth(spec.host_veth) is True
+    assert nl.retire_host_veth(specs[0][1].host_veth) is False  # already retired
+    ns0, spec0 = specs[0]
+    retired = RETIRED_VETH_PREFIX + spec0.host_veth[2:]
+    shown = subprocess.run(["ip", "-d", "link", "show", retired], capture_output=True,
+                           text=True, check=True).stdout
+    assert f"group {RETIRED_GROUP}" in shown and ",UP" not in shown, shown
+    assert spec0.host_veth not in nl.list_owned_host_veths()
+    # its peer is still in the container, cut off (no carrier), until reaped
+    assert nl.observe(ns0, spec0.container_id, "eth1").exists
+    # the name is free: the same interface can be attached again before the reap
+    assert Change.CREATED in nl.ensure_interface(ns0, spec0)
+    assert_matches(nl, ns0, spec0)
+    # ... and retired again while the first retired one still waits (reaped first)
+    assert nl.retire_host_veth(spec0.host_veth) is True
+
+    assert nl.reap_retired() is True
+    assert nl.reap_retired() is False  # the group is empty
+    for ns, spec in specs:
+        obs = nl.observe(ns, spec.container_id, "eth1")
+        assert not obs.exists and not obs.host_present
+    left = subprocess.run(["ip", "-o", "link", "show", "group", str(RETIRED_GROUP)],
+                          capture_output=True, text=True, check=True).stdout
+    assert left.strip() == ""
+    with pytest.raises(NetlinkError, match="not a reconciler veth name"):
+        nl.retire_host_veth("eth0")
 
 
 def test_drift_is_repaired(

@@ -174,6 +174,25 @@ def test_port_lifecycle_and_drift(ovs: OvsAdapter, bridge: str, veth: Callable[[
     assert ovs_vsctl("port-to-br", port, check=False).returncode != 0
 
 
+def test_delete_ports_removes_owned_rows_in_one_commit_without_waiting(
+        ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
+    ours = [veth() for _ in range(3)]
+    for p in ours:
+        ovs.ensure_port(bridge, p, 7, {})
+    foreign = veth()
+    ovs_vsctl("add-port", bridge, foreign)
+    wait_for(lambda: foreign in ovs.bridge_port_names(bridge), timeout=5)
+
+    assert ovs.delete_ports([*ours, foreign, "rtvmissing"]) == ours
+    # the rows are gone from the database when it returns
+    left = ovs_vsctl("list-ports", bridge).stdout.split()
+    assert left == [foreign]
+    assert ovs_vsctl("--columns=name", "find", "Interface", f"name={ours[0]}").stdout == ""
+    wait_for(lambda: set(ovs.bridge_port_names(bridge)) == {foreign}, timeout=5,
+             message="the deletion seen in the replica")
+    assert ovs.delete_ports(ours) == [] and ovs.delete_ports([]) == []
+
+
 def test_foreign_port_is_left_alone(ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
     port = veth()
     ovs_vsctl("add-port", bridge, port)

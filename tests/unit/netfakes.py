@@ -189,6 +189,7 @@ class FakeNetlink(Recorder):
         super().__init__()
         self.host: dict[str, HostLink] = {}
         self.inside: dict[tuple[str, str], InterfaceSpec] = {}  # (cid, ifname) -> spec
+        self.retired: dict[str, HostLink] = {}  # retire_host_veth: deleted by reap_retired
         self.foreign: set[tuple[str, str]] = set()  # a link of that name, not our veth
         self.fail_ifnames: set[str] = set()  # ensure_interface fails for these
         self._index = 100
@@ -262,6 +263,23 @@ class FakeNetlink(Recorder):
     def delete_host_veth(self, name: str) -> bool:
         self._rec("delete_host_veth", name)
         return self.host.pop(name, None) is not None
+
+    def retire_host_veth(self, name: str) -> bool:
+        self._rec("retire_host_veth", name)
+        link = self.host.pop(name, None)
+        if link is None:
+            return False
+        self.retired[netlink.RETIRED_VETH_PREFIX + name[2:]] = link
+        return True
+
+    def reap_retired(self) -> bool:
+        self._rec("reap_retired")
+        had = bool(self.retired)
+        gone = {name[2:] for name in self.retired}
+        self.retired.clear()
+        self.inside = {k: v for k, v in self.inside.items()
+                       if netlink.host_veth_name(*k)[2:] not in gone}
+        return had
 
     def list_owned_host_veths(self, node: str | None = None) -> list[str]:
         self._rec("list_owned_host_veths", node)
@@ -424,6 +442,11 @@ class FakeOvs(Recorder):
     def delete_port(self, name: str) -> bool:
         self._rec("delete_port", name)
         return self.ports.pop(name, None) is not None
+
+    def delete_ports(self, names: Iterable[str]) -> list[str]:
+        names = list(names)
+        self._rec("delete_ports", tuple(names))
+        return [n for n in names if self.ports.pop(n, None) is not None]
 
     def get_port(self, name: str) -> OwnedPort | None:
         return self.ports.get(name)

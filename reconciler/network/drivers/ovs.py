@@ -137,9 +137,7 @@ class OvsDriver:
 
     def remove_ports(self, names: Collection[str]) -> None:
         if names:
-            with self._ovs.transaction():  # one commit for all of them
-                for name in names:
-                    self._ovs.delete_port(name)
+            self._ovs.delete_ports(sorted(names))  # one commit for all of them
 
     def gateway_ports(self, nets: Collection[Network]) -> set[str]:
         return {gateway_port_name(n.name) for n in nets if n.gateway is not None} \
