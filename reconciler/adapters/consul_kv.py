@@ -4,7 +4,7 @@ Owns: reading Consul's connection settings from Consul's own environment variabl
 (`ConsulSettings.from_env`), recursive and blocking KV reads (`ConsulKV.read_prefix`),
 single-key writes, chunked KV transactions (`ConsulKV.txn`) and sessions.
 It takes and returns plain values (`bytes`, `int`, frozen dataclasses), never model
-objects, and translates every py-consul / requests failure into `reconciler.errors`:
+objects, and translates every py-consul / transport failure into `reconciler.errors`:
 
     connection refused, timeout, TLS failure  -> ConsulUnavailable ("cannot reach Consul at ...")
     HTTP 401/403, "ACL not found", "Permission denied" -> ConsulAuthError
@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import ipaddress
 import json
 import logging
 import os
 import re
-import socket
 import ssl
 import urllib.parse
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,12 +33,10 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import consul
-import requests
-import requests.adapters
-import urllib3.connection
-import urllib3.connectionpool
-import urllib3.exceptions
+import consul.base
+import consul.std
 
+from reconciler.adapters.consul_http import ConnectTimeout, HttpTransport, TransportSettings
 from reconciler.errors import (
     CasConflict,
     ConfigurationError,
@@ -317,59 +315,68 @@ class TxnOp:
         return cls("unlock", key, value=value, session=session)
 
 
-class _UnixHTTPConnection(urllib3.connection.HTTPConnection):
-    """An HTTP connection over a unix socket (Consul's `addresses { http = "unix://..." }`)."""
+class _LeanHTTPClient(consul.base.HTTPClient):  # type: ignore[misc]
+    """py-consul's HTTP client interface over `consul_http.HttpTransport` (not requests:
+    ~0.1 instead of ~0.55 ms of CPU per request). Bodies are handed back as text, as
+    py-consul's own client does (bytes for `raw`)."""
 
-    def __init__(self, socket_path: str, timeout: float | None) -> None:
-        super().__init__(_UNIX_HOST, timeout=timeout)
-        self._socket_path = socket_path
-
-    def _new_conn(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if isinstance(self.timeout, int | float):
-            sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._socket_path)
-        except OSError as exc:
-            sock.close()
-            raise urllib3.exceptions.NewConnectionError(
-                self, f"Failed to establish a new connection: {exc}"
-            ) from exc
-        return sock
-
-
-class _UnixConnectionPool(urllib3.connectionpool.HTTPConnectionPool):
-    def __init__(self, socket_path: str, timeout: float) -> None:
-        super().__init__(_UNIX_HOST, timeout=timeout)
-        self._socket_path = socket_path
-        self._connect_timeout = timeout
-
-    def _new_conn(self) -> urllib3.connection.HTTPConnection:
-        return _UnixHTTPConnection(self._socket_path, self._connect_timeout)
-
-
-class _UnixAdapter(requests.adapters.HTTPAdapter):
-    """Sends every request of the session to one unix socket."""
-
-    def __init__(self, socket_path: str, timeout: float) -> None:
+    def __init__(self, transport: HttpTransport, timeout: float | None) -> None:
         super().__init__()
-        self._pool = _UnixConnectionPool(socket_path, timeout)
+        self._transport = transport
+        self._timeout = timeout
 
-    def get_connection_with_tls_context(
-        self,
-        request: requests.PreparedRequest,
-        verify: Any,
-        proxies: Any = None,
-        cert: Any = None,
-    ) -> urllib3.connectionpool.HTTPConnectionPool:
-        return self._pool
+    def _answer_timeout(self, params: Any) -> float | None:
+        if self._timeout is None:
+            return None
+        params = dict(params or ())
+        if "index" not in params:
+            return self._timeout
+        # A blocking query answers after its wait plus up to wait/16 of jitter.
+        wait = consul.std.parse_duration(params["wait"]) if "wait" in params \
+            else consul.std.DEFAULT_WAIT
+        return float(self._timeout + wait + wait / 16)
+
+    def _send(self, method: str, callback: Any, path: str, params: Any,
+              data: str | bytes | None, headers: Any, raw: bool = False) -> Any:
+        body = data.encode() if isinstance(data, str) else data
+        status, hdrs, payload = self._transport.request(
+            method, path, params=params, body=body if body or method != "GET" else None,
+            headers=headers, timeout=self._answer_timeout(params))
+        return callback(consul.base.Response(
+            status, hdrs, payload if raw else payload.decode("utf-8", errors="replace")))
+
+    def get(self, callback: Any, path: str, params: Any = None, headers: Any = None,
+            raw: bool = False) -> Any:
+        return self._send("GET", callback, path, params, None, headers, raw)
+
+    def put(self, callback: Any, path: str, params: Any = None, data: str | bytes = "",
+            headers: Any = None) -> Any:
+        return self._send("PUT", callback, path, params, data, headers)
+
+    def delete(self, callback: Any, path: str, params: Any = None, data: str | bytes = "",
+               headers: Any = None) -> Any:
+        return self._send("DELETE", callback, path, params, data, headers)
+
+    def post(self, callback: Any, path: str, params: Any = None, data: str | bytes = "",
+             headers: Any = None) -> Any:
+        return self._send("POST", callback, path, params, data, headers)
 
     def close(self) -> None:
-        self._pool.close()
-        super().close()
+        self._transport.close()
 
 
-_UNIX_HOST = "consul.unix-socket"
+class _Consul(consul.Consul):  # type: ignore[misc]
+    """py-consul's client with the lean transport."""
+
+    def __init__(self, transport: HttpTransport, timeout: float | None) -> None:
+        self._lean = _LeanHTTPClient(transport, timeout)
+        super().__init__(host="127.0.0.1", port=8500, scheme="http", verify=True)
+
+    def http_connect(self, host: str, port: int, scheme: str, verify: bool | str = True,
+                     cert: Any = None) -> _LeanHTTPClient:
+        return self._lean
+
+
 _CAS_VERBS = frozenset(
     {"cas", "delete-cas", "check-index", "check-not-exists", "check-session", "lock", "unlock"}
 )
@@ -390,41 +397,18 @@ class ConsulKV:
         ConsulError raised (the daemon counts them, and when Consul last answered)."""
         self._settings = settings
         self._observe = observe
-        if settings.scheme == "unix":
-            host, port, scheme = _UNIX_HOST, 80, "http"
-        else:
-            host, port, scheme = settings.host, settings.port, settings.scheme
-        verify: bool | str = settings.verify
-        if settings.verify and settings.ca_cert:
-            verify = settings.ca_cert
         if settings.scheme == "https" and not settings.verify:
-            # The user turned verification off (CONSUL_HTTP_SSL_VERIFY=false): say so once
-            # here, instead of urllib3's InsecureRequestWarning on every request (a
-            # warning on stderr for the CLI, an error under pytest's warning filters).
-            urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
             log.warning("TLS certificate of Consul at %s is not verified "
                         "(CONSUL_HTTP_SSL_VERIFY=false)", settings.address)
-        cert: str | tuple[str, str] | None = None
-        if settings.client_cert and settings.client_key:
-            cert = (settings.client_cert, settings.client_key)
-        elif settings.client_cert:
-            cert = settings.client_cert
-        # Host, port, scheme and verify are all passed, so py-consul reads none of them
+        transport = HttpTransport(TransportSettings(
+            scheme=settings.scheme, host=settings.host, port=settings.port,
+            unix_socket=settings.unix_socket, verify=settings.verify,
+            ca_cert=settings.ca_cert, client_cert=settings.client_cert,
+            client_key=settings.client_key), settings.timeout)
+        # Host, port, scheme and TLS are the transport's, so py-consul reads none of them
         # from the environment; it does read CONSUL_HTTP_TOKEN, hence the assignment below.
-        self._client: Any = consul.Consul(
-            host=host,
-            port=port,
-            scheme=scheme,
-            verify=verify,
-            cert=cert,
-            connections_timeout=settings.timeout,
-        )
+        self._client: Any = _Consul(transport, settings.timeout)
         self._client.token = settings.token
-        if settings.scheme == "unix":
-            assert settings.unix_socket is not None
-            self._client.http.session.mount(
-                f"http://{_UNIX_HOST}:80/", _UnixAdapter(settings.unix_socket, settings.timeout)
-            )
 
     @property
     def settings(self) -> ConsulSettings:
@@ -432,8 +416,8 @@ class ConsulKV:
         return self._settings
 
     def close(self) -> None:
-        """Close pooled connections. The client must not be used afterwards."""
-        self._client.http.session.close()
+        """Close the connections. The client must not be used afterwards."""
+        self._client.http.close()
 
     def __enter__(self) -> ConsulKV:
         return self
@@ -656,7 +640,7 @@ class ConsulKV:
 
     @contextlib.contextmanager
     def _translate(self, what: str) -> Iterator[None]:
-        """Turn whatever py-consul or requests raise during `what` into a ConsulError,
+        """Turn whatever py-consul or the transport raise during `what` into a ConsulError,
         and tell `observe` how the request ended."""
         if self._observe is None:
             with self._translate_errors(what):
@@ -675,23 +659,23 @@ class ConsulKV:
         addr = self._settings.address
         try:
             yield
-        except (requests.exceptions.ConnectTimeout, requests.exceptions.ReadTimeout) as exc:
-            kind = "connect" if isinstance(exc, requests.exceptions.ConnectTimeout) else "answer"
+        except TimeoutError as exc:
+            kind = "connect" if isinstance(exc, ConnectTimeout) else "answer"
             raise ConsulUnavailable(
                 self._scrub(
                     f"cannot reach Consul at {addr}: no {kind} within the timeout "
                     f"({self._settings.timeout:g}s) during {what}"
                 )
             ) from None
-        except requests.exceptions.SSLError as exc:
+        except ssl.SSLError as exc:
             raise ConsulUnavailable(
                 self._scrub(f"cannot reach Consul at {addr}: TLS error: {_reason(exc)}")
             ) from None
-        except (requests.exceptions.ConnectionError, OSError) as exc:
+        except (OSError, http.client.RemoteDisconnected) as exc:
             raise ConsulUnavailable(
                 self._scrub(f"cannot reach Consul at {addr}: {_reason(exc)}")
             ) from None
-        except requests.exceptions.RequestException as exc:
+        except http.client.HTTPException as exc:
             raise ConsulError(
                 self._scrub(f"Consul {what} at {addr} failed: {_reason(exc)}")
             ) from None
