@@ -107,6 +107,7 @@ class Cluster:
                 ops.append(TxnOp.set(L.allocation(net, addr),
                                      self.alloc_value(host, f"c{i}-{j}")))
             ops.append(TxnOp.set(L.ipam_index(net), b"fill"))
+        buckets: set[str] = set()
         for s_i, svc in enumerate(self.services):
             ops.append(TxnOp.set(L.service_config(svc), json.dumps(
                 {"bind": f"127.0.0.1:{31000 + s_i}", "mode": "tcp"}).encode()))
@@ -114,7 +115,9 @@ class Cluster:
             for m in range(10):  # published by the other hosts (members/, issue 9)
                 ops.append(TxnOp.set(L.published_member(svc, "blue", f"m{m}"),
                                      self.member(s_i, m)))
-            ops.append(TxnOp.set(L.members_index(svc), b"fill"))
+            if L.members_index(svc) not in buckets:  # services share MEMBER_BUCKETS keys
+                buckets.add(L.members_index(svc))
+                ops.append(TxnOp.set(L.members_index(svc), b"fill"))
             if s_i == 0:  # the service the flips switch
                 ops.append(TxnOp.set(L.member(svc, "green", "m0"), self.member(s_i, 10)))
         for c_i in range(max(10, self.k // 100)):  # the apps' container entries

@@ -48,7 +48,7 @@ from reconciler.adapters.docker_engine import (
 )
 from reconciler.errors import ConsulError, DockerError, ReconcilerError
 from reconciler.ipam import parse_allocations
-from reconciler.kvlayout import Layout, user_digest
+from reconciler.kvlayout import Layout, member_bucket, user_digest
 from reconciler.members import MemberSync
 from reconciler.model import DesiredState
 from reconciler.network.controller import NetworkController, spec_for, spec_key_for
@@ -169,7 +169,7 @@ class Daemon:
         # generation moved, and handed to the desired-state watch (issue 9).
         self.published = IndexedArea(kv, self.layout.members_prefix(),
                                      self.layout.members_index_prefix(),
-                                     wanted=self._served_services)
+                                     wanted=self._served_services, bucket_of=member_bucket)
         self._refresh_allocations = False
         self._legacy_hosts: dict[str, str] = {}  # see _unregistered_hosts
         self.status = NodeStatus(opts.node, address=opts.advertise)

@@ -4,8 +4,9 @@ Owns the mapping from a running container's labels (`reconciler.service`,
 `reconciler.pool`, `reconciler.port`, optional `reconciler.network` and
 `reconciler.weight`) to a member key `members/<s>/<p>/<node>_<container>` (daemon-owned,
 apart from the user's `services/` so that the churn of every node's containers wakes no
-host's desired state; a node writes `index/members/<s>` after changing a service's members,
-and hosts read the services whose index moved: issue 9), and their publication held by
+host's desired state; a node writes the generation key of the service's bucket,
+`index/member-buckets/<b>`, after changing a service's members, and hosts read the
+services they serve whose bucket moved: issue 9), and their publication held by
 this node's Consul session: a member disappears when its
 container stops (the daemon deletes it) or when the node dies (the session is
 invalidated, behavior=delete). A daemon restart that reuses its session (see
@@ -221,11 +222,11 @@ class MemberPublisher:
 
     def _bump(self, services: set[str]) -> None:
         stamp = f"{self.node} {time.time_ns()}".encode()
-        for svc in sorted(services):
+        for key in sorted({self.layout.members_index(svc) for svc in services}):
             try:
-                self.kv.put(self.layout.members_index(svc), stamp)
+                self.kv.put(key, stamp)
             except ConsulError as e:
-                log.debug("cannot bump the members index of %s: %s", svc, e)
+                log.debug("cannot bump the members index %s: %s", key, e)
 
     def sync(self, session: str, wanted: Mapping[str, Wanted],
              keep: Collection[str] = ()) -> list[str]:

@@ -7,6 +7,7 @@ connection itself follows Consul's own variables (see `adapters.consul_kv.Consul
 from __future__ import annotations
 
 import fnmatch
+import functools
 import grp
 import ipaddress
 import os
@@ -149,8 +150,10 @@ def parse_serve(value: str | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def serves(patterns: tuple[str, ...], service: str) -> bool:
-    """Whether `service` is among the services `patterns` (`--serve`) name."""
+    """Whether `service` is among the services `patterns` (`--serve`) name (memoised:
+    asked for every service at every read of the members' index)."""
     return patterns == ("*",) or any(fnmatch.fnmatchcase(service, p) for p in patterns)
 
 

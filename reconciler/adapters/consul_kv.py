@@ -498,6 +498,19 @@ class ConsulKV:
         except (ValueError, TypeError, KeyError) as e:
             raise ConsulError(self._scrub(f"{what}: unexpected answer ({e})")) from e
 
+    def list_children(self, prefix: str) -> list[str]:
+        """The names right under `prefix` that have keys below them (`a` for
+        `<prefix>a/...`), in one request that returns no value (`?keys&separator=/`)."""
+        _check_key(prefix)
+        with self._translate(f"list of {prefix!r}"):
+            _, keys = self._client.kv.get(prefix, keys=True, separator="/")
+        out = []
+        for k in keys or ():
+            rest = str(k)[len(prefix):]
+            if rest.endswith("/") and len(rest) > 1:
+                out.append(rest[:-1])
+        return out
+
     def get(self, key: str, *, consistent: bool = False) -> KVItem | None:
         """One key, or None when it does not exist."""
         _check_key(key)

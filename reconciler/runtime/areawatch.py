@@ -24,8 +24,11 @@ generation key `index/<area>/<piece>` with every write of `<area>/<piece>/...`; 
 blocking query on `index/<area>/` tells which pieces changed (by ModifyIndex), and only
 the pieces this host wants are read, without blocking. A host's cost per change is the
 size of the index (one small key per piece) plus the piece changed, not the size of the
-area. A missed bump (a writer that died between its write and the bump, a key deleted
-by hand) is caught by `refresh`, which the daemon calls at its periodic resync.
+area. Where the pieces are many (the services), they share a fixed number of generation
+keys (`bucket_of`: piece -> key), so the index read stays the same size as they grow; a
+bump then makes a host read the pieces it wants of that bucket. A missed bump (a writer
+that died between its write and the bump, a key deleted by hand) is caught by `refresh`,
+which the daemon calls at its periodic resync.
 """
 
 from __future__ import annotations
@@ -192,15 +195,19 @@ class IndexedArea:
 
     def __init__(self, kv: PrefixReader, data_prefix: str, index_prefix: str, *,
                  wanted: Callable[[], Collection[str] | None] = lambda: None,
-                 wait: str = "30s", rate: float = 10.0, burst: float = 5.0) -> None:
+                 wait: str = "30s", rate: float = 10.0, burst: float = 5.0,
+                 bucket_of: Callable[[str], str] | None = None) -> None:
         self.kv = kv
         self.data_prefix = data_prefix
         self.index = AreaWatch(kv, index_prefix, wait=wait, rate=rate, burst=burst,
                                versions_only=True)
         self.wanted = wanted
+        self.bucket_of = bucket_of
         self._lock = threading.Lock()
         self._pieces: dict[str, dict[str, KVEntry]] = {}
         self._seen: dict[str, int] = {}  # piece -> ModifyIndex of its index key when read
+        self._names: set[str] = set()  # buckets, every piece wanted: the pieces listed
+        self._names_at: dict[str, int] | None = None  # the buckets' gens when listed
         self.piece_reads = 0
 
     @property
@@ -243,7 +250,7 @@ class IndexedArea:
         pieces whose generation moved (and those in `force`), drop the unwanted ones.
         Returns the pieces whose entries changed."""
         wanted = self.wanted()
-        gens = {self._piece_of(k): e.modify_index for k, e in self.index.entries.items()}
+        gens = self._generations(wanted)
         changed: set[str] = set()
         with self._lock:
             held = set(self._pieces) | set(self._seen)
@@ -271,8 +278,31 @@ class IndexedArea:
     def refresh(self) -> set[str]:
         """Re-read every wanted piece (a bump missed; the set of wanted pieces grew)."""
         wanted = self.wanted()
+        self._names_at = None  # buckets: list the pieces again
         names = set(self._seen) if wanted is None else set(wanted)
         return self.sync(force=names)
+
+    def _generations(self, wanted: Collection[str] | None) -> dict[str, int]:
+        """piece -> the ModifyIndex of its generation key, for the pieces to consider:
+        every piece named in the index (one key per piece), or with buckets (several
+        pieces share a key, `bucket_of`) the wanted ones, or every piece that exists."""
+        index = {self._piece_of(k): e.modify_index for k, e in self.index.entries.items()}
+        if self.bucket_of is None:
+            return index
+        names = set(wanted) if wanted is not None else self._all_pieces(index)
+        return {n: index.get(self.bucket_of(n), 0) for n in names}
+
+    def _all_pieces(self, buckets: dict[str, int]) -> set[str]:
+        """Every piece that exists (listed again when a bucket moved), when the reader
+        can list them (`list_children`); else the pieces held."""
+        lister = getattr(self.kv, "list_children", None)
+        if lister is None:
+            with self._lock:
+                return set(self._pieces) | set(self._seen)
+        if buckets != self._names_at:
+            self._names = set(lister(self.data_prefix))  # raises ConsulError: next time
+            self._names_at = dict(buckets)
+        return set(self._names)
 
     def run(self, stop: threading.Event, on_change: Callable[[set[str]], None],
             on_error: Callable[[ConsulError], None] | None = None) -> None:

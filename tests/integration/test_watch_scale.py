@@ -164,6 +164,13 @@ def test_read_versions_agrees_with_read_prefix(consul_addr: str) -> None:
         assert index == full.index
         assert versions == {k: (i.modify_index, i.session) for k, i in full.items.items()}
         assert versions[f"{prefix}held"][1] == sid
+        # The names with keys under them, without their values: what a bucketed index
+        # (several services per generation key) lists when every piece is wanted.
+        kv.put(f"{prefix}svc-a/blue/m1", b"{}")
+        kv.put(f"{prefix}svc-a/green/m2", b"{}")
+        kv.put(f"{prefix}svc-b/blue/m1", b"{}")
+        assert sorted(kv.list_children(prefix)) == ["svc-a", "svc-b"]
+        assert kv.list_children(f"{prefix}nothing/") == []
     finally:
         kv.session_destroy(sid)
         kv.delete(prefix, recurse=True)

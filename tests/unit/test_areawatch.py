@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 from reconciler.adapters.consul_kv import KVItem, KVSnapshot
-from reconciler.kvlayout import Layout
+from reconciler.kvlayout import MEMBER_BUCKETS, Layout, member_bucket
 from reconciler.runtime.areawatch import AreaWatch, IndexedArea, TokenBucket
 from reconciler.runtime.kvwatch import KVWatcher
 
@@ -178,6 +178,69 @@ def test_indexed_area_reads_only_wanted_pieces_whose_generation_moved() -> None:
     assert area.poll() == set()
     assert area.refresh() == {"b"}
     assert L.allocation("b", "10.77.1.7") in area.entries()
+
+
+@dataclass
+class ListingKV(MemKV):
+    """MemKV that can list the names under a prefix, as ConsulKV.list_children."""
+
+    def list_children(self, prefix: str) -> list[str]:
+        self.reads.append(f"list {prefix}")
+        return sorted({k[len(prefix):].split("/", 1)[0] for k in self.data
+                       if k.startswith(prefix) and "/" in k[len(prefix):]})
+
+
+def test_members_share_a_fixed_number_of_generation_keys() -> None:
+    services = [f"svc{i:04d}" for i in range(1000)]
+    keys = {L.members_index(s) for s in services}
+    assert len(keys) == MEMBER_BUCKETS  # however many services: the index read is fixed
+    assert all(k.startswith(L.members_index_prefix()) for k in keys)
+    assert L.members_index("web") == L.members_index_prefix() + member_bucket("web")
+    assert member_bucket("web") == member_bucket("web")  # stable (not Python's hash)
+
+
+def test_bucketed_area_reads_the_wanted_pieces_of_a_moved_bucket_only() -> None:
+    kv = ListingKV()
+    gen = itertools.count()
+
+    def publish(svc: str, m: str) -> None:  # as MemberPublisher: write, then bump
+        kv.put(L.published_member(svc, "blue", m), b"{}")
+        kv.put(L.members_index(svc), str(next(gen)).encode())
+
+    # Two services in one bucket, one in another.
+    by_bucket: dict[str, list[str]] = {}
+    for i in range(500):
+        by_bucket.setdefault(member_bucket(f"s{i}"), []).append(f"s{i}")
+    b1, b2 = list(by_bucket.values())[:2]
+    served, neighbour, other = b1[0], b1[1], b2[0]
+    for svc in (served, neighbour, other):
+        publish(svc, "h1_a")
+    wanted: set[str] | None = {served}
+    area = IndexedArea(kv, L.members_prefix(), L.members_index_prefix(),
+                       wanted=lambda: wanted, bucket_of=member_bucket)
+    assert area.poll() == {served} and set(area.pieces()) == {served}
+    # A service of another bucket changes: the index alone is read.
+    publish(other, "h2_b")
+    kv.reads.clear()
+    assert area.poll() == set() and kv.reads == [L.members_index_prefix()]
+    # One of the same bucket: the served piece is read again, and found unchanged.
+    publish(neighbour, "h2_b")
+    kv.reads.clear()
+    assert area.poll() == set()
+    assert kv.reads == [L.members_index_prefix(), L.members_prefix(served)]
+    publish(served, "h2_b")
+    assert area.poll() == {served}
+    assert L.published_member(served, "blue", "h2_b") in area.entries()
+    # Every service (--serve '*'): the pieces that exist are listed when a bucket moved.
+    wanted = None
+    kv.reads.clear()
+    assert area.sync() == {neighbour, other}
+    assert kv.reads[0] == f"list {L.members_prefix()}"
+    kv.reads.clear()
+    assert area.sync() == set() and kv.reads == []  # no bucket moved: no listing
+    publish("brand-new", "h3_c")
+    assert "brand-new" in area.poll()
+    assert area.refresh() == set()
 
 
 def test_token_bucket_lets_a_burst_through_and_spaces_a_storm() -> None:

@@ -10,7 +10,7 @@ from types import MappingProxyType
 from typing import Any
 
 from reconciler.adapters.consul_kv import KVItem, KVSnapshot
-from reconciler.kvlayout import KeyRef, KVEntry, Layout
+from reconciler.kvlayout import KeyRef, KVEntry, Layout, member_bucket
 from reconciler.kvsync import CurrentKey, diff_kv
 from reconciler.members import MemberPublisher, Wanted
 from reconciler.runtime.kvwatch import KVWatcher
@@ -59,7 +59,7 @@ def test_published_members_are_members_but_daemon_owned() -> None:
     assert key == P + "members/web/blue/h1_c1"
     assert L.parse(key) == KeyRef("member", "web", "blue", "h1_c1")
     assert L.is_daemon_owned(key)
-    assert L.members_index("web") == P + "index/members/web"
+    assert L.members_index("web") == P + "index/member-buckets/" + member_bucket("web")
     assert L.parse(P + "members/web/blue") is None  # not a member's shape: ignored
     # `apply --prune` never deletes them, held by a session or not.
     current = {key: CurrentKey(member(1), 5, None),
