@@ -116,7 +116,7 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
     daemon = Daemon(DaemonOptions(settings.node, settings.prefix, settings.resync,
                                   workers=workers, dry_run=dry_run,
                                   session_file=session_file, advertise=advertise,
-                                  serve=settings.proxy.serve),
+                                  serve=settings.proxy.serve, freeze_heap=not dry_run),
                     kv=kv, docker=docker, netctl=netctl, proxy=proxy, metrics=metrics,
                     policy=PolicyController(default_backends(settings.node), dry_run=dry_run))
     return Parts(kv, docker, nl, ovs, netctl, daemon, metrics, settings.observe)

@@ -57,6 +57,7 @@ from reconciler.observe.health import FailureClock, FirstSync
 from reconciler.observe.metrics import Metrics, StateSample
 from reconciler.policy.compiled import source_networks
 from reconciler.policy.controller import PolicyController, local_ports
+from reconciler.runtime import alloc
 from reconciler.runtime.areawatch import AreaWatch, IndexedArea
 from reconciler.runtime.kvwatch import KVWatcher, Snapshot
 from reconciler.runtime.workqueue import Controller, Result
@@ -130,6 +131,7 @@ class DaemonOptions:
     session_file: str | None = None
     advertise: str | None = None  # this host's underlay address (tunnel endpoint)
     serve: tuple[str, ...] = ("*",)  # services this host's HAProxy serves (patterns)
+    freeze_heap: bool = False  # a daemon process of its own: `alloc.freeze_heap` at first sync
 
 
 @dataclass
@@ -148,6 +150,7 @@ class Daemon:
         self.metrics = metrics if metrics is not None else Metrics()
         self.failures = FailureClock()  # keys failing, and since when (readiness)
         self.first_sync = FirstSync()
+        self._heap_frozen = False
         self.events: EventWatcher | None = None  # the Docker event watcher, once running
         self._threads: list[threading.Thread] = []  # the main loops, once running
         self.kv = kv
@@ -418,6 +421,9 @@ class Daemon:
             logs.reset_context(token)
         if not isinstance(result, _Deferred):
             self.first_sync.reconciled(key)
+            if self.first_sync.done and self.opts.freeze_heap and not self._heap_frozen:
+                self._heap_frozen = True
+                alloc.freeze_heap()  # the long-lived state is built
         self._status_dirty.set()
         return result
 

@@ -15,12 +15,19 @@ give back — so RSS crept up by megabytes per thousand containers. Two settings
   milliseconds on this daemon's heap.
 
 No-ops where the C library is not glibc.
+
+And one setting of Python's own collector: `freeze_heap`, once the first full pass is
+done, moves every object alive then (the modules, the desired state, the state of every
+attached container) out of the cyclic garbage collector's generations. Its full
+collections walked all of them, again and again: with 500 containers attached they were
+half of the idle daemon's user CPU (perf, bench/attach.py --idle; issue 9).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import threading
@@ -64,6 +71,15 @@ def limit_arenas(env: Mapping[str, str] | None = None) -> int | None:
     if n < 1 or libc is None:
         return None
     return n if libc.mallopt(M_ARENA_MAX, n) == 1 else None
+
+
+def freeze_heap() -> None:
+    """Collect, then exempt every object alive now from later collections (`gc.freeze`):
+    call once, when the long-lived state is built. What is garbage later is collected as
+    before; only what was alive now is never looked at again (nor freed, if it became
+    cyclic garbage: fine for state that lives as long as the daemon)."""
+    gc.collect()
+    gc.freeze()
 
 
 def trim() -> bool:
