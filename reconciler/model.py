@@ -890,6 +890,7 @@ class ParseMemo:
         self._done: dict[tuple[str, str | None, str], tuple[int, Any, Any]] = {}
         self._used: set[tuple[str, str | None, str]] = set()
         self.parsed = 0  # entries parsed (not served from the memo): tests, bench
+        self._generation = 0  # of the `block` results
 
     def get(self, e: RawEntry, what: str, parse: Callable[[], _T]) -> _T:
         if not e.version:
@@ -903,6 +904,22 @@ class ParseMemo:
         out = parse()
         self._done[key] = (e.version, e.value, out)
         return out
+
+    def block(self, what: str, inputs: tuple[Any, ...], build: Callable[[], _T]
+              ) -> tuple[_T, int]:
+        """`build()` for a part of the parse that depends on several entries (`inputs`:
+        their keys, versions and values), kept while they are the same; with the
+        generation of that result, which moves when it is built again (the parses that
+        depend on it are kept per generation)."""
+        key = ("", None, what)
+        self._used.add(key)
+        hit = self._done.get(key)
+        if hit is not None and hit[1] == inputs:
+            return cast(_T, hit[2]), hit[0]
+        self._generation += 1
+        out = build()
+        self._done[key] = (self._generation, inputs, out)
+        return out, self._generation
 
     def sweep(self) -> None:
         self._done = {k: v for k, v in self._done.items() if k in self._used}
@@ -960,20 +977,13 @@ def with_published(state: DesiredState, published: PublishedPools) -> DesiredSta
     return replace(state, services=services, problems=tuple(sorted(problems)))
 
 
-def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None) -> DesiredState:
-    """Validate every entry, then the cross-object rules, into a DesiredState (entries
-    parsed before are taken from `memo`)."""
-    problems: list[Problem] = []
-    ents = sorted(entries, key=lambda e: (e.order, e.where))
-    by_kind: dict[str, list[RawEntry]] = {}
-    for e in ents:
-        by_kind.setdefault(e.ref.kind, []).append(e)
-
-    # Networks, then isolation between them (older claim wins).
+def _build_networks(entries: list[RawEntry], memo: ParseMemo | None
+                    ) -> tuple[dict[str, Network], dict[str, str], list[Problem]]:
+    """The valid networks (by name), the invalid ones (name -> key) and the problems."""
     networks: dict[str, Network] = {}
-    net_where: dict[str, str] = {}
     invalid_networks: dict[str, str] = {}
-    for e in by_kind.get("network", []):
+    problems: list[Problem] = []
+    for e in entries:
         net, probs = _parsed(memo, e, "network",
                              partial(parse_network, e.where, e.ref.name))
         if net is not None:
@@ -986,16 +996,42 @@ def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None) -> D
             invalid_networks[e.ref.name] = e.where
             continue
         networks[net.name] = net
-        net_where[net.name] = e.where
+    return networks, invalid_networks, problems
 
-    # Containers, then static addresses claimed twice in one network.
+
+def build_state(entries: Iterable[RawEntry], memo: ParseMemo | None = None) -> DesiredState:
+    """Validate every entry, then the cross-object rules, into a DesiredState (entries
+    parsed before are taken from `memo`)."""
+    problems: list[Problem] = []
+    ents = sorted(entries, key=lambda e: (e.order, e.where))
+    by_kind: dict[str, list[RawEntry]] = {}
+    for e in ents:
+        by_kind.setdefault(e.ref.kind, []).append(e)
+
+    # Networks, then isolation between them (older claim wins): kept as a whole while no
+    # network entry changed (the clash rules compare every pair of networks).
+    net_entries = by_kind.get("network", [])
+
+    def build_networks() -> tuple[dict[str, Network], dict[str, str], list[Problem]]:
+        return _build_networks(net_entries, memo)
+
+    if memo is None:
+        nets_gen = 0
+        networks, invalid_networks, net_problems = build_networks()
+    else:
+        (networks, invalid_networks, net_problems), nets_gen = memo.block(
+            "networks", tuple((e.where, e.version, e.session, e.value) for e in net_entries),
+            build_networks)
+    problems.extend(net_problems)
+
+    # Containers, then static addresses claimed twice in one network. A container entry
+    # is parsed again when it moved or the networks did (its checks read them).
     containers: dict[str, ContainerSpec] = {}
     claimed: dict[tuple[str, IPAddress], str] = {}
     for e in by_kind.get("container", []):
-        raw, probs = _decoded(memo, e)
-        spec = None
-        if not probs:
-            spec, probs = parse_container(e.where, e.ref.name, raw, networks, invalid_networks)
+        spec, probs = _parsed(memo, e, f"container@{nets_gen}", partial(
+            parse_container, e.where, e.ref.name, networks=networks,
+            invalid_networks=invalid_networks))
         if spec is not None:
             for i, itf in enumerate(spec.interfaces):
                 if itf.address is None:

@@ -106,6 +106,34 @@ def test_unchanged_entries_are_not_parsed_again() -> None:
     assert w.memo.parsed - parsed == 2
 
 
+def test_containers_are_parsed_again_only_when_they_or_the_networks_moved() -> None:
+    kv = MemKV()
+    kv.put(L.network("a"), NET)
+    for i in range(20):
+        kv.put(L.container(f"app{i}"), json.dumps({"interfaces": [
+            {"name": "eth1", "network": "a", "address": f"10.77.1.{10 + i}/24"}]}).encode())
+    w = desired_watch(kv)
+    first = w.poll(consistent=True)
+    assert first is not None and len(first.state.containers) == 20
+    parsed = w.memo.parsed
+    kv.put(L.container("app3"), json.dumps({"interfaces": [
+        {"name": "eth2", "network": "a", "address": "10.77.1.13/24"}]}).encode())
+    snap = w.poll(consistent=True)
+    assert snap is not None and snap.state.containers["app3"].interfaces[0].name == "eth2"
+    assert w.memo.parsed - parsed == 1  # that entry alone: the networks were kept whole
+    # A network changes: every container is checked against it again.
+    parsed = w.memo.parsed
+    kv.put(L.network("a"), NET.replace(b"}", b', "mtu": 1400}'))
+    snap = w.poll(consistent=True)
+    assert snap is not None and snap.state.networks["a"].mtu == 1400
+    assert w.memo.parsed - parsed == 1 + 20
+    # ... and a typo in it keeps its last valid value, the containers theirs.
+    kv.put(L.network("a"), b"{")
+    snap = w.poll(consistent=True)
+    assert snap is not None and snap.state.networks["a"].mtu == 1400
+    assert len(snap.state.containers) == 20 and snap.state.problems
+
+
 def test_area_reports_changed_and_removed_keys_and_resets_a_backwards_index() -> None:
     kv = MemKV()
     kv.put(P + "networks/a", NET)
