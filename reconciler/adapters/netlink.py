@@ -785,7 +785,10 @@ class NetlinkAdapter:
             if link is None:
                 return False
             try:
-                ipr.set_link(link.index, up=False, name=retired, group=RETIRED_GROUP)
+                # Off its Linux bridge as well (master 0): a bridge left with only retired
+                # ports must read as empty to the sweep, which removes unused bridges.
+                ipr.set_link(link.index, up=False, name=retired, group=RETIRED_GROUP,
+                             master=0)
             except RtnlError as exc:
                 if exc.code == errno.ENODEV:
                     return False
@@ -793,7 +796,7 @@ class NetlinkAdapter:
                     self.reap_retired()
                 elif exc.code != errno.EBUSY:  # EBUSY: a kernel that renames only down
                     raise
-                ipr.set_link(link.index, up=False)
+                ipr.set_link(link.index, up=False, master=0)
                 ipr.set_link(link.index, name=retired, group=RETIRED_GROUP)
         return True
 
