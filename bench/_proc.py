@@ -44,6 +44,19 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def rss_parts_mib(pid: int) -> tuple[float, float]:
+    """(RssAnon, RssFile + RssShmem) of `pid` in MiB: memory the process allocated, and
+    pages of mapped files (code and libraries, touched as code paths first run)."""
+    anon = file = 0.0
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                anon = int(line.split()[1]) / 1024
+            elif line.startswith(("RssFile:", "RssShmem:")):
+                file += int(line.split()[1]) / 1024
+    return anon, file
+
+
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 

@@ -13,13 +13,15 @@ Owns the soak figures of docs/performance.md. Under a fresh prefix it puts one O
   by the new pool is recorded;
 - load: two keep-alive clients and one new-connection-per-request client send GET / to
   HAProxy all the time (a 5 ms think time); any exception or non-200 is a failed request;
-- every 5 s the daemon's RSS (VmRSS) and open fds (/proc/PID/fd) are sampled.
+- every 5 s the daemon's RSS (VmRSS, and its RssAnon and RssFile parts) and open fds
+  (/proc/PID/fd) are sampled (`--samples CSV` writes them out).
 
 Reported: RSS and fd count after the warm-up (the first fifth, at least 20 s) and at the
 end, with their growth; the RSS slope (least squares) over each half of the time after
 the warm-up, per hour and per 1,000 container cycles (memory that levels off has a
-smaller slope in the second half; a leak the same per cycle), and the fds' median per
-half; reconcile duration p50/p99 by kind from the daemon's /metrics
+smaller slope in the second half; a leak the same per cycle), the same for RSS and
+RssAnon (allocated memory, apart from mapped code) over each quarter, and the fds' median
+per half; reconcile duration p50/p99 by kind from the daemon's /metrics
 histogram ``reconciler_reconcile_duration_seconds`` (deltas over the run, upper bucket
 bounds); flip-to-served p50/p99; requests and failures.
 
@@ -62,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from _machine import describe  # bench/_machine.py (they run as scripts)
-from _proc import free_port, kill_pid, open_fds, pct, rss_mib, sh, stop_popen
+from _proc import free_port, kill_pid, open_fds, pct, rss_mib, rss_parts_mib, sh, stop_popen
 from prometheus_client.parser import text_string_to_metric_families
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
@@ -207,6 +209,8 @@ class Sample:
     rss_mib: float
     fds: int
     cycles: int = 0  # containers replaced so far
+    anon_mib: float = 0.0  # RssAnon: what the daemon allocated (a leak grows this)
+    file_mib: float = 0.0  # RssFile + RssShmem: mapped code and libraries
 
 
 @dataclass(frozen=True)
@@ -464,8 +468,9 @@ class Soak:
     def sample(self) -> None:
         assert self.daemon is not None
         pid = self.daemon.pid
+        anon, file = rss_parts_mib(pid)
         self.fig.samples.append(Sample(time.monotonic(), rss_mib(pid), open_fds(pid),
-                                       self.fig.containers_removed))
+                                       self.fig.containers_removed, anon, file))
 
     def soak(self) -> None:
         rng = random.Random(int(self.rid, 16))
@@ -641,6 +646,22 @@ def report(f: Figures) -> list[str]:
         print("daemon open fds after the warm-up, median: " + ", ".join(
             f"{name} half {pct([s.fds for s in half], 0.5):.0f}"
             for name, half in zip(("first", "second"), halves, strict=False)))
+    # Where RSS went: anonymous memory (allocations: a leak grows this) against mapped
+    # files (code and libraries: pages touched once, as code paths first run), each
+    # over the quarters after the warm-up: what levels off reaches ~0 in the last ones.
+    quarters = [after[i * len(after) // 4:(i + 1) * len(after) // 4] for i in range(4)]
+    quarters = [q for q in quarters if len(q) >= 2]
+    if len(quarters) == 4:
+        print(f"daemon RssAnon MiB: after warm-up {first.anon_mib:.1f}, end {last.anon_mib:.1f}"
+              f" ({last.anon_mib - first.anon_mib:+.1f}); RssFile+Shmem {first.file_mib:.1f}"
+              f" -> {last.file_mib:.1f} ({last.file_mib - first.file_mib:+.1f})")
+        for name, value in (("RssAnon", lambda s: s.anon_mib), ("RSS", lambda s: s.rss_mib)):
+            cells = []
+            for i, q in enumerate(quarters):
+                tr = trend(q, value, t0)
+                per_k = "-" if tr.per_kcycles is None else f"{tr.per_kcycles:+.2f}"
+                cells.append(f"Q{i + 1} {tr.per_hour:+.1f} MiB/h, {per_k}/1,000 cycles")
+            print(f"daemon {name} slope by quarter after the warm-up: " + "; ".join(cells))
     print("reconcile duration (daemon /metrics histogram, upper bucket bounds), ms:")
     for kind in sorted(f.p99, key=lambda k: (k == "all", k)):
         n = f.reconciles.get(kind, sum(f.reconciles.values()))
@@ -681,6 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="trace the daemon's allocations: snapshots PREFIX.NNN.snap at the "
                         "end of the warm-up, every $BENCH_SOAK_TRACE_EVERY s (60) and at the "
                         "end (compare with python -m reconciler.observe.memtrace)")
+    p.add_argument("--samples", metavar="CSV",
+                   help="write every RSS/fd sample (t, cycles, RSS, RssAnon, RssFile, fds)")
     args = p.parse_args(argv)
     if not 1 <= args.containers <= 200:
         p.error("--containers: 1 to 200")
@@ -689,6 +712,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"--- soak {args.minutes:g} min, prefix {soak.prefix}, log {soak.log_path}",
           flush=True)
     fig = soak.run()
+    if args.samples:
+        with open(args.samples, "w", encoding="ascii") as out:
+            out.write("t_s,cycles,rss_mib,anon_mib,file_mib,fds\n")
+            t0 = fig.samples[0].t if fig.samples else 0.0
+            for smp in fig.samples:
+                out.write(f"{smp.t - t0:.1f},{smp.cycles},{smp.rss_mib:.2f},"
+                          f"{smp.anon_mib:.2f},{smp.file_mib:.2f},{smp.fds}\n")
     return 1 if report(fig) else 0
 
 
