@@ -6,7 +6,8 @@ Owns the attach figures of docs/performance.md. For each N (``--n 50,200``):
    ``reconciler.name=<spec>``; one OVS network (vlan 100, a /21 pool: N up to 1000) is
    in Consul.
 2. `reconciler run` starts (its own process, default settings: resync 30 s, 4 workers)
-   and settles (its start-up pass over N unattached containers is not measured).
+   and settles (its start-up pass over N unattached containers is not measured); then
+   the machine settles too (dockerd and containerd finish starting the containers).
 3. Attach: the clock starts just before ONE put of ``containers/<spec>`` (``auto``
    address) and stops when every container's eth1 is up (IFF_UP and carrier) with an
    address of the subnet, as read from inside each namespace: per container, netlink
@@ -57,7 +58,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from _machine import CpuAccounts, describe, pid_of  # bench/_machine.py (run as scripts)
+from _machine import (  # bench/_machine.py (run as scripts)
+    CpuAccounts,
+    describe,
+    machine_cpu,
+    pid_of,
+)
 from _proc import cpu_seconds, pct, rss_mib, sh
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
@@ -208,6 +214,23 @@ def settle(pid: int, limit: float = 45.0) -> float:
     return time.perf_counter() - t0
 
 
+def quiet_machine(limit: float = 60.0, busy: float = 0.15) -> float:
+    """Wait until the whole machine is quiet: a 1 s window in which all cores together were
+    busy less than `busy` of the time (`limit` seconds at most); return how long that
+    took. The 500 containers started just before leave dockerd and containerd working
+    for seconds after `docker run` returns, and the runs of one invocation follow each
+    other: measured on top of that, the same code gave 2.9 to 5.3 ms/if."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < limit:
+        b0, i0 = machine_cpu()
+        time.sleep(1.0)
+        b1, i1 = machine_cpu()
+        total = (b1 - b0) + (i1 - i0)
+        if total > 0 and (b1 - b0) / total < busy:
+            break
+    return time.perf_counter() - t0
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -219,6 +242,8 @@ class Figures:
     attach_cpu_s: float = 0.0
     ports_s: float = 0.0  # until every port is on the bridge too (after attach_s)
     start_settle_s: float = 0.0
+    quiet_s: float = 0.0  # waited for a quiet machine before the attach
+    base_quiet_s: float = 0.0  # and before the baseline
     detach_inside_s: float = 0.0
     detach_s: float = 0.0
     rss_mib: float = 0.0
@@ -368,6 +393,7 @@ class Bench:
         # sweep) is not part of the attach: put the spec into a settled daemon, as when
         # replicas are scaled out on a running host.
         self.fig.start_settle_s = settle(pid)
+        self.fig.quiet_s = quiet_machine()
 
         def attached(p: NetnsProbe) -> bool:
             a = p.address(IFNAME)
@@ -444,6 +470,7 @@ class Bench:
         sample = self.containers[:self.base_max] if self.base_max else self.containers
         probes = {c.id: self.probes[c.id] for c in sample}
         self.fig.base_n = len(sample)
+        self.fig.base_quiet_s = quiet_machine()  # as for the daemon's attach
         t0 = time.perf_counter()
         for i, c in enumerate(sample):
             sh("ovs-docker", "add-port", self.bridge_b, IFNAME, c.id,
@@ -585,6 +612,9 @@ def report(figs: Sequence[Figures]) -> None:
     print(" | ".join(hdr))
     for f in figs:
         print(row(f))
+    print("waited for a quiet machine (1 s < 15 % busy) before each clock started: " + ", ".join(
+        f"N={f.n} {f.quiet_s:.0f} s (daemon), {f.base_quiet_s:.0f} s (ovs-docker)"
+        for f in figs))
     for f in figs:
         if f.idle_cpu_pct is not None:
             print(f"idle CPU with N={f.n} attached over {f.idle_window_s:g}s: "

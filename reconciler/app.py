@@ -209,7 +209,7 @@ def run_forever(parts: Parts, reload: Callable[[], Settings] | None = None) -> i
 
     # Named: a loop's name is what /livez reports when it stops.
     def link_watch(s: threading.Event) -> None:
-        netlink.watch_links(d.on_link_event, s)
+        netlink.watch_links(d.on_link_event, s, deletions_only=True)  # all it acts on
 
     extra: list[Callable[[threading.Event], None]] = [link_watch]
     watcher = parts.netctl.netns_watcher

@@ -74,7 +74,9 @@ class Executor:
                         raise
                 elif isinstance(a, CreateInterface | RepairInterface):
                     res.interfaces.add(ifname)
-                    ch = self._nl.ensure_interface(ns, a.link)
+                    # Neither end was there a moment ago: made without reading first.
+                    fresh = isinstance(a, CreateInterface) and not a.recreate
+                    ch = self._nl.ensure_interface(ns, a.link, fresh=fresh)
                     changed[ifname] = ch
                     res.changes += [f"{ifname} {c}" for c in ch]
                 elif isinstance(a, PlugPort):
@@ -108,8 +110,10 @@ class Executor:
         """Plug the port; True when done now (announced here if needed), False when the
         driver queued it (and announces after its commit)."""
         owner = PortOwner(self._node, cid, a.ifname, w.network.name, ns.pid)
+        index = changed.host_index if isinstance(changed, netlink.Changes) else None
         done = self._segments.driver(w.network).plug(Plug(
-            w.network, a.host_veth, owner, self._nl.link_index(a.host_veth),
+            w.network, a.host_veth, owner,
+            index if index is not None else self._nl.link_index(a.host_veth),
             announce=bool(changed), addresses=w.link.addresses))
         res.changes.append(f"{a.ifname} {'bridge' if done else 'port'}")
         if done and changed:

@@ -85,16 +85,21 @@ def assert_matches(nl: NetlinkAdapter, ns: ContainerNetns, spec: InterfaceSpec) 
     assert obs.arp_notify is True
 
 
+@pytest.mark.parametrize("fresh", [False, True])
 def test_attach_observe_idempotent_detach(
-    nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str]
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str],
+    fresh: bool,
 ) -> None:
+    """Also with `fresh` (the caller saw neither end: made without reading first): the
+    same result, down to the kernel's view."""
     ns = netns_factory()
     cid = f"test-{secrets.token_hex(4)}"
     spec = full_spec(cid, octet)
     cleanup_links.append(spec.host_veth)
 
-    changes = nl.ensure_interface(ns, spec)
+    changes = nl.ensure_interface(ns, spec, fresh=fresh)
     assert Change.CREATED in changes and Change.GARP in changes and Change.ROUTES in changes
+    assert changes.host_index == nl.link_index(spec.host_veth)
     assert_matches(nl, ns, spec)
     # the kernel agrees (checked with iproute2 from inside the namespace)
     out = nsexec(ns.pid, "ip", "-o", "addr", "show", "dev", "eth1").stdout
@@ -111,6 +116,11 @@ def test_attach_observe_idempotent_detach(
         ["ip", "-d", "link", "show", spec.host_veth], capture_output=True, text=True).stdout
 
     assert nl.ensure_interface(ns, spec) == ()
+    # Told fresh while the pair exists (it appeared since the caller looked): the
+    # creation fails and the full path finds nothing to change.
+    again = nl.ensure_interface(ns, spec, fresh=True)
+    assert again.host_index == changes.host_index
+    assert again == ()
 
     assert nl.detach(cid, "eth1") is True
     assert nl.detach(cid, "eth1") is False  # already gone is fine
@@ -358,6 +368,27 @@ def test_link_watcher_reports_deleted_host_veth(
         wait_for(lambda: saw("del"), timeout=2, interval=0, message="RTM_DELLINK")
 
 
+def test_link_watcher_deletions_only_gets_no_other_message(
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, cleanup_links: list[str]
+) -> None:
+    """With the socket filter the kernel queues only RTM_DELLINK: a veth made, changed and
+    deleted gives one event, its deletion (and the link group's marker link too)."""
+    spec = InterfaceSpec(f"test-{secrets.token_hex(4)}", "eth1")
+    cleanup_links.append(spec.host_veth)
+    with LinkWatcher(deletions_only=True) as watcher:
+        nl.ensure_interface(netns_factory(), spec)
+        subprocess.run(["ip", "link", "set", spec.host_veth, "mtu", "1300"], check=True)
+        subprocess.run(["ip", "link", "del", spec.host_veth], check=True)
+        seen: list[LinkEvent] = []
+
+        def saw_del() -> bool:
+            seen.extend(watcher.read(timeout=0.2))
+            return any(e.kind == "del" and e.ifname == spec.host_veth for e in seen)
+
+        wait_for(saw_del, timeout=2, interval=0, message="RTM_DELLINK")
+        assert [e for e in seen if e.kind != "del"] == []
+
+
 def test_link_watcher_skips_deletions_of_this_process(
     nl: NetlinkAdapter, netns_factory: NetnsFactory, cleanup_links: list[str]
 ) -> None:
@@ -524,4 +555,46 @@ def test_netns_watcher_detach_by_the_daemon_is_no_drift(
     finally:
         stop.set()
         thread.join(timeout=5)
+        watcher.close()
+
+
+def test_netns_watcher_attach_reports_queued_before_expect_are_no_drift(
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str],
+) -> None:
+    """The daemon watches a container's namespace before attaching it, and its watcher may
+    read the attach's reports only after the reconcile set what it expects: the kernel's
+    report of the new veth end (down, at creation) is then no drift. Someone else's
+    change queued in the same window still is."""
+    ns = netns_factory()
+    other = netns_factory()
+    spec = full_spec(f"test-{secrets.token_hex(4)}", octet)
+    cleanup_links.append(spec.host_veth)
+    watcher = NetnsWatcher()
+    watcher.add("c1", ns)  # as in the daemon: before the attach, the watcher not reading
+    watcher.add("c2", other)
+    seen: list[str] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(seen.append, stop), daemon=True)
+    try:
+        assert Change.CREATED in nl.ensure_interface(ns, spec)
+        watcher.expect("c1", {"eth1": LinkExpect(mtu=spec.mtu, mac=spec.mac)})
+        thread.start()  # behind: everything the attach caused is queued by now
+        nsexec(other.pid, "ip", "addr", "add", "127.0.0.4/8", "dev", "lo")  # a marker
+        wait_for(lambda: "c2" in seen, timeout=5, interval=0.01, message="marker reported")
+        assert "c1" not in seen
+        # Someone else's change made before the next expect is still reported.
+        stop.set()
+        thread.join(timeout=5)
+        seen.clear()
+        nsexec(ns.pid, "ip", "addr", "add", f"10.77.{octet}.78/24", "dev", "eth1")
+        watcher.expect("c1", {"eth1": LinkExpect(mtu=spec.mtu, mac=spec.mac)})
+        stop = threading.Event()
+        thread = threading.Thread(target=watcher.run, args=(seen.append, stop), daemon=True)
+        thread.start()
+        wait_for(lambda: "c1" in seen, timeout=5, interval=0.01,
+                 message="a foreign change queued before expect reported")
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=5)
         watcher.close()

@@ -192,6 +192,7 @@ class FakeNetlink(Recorder):
         self.retired: dict[str, HostLink] = {}  # retire_host_veth: deleted by reap_retired
         self.foreign: set[tuple[str, str]] = set()  # a link of that name, not our veth
         self.fail_ifnames: set[str] = set()  # ensure_interface fails for these
+        self.fresh_creates = 0  # ensure_interface(fresh=True) calls
         self._index = 100
 
     def add_link(self, name: str, kind: str = "veth", **kw: Any) -> HostLink:
@@ -229,8 +230,8 @@ class FakeNetlink(Recorder):
             routes=spec.wanted_routes(), arp_notify=True, promote_secondaries=True,
             tx_checksum=spec.tx_checksum if tx_checksum else None, **hf)
 
-    def ensure_interface(self, ns: netlink.ContainerNetns, spec: InterfaceSpec,
-                         ) -> tuple[Change, ...]:
+    def ensure_interface(self, ns: netlink.ContainerNetns, spec: InterfaceSpec, *,
+                         fresh: bool = False) -> netlink.Changes:
         self._rec("ensure_interface", spec.ifname, spec)
         if spec.ifname in self.fail_ifnames:
             raise NetlinkError(f"ensure {spec.ifname}: File exists")
@@ -248,7 +249,9 @@ class FakeNetlink(Recorder):
                 changes.append(Change.MTU)
                 self.host[spec.host_veth].mtu = spec.mtu
         self.inside[key] = spec
-        return tuple(changes)
+        if fresh:
+            self.fresh_creates += 1
+        return netlink.Changes(changes, self.host[spec.host_veth].index)
 
     def announce(self, ns: netlink.ContainerNetns, ifname: str, mac: str | None = None,
                  addresses: tuple[IpInterface, ...] | None = None) -> int:
