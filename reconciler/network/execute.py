@@ -131,7 +131,7 @@ class Executor:
         for d in self._segments.drivers.values():
             d.unplug(host_veth)
         if self._batcher is not None and self._batcher.reaps:
-            if self._nl.retire_host_veth(netlink.host_veth_name(cid, ifname)):
+            if self._nl.retire_host_veth(host_veth):
                 res.changes.append(f"{ifname} detached")
                 self._batcher.retired()
         elif self._nl.detach(cid, ifname):
