@@ -903,7 +903,7 @@ class NetlinkAdapter:
         want = None if node is None else f"{OWNER_ALIAS_PREFIX}{node}/"
         with self._lock, _translate("list host links"):
             out = []
-            for link in self._host().links():
+            for link in self._host().links(kind="veth"):
                 if not (is_owned_host_veth_name(link.name) and link.kind == "veth"):
                     continue
                 if want is not None and not (link.alias or "").startswith(want):
@@ -916,7 +916,7 @@ class NetlinkAdapter:
         (their ifalias, see host_veth_alias): one listing of the host's links."""
         want = f"{OWNER_ALIAS_PREFIX}{node}/{container_id}/"
         with self._lock, _translate("list host links"):
-            return {(link.alias or "")[len(want):] for link in self._host().links()
+            return {(link.alias or "")[len(want):] for link in self._host().links(kind="veth")
                     if link.kind == "veth" and (link.alias or "").startswith(want)}
 
     def link_exists(self, name: str) -> bool:
@@ -974,7 +974,7 @@ class NetlinkAdapter:
         that node's daemon created)."""
         with self._lock, _translate("list bridges"):
             out = {}
-            for link in self._host().links():
+            for link in self._host().links(kind="bridge"):
                 owner = _bridge_alias(link.alias) if link.kind == "bridge" else None
                 if owner is not None and (node is None or owner[1] == node):
                     out[link.name] = owner[0]
@@ -991,7 +991,7 @@ class NetlinkAdapter:
         with self._lock, _translate(f"list ports of {name}"):
             ipr = self._host()
             br = ipr.get_link(name)
-            return br is not None and any(lk.master == br.index for lk in ipr.links())
+            return br is not None and bool(ipr.links(master=br.index))
 
     def delete_linux_bridge(self, name: str) -> bool:
         """Delete bridge `name` if reconciler created it; False if absent or not ours."""

@@ -150,7 +150,7 @@ class VxlanAdapter:
         with self._lock, _translate("list vxlan devices"):
             if self._rtnl is None:
                 self._rtnl = Rtnl()
-            for link in self._rtnl.links():
+            for link in self._rtnl.links(kind="vxlan"):
                 alias = link.alias or ""
                 if link.kind != "vxlan" or not alias.startswith(OWNER_ALIAS):
                     continue

@@ -104,3 +104,26 @@ def test_bridge_and_master(cleanup_links: list[str]) -> None:
         assert p is not None and p.master == b.index and p.mtu == 1300
         assert f"master {br}" in subprocess.run(["ip", "link", "show", port],
                                                 capture_output=True, text=True).stdout
+
+
+def test_links_filtered_by_kind_and_master(cleanup_links: list[str]) -> None:
+    """The dump filters: what they return is exactly what an unfiltered listing says."""
+    br, port, other = _name(), _name(), _name()
+    cleanup_links += [port, other, br]
+    with Rtnl() as r:
+        r.add_bridge(br)
+        for name in (port, other):
+            subprocess.run(["ip", "link", "add", name, "type", "veth", "peer", "name",
+                            name + "p"], check=True)
+        b, p = r.get_link(br), r.get_link(port)
+        assert b is not None and p is not None
+        r.set_link(p.index, master=b.index)
+        every = r.links()
+        assert {lk.name for lk in r.links(kind="bridge")} == \
+            {lk.name for lk in every if lk.kind == "bridge"} >= {br}
+        veths = {lk.name for lk in r.links(kind="veth")}
+        assert veths == {lk.name for lk in every if lk.kind == "veth"}
+        assert {port, other, port + "p"} <= veths and br not in veths
+        assert [lk.name for lk in r.links(master=b.index)] == [port]
+        assert [lk.name for lk in r.links(kind="veth", master=b.index)] == [port]
+        assert r.links(kind="bridge", master=b.index) == []
