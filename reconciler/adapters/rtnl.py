@@ -432,8 +432,9 @@ class Rtnl:
                  ipv6_addrconf: bool | None = None, name: str | None = None,
                  group: int | None = None) -> None:
         """Change link `index`: only what is given. `ipv6_addrconf=False` (on a link that
-        is down): no IPv6 link-local address, DAD or router solicitation when it goes up,
-        e.g. for a switch port (the kernel refuses this on creation). `name` renames it
+        is down, or up without carrier: addrconf waits for the carrier): no IPv6
+        link-local address, DAD or router solicitation when it comes up, e.g. for a
+        switch port (the kernel ignores this on creation). `name` renames it
         (the kernel renames before it applies `up`), `group` sets its link group."""
         flags = change = 0
         if up is not None:

@@ -7,6 +7,7 @@ import errno
 import json
 import secrets
 import socket
+import struct
 import subprocess
 
 import pytest
@@ -127,3 +128,42 @@ def test_links_filtered_by_kind_and_master(cleanup_links: list[str]) -> None:
         assert [lk.name for lk in r.links(master=b.index)] == [port]
         assert [lk.name for lk in r.links(kind="veth", master=b.index)] == [port]
         assert r.links(kind="bridge", master=b.index) == []
+    # And the kernel did the filtering (its replies say so): a bridge-only dump holds
+    # the bridges and nothing else.
+    names, flags = _raw_dump_by_kind("bridge")
+    assert br in names and port not in names and other not in names
+    assert flags and all(f & _NLM_F_DUMP_FILTERED for f in flags), flags
+
+
+_NLM_F_DUMP_FILTERED = 0x20
+
+
+def _raw_dump_by_kind(kind: str) -> tuple[list[str], list[int]]:
+    """RTM_GETLINK dump with IFLA_LINKINFO/IFLA_INFO_KIND = `kind`, written by hand:
+    (names of the links in the replies, nlmsg_flags of each reply)."""
+    def attr(t: int, payload: bytes) -> bytes:
+        raw = struct.pack("=HH", 4 + len(payload), t) + payload
+        return raw + b"\0" * (-len(raw) % 4)
+
+    body = struct.pack("=BxHiII", 0, 0, 0, 0, 0) + attr(18, attr(1, kind.encode() + b"\0"))
+    msg = struct.pack("=IHHII", 16 + len(body), 18, 0x1 | 0x300, 1, 0) + body
+    names: list[str] = []
+    flags: list[int] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.send(msg)
+        while True:
+            data = sock.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                n, t, f, _, _ = struct.unpack_from("=IHHII", data, off)
+                if t == 3:  # NLMSG_DONE
+                    return names, flags
+                if t == 16:  # RTM_NEWLINK
+                    flags.append(f)
+                    a = off + 16 + 16
+                    while a + 4 <= off + n:
+                        alen, atype = struct.unpack_from("=HH", data, a)
+                        if atype == 3:  # IFLA_IFNAME
+                            names.append(data[a + 4:a + alen].rstrip(b"\0").decode())
+                        a += (alen + 3) & ~3
+                off += (n + 3) & ~3

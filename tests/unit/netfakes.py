@@ -193,6 +193,7 @@ class FakeNetlink(Recorder):
         self.foreign: set[tuple[str, str]] = set()  # a link of that name, not our veth
         self.fail_ifnames: set[str] = set()  # ensure_interface fails for these
         self.fresh_creates = 0  # ensure_interface(fresh=True) calls
+        self.index_lookups = 0  # link_index calls
         self._index = 100
 
     def add_link(self, name: str, kind: str = "veth", **kw: Any) -> HostLink:
@@ -301,6 +302,7 @@ class FakeNetlink(Recorder):
         return name in self.host
 
     def link_index(self, name: str) -> int | None:
+        self.index_lookups += 1
         link = self.host.get(name)
         return None if link is None else link.index
 

@@ -84,6 +84,7 @@ def test_fresh_ovs_container_is_created_queued_and_announced_after_the_commit(
     assert (spec.mtu, spec.tx_checksum, spec.announce) == (1400, None, False)
     assert spec.owner == host_veth_alias(NODE, CID, "eth1")
     assert rig.nl.fresh_creates == 1  # neither end was there: made without reading first
+    assert rig.nl.index_lookups == 0  # the plug took the host end's index from the creation
     # The segment was built: bridge, gateway port on the VLAN, gateway address.
     assert rig.ovs.bridges["br-v"] == {NODE_ID: NODE, "reconciler-network": "vnet"}
     assert rig.ovs.ports[GW_PORT].tag == 101
