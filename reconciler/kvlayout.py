@@ -94,12 +94,26 @@ class KeyRef:
     member: str = ""
 
 
-@functools.lru_cache(maxsize=1 << 14)
 def classify_key(rel: str) -> KeyRef | str | None:
     """Map a key relative to the prefix to a KeyRef; None for daemon-owned keys; a reason
     string for a key that is not part of the layout. A member a node published
     (`members/<service>/<pool>/<member>`, daemon-owned) is a "member" like a user's.
-    Memoised: every parse of the desired state classifies every key (3,000 at K=100k)."""
+
+    Memoised: every parse of the desired state classifies every key (3,000 at K=100k).
+    Not a member's key (three slashes or more): members come and go with containers,
+    each under a new name, and a cache of them filled with the names of containers long
+    gone (bench/soak.py --member-pool: 446 bytes a key, 7 MiB when full)."""
+    if rel.count("/") >= 3:
+        return _classify_key(rel)
+    return _classify_memo(rel)
+
+
+def memoised_keys() -> int:
+    """How many keys `classify_key` holds in its memo."""
+    return _classify_memo.cache_info().currsize
+
+
+def _classify_key(rel: str) -> KeyRef | str | None:
     if rel.startswith("members/"):
         parts = rel.split("/")
         if len(parts) == 4 and all(NAME_RE.match(p) for p in parts[1:]):
@@ -133,6 +147,9 @@ def classify_key(rel: str) -> KeyRef | str | None:
     if rel.endswith("/") and user_area:
         return None  # a "folder" key created by some UIs; carries nothing
     return f"not part of the layout ({', '.join(USER_AREAS)}, {POLICY_KEY})"
+
+
+_classify_memo = functools.lru_cache(maxsize=1 << 14)(_classify_key)
 
 
 # ------------------------------------------------------------------- the layout

@@ -268,3 +268,19 @@ def test_kv_entries_keep_what_the_model_needs_sorted_by_key() -> None:
                 modify_index=7),
     )
     assert kv_entries([]) == ()
+
+
+def test_member_keys_are_classified_but_not_memoised() -> None:
+    """Members come and go with containers under new names: classifying theirs must not
+    grow the memo (it filled with dead containers' names in bench/soak.py); the other
+    keys are memoised."""
+    from reconciler.kvlayout import KeyRef, classify_key, memoised_keys
+
+    before = memoised_keys()
+    for i in range(200):
+        assert classify_key(f"members/web/blue/m{i}") == KeyRef("member", "web", "blue", f"m{i}")
+        assert classify_key(f"services/web/pools/blue/u{i}") == \
+            KeyRef("member", "web", "blue", f"u{i}")
+    assert memoised_keys() == before
+    assert classify_key("containers/memo-probe") == KeyRef("container", "memo-probe")
+    assert memoised_keys() == before + 1
