@@ -789,7 +789,22 @@ class OvsAdapter:
         bad = [r for r in results if not isinstance(r, dict) or "error" in r]
         if bad:
             raise OvsError(f"delete {len(done)} port(s): {bad[0]}")
+        self._wait_replica_without(done)
         return done
+
+    def _wait_replica_without(self, names: list[str]) -> None:
+        """Wait (`timeout` at most) until the replica no longer holds ports `names`: the
+        transaction above bypassed it, and a reader right after (the sweep asking
+        whether a bridge is empty) would otherwise see the rows and keep the bridge
+        (test_demo: a one-pass `run --once` left the demo's bridge)."""
+        deadline = time.monotonic() + self.timeout
+        pause = threading.Event()
+        while True:
+            with self._read("check deleted ports") as api:
+                left = [n for n in names if _find(api, "Port", n) is not None]
+            if not left or time.monotonic() > deadline:
+                return
+            pause.wait(0.002)  # the IDL thread applies ovsdb-server's update in ms
 
     def get_port(self, name: str) -> OwnedPort | None:
         """Port `name` if it exists and reconciler owns it."""
