@@ -238,9 +238,14 @@ class Ipam:
         the view was stale), none of it is created and its requests are left out of the
         result, for `allocate` to do one by one. `covered`: the networks `known` holds
         (None: all); another network's allocations are read once. Requests that already
-        hold an address, or need more than a plain create (adopting, replacing), are
-        left out too. `specs`: container -> its entry name, recorded in the keys.
-        Returns {(container, network, interface): address} for what was created."""
+        hold an address as `allocate` would return it (this node's, in the pool, not
+        reserved, recorded under the same entry) are in the result too: a spec put again
+        for 500 containers that kept their addresses, before the watch holds their
+        network, made each reconcile read the whole network (bench/attach.py, a second
+        round: 4x slower). Those that need more than a plain create (adopting, replacing)
+        are left out. `specs`: container -> its entry name, recorded in the keys.
+        Returns {(container, network, interface): address} for what was created or is
+        held."""
         by_net: dict[str, list[tuple[Network, str, str]]] = {}
         for w in wants:
             if w[0].pool is not None:
@@ -254,11 +259,23 @@ class Ipam:
             base = self.layout.ipam_prefix(name)
             items = {k: v for k, v in known.items() if k.startswith(base)} \
                 if covered is None or name in covered else dict(self._items(base))
-            holders = {(a.container, a.interface) for a in parse_allocations(self.prefix, items)}
-            taken = {at[1] for k in items if (at := self.layout.parse_allocation(k))}
-            taken |= {a for a in reserved if a.version == pool.start.version}
+            blocked = {a for a in reserved if a.version == pool.start.version}
             if net.gateway is not None:
-                taken.add(net.gateway)
+                blocked.add(net.gateway)
+            wanted = {(c, i) for _, c, i in group}
+            holders: set[tuple[str, str]] = set()
+            for a in parse_allocations(self.prefix, items):
+                if a.network != name or (a.container, a.interface) not in wanted:
+                    continue
+                if (a.container, a.interface) in holders:
+                    continue  # the first, as `allocate` would find it
+                holders.add((a.container, a.interface))
+                spec = (specs or {}).get(a.container, "")
+                if a.address in pool and a.address not in blocked and a.node == self.node \
+                        and (not spec or a.spec == spec):
+                    out[(a.container, name, a.interface)] = a.address
+            taken = {at[1] for k in items if (at := self.layout.parse_allocation(k))}
+            taken |= blocked
             todo = [(c, i) for _, c, i in group if (c, i) not in holders]
             free = candidates(pool, taken, f"{self.node}/{name}")
             now = int(time.time())

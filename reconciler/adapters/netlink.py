@@ -65,6 +65,10 @@ from reconciler.errors import NetlinkError
 
 log = logging.getLogger(__name__)
 
+# The IPv4 settings of a container's interface: arp_notify (announce on link-up) and
+# promote_secondaries (deleting one address of a subnet keeps the others).
+_INET_CONF = ((INET_CONF_ARP_NOTIFY, 1), (INET_CONF_PROMOTE_SECONDARIES, 1))
+
 HOST_PROC = os.environ.get("RECONCILER_HOST_PROC", "/proc")
 """Where other processes' /proc entries are read: ``/proc``, or the host's /proc mounted
 into the daemon's container (``-v /proc:/host/proc:ro``), so a containerised daemon
@@ -459,6 +463,11 @@ class ContainerNetns:
                 _ethtool_value(fd, ifname, _ETHTOOL_STXCSUM, int(enable))
             return current
 
+    def set_tx_checksum(self, ifname: str, enable: bool) -> None:
+        """Set TX checksum offload of `ifname` in this netns without reading it first."""
+        with _translate(f"ethtool tx checksum on {ifname}"):
+            _ethtool_value(self.iproute().fileno(), ifname, _ETHTOOL_STXCSUM, int(enable))
+
     def send_garp(self, ifname: str, mac: str, ips: list[ipaddress.IPv4Address]) -> None:
         """Send one gratuitous ARP per address out of `ifname` inside the namespace."""
         with self._lock, _translate(f"gratuitous ARP on {ifname}"):
@@ -695,14 +704,17 @@ class NetlinkAdapter:
         """The fresh path of `ensure_interface`; None when an end exists (EEXIST)."""
         try:
             # The host end goes up on creation: without its peer up it has no carrier,
-            # so IPv6 addrconf does not start before it is switched off below.
-            hipr.add_veth(spec.host_veth, spec.ifname, peer_netns_fd=ns.fd, mtu=spec.mtu,
-                          peer_mac=spec.mac.lower() if spec.mac else None, up=True)
+            # so IPv6 addrconf does not start before it is switched off below. The kernel
+            # echoes the new link (its index and the peer's): nothing is read after.
+            host = hipr.add_veth(spec.host_veth, spec.ifname, peer_netns_fd=ns.fd,
+                                 mtu=spec.mtu, peer_mac=spec.mac.lower() if spec.mac else None,
+                                 up=True)
         except RtnlError as exc:
             if exc.code == errno.EEXIST:
                 return None
             raise
-        host = hipr.get_link(spec.host_veth)
+        if host is None:  # a kernel that does not echo a creation
+            host = hipr.get_link(spec.host_veth)
         if host is None:
             raise NetlinkError(f"veth {spec.host_veth}/{spec.ifname} vanished after creation")
         index = host.peer_index  # IFLA_LINK: the peer's index in its namespace
@@ -715,12 +727,15 @@ class NetlinkAdapter:
         changes = [Change.CREATED]
         # A switch port: no IPv6 link-local address, DAD or router solicitations.
         hipr.set_link(host.index, alias=spec.owner, ipv6_addrconf=False)
-        self._ensure_sysctls(ns, nipr, index, None, spec)
+        self._ensure_sysctls(ns, nipr, index, None, spec, fresh=True)
         changes.append(Change.SYSCTL)
         if self._ensure_addresses(nipr, index, spec.addresses, fresh=True):
             changes.append(Change.ADDRESSES)
         changes.append(Change.HOST_UP)
-        nipr.set_link(index, up=True)
+        # Up, and arp_notify and promote_secondaries in the same request (the kernel
+        # applies them after the flags: its own announcement at this first up, before
+        # the port is on a switch, went nowhere; ours follows once it is).
+        nipr.set_link(index, up=True, inet_conf=dict(_INET_CONF))
         changes.append(Change.UP)
         v4 = [a.ip for a in spec.addresses if isinstance(a, ipaddress.IPv4Interface)]
         if spec.announce and v4:
@@ -756,19 +771,24 @@ class NetlinkAdapter:
 
     @staticmethod
     def _ensure_sysctls(ns: ContainerNetns, ipr: Rtnl, index: int, peer: Link | None,
-                        spec: InterfaceSpec) -> bool:
-        """Set the interface's sysctls; `peer` None: not read (a veth made just now)."""
+                        spec: InterfaceSpec, *, fresh: bool = False) -> bool:
+        """Set the interface's sysctls; `peer` None: not read. `fresh`: a veth made just
+        now, whose IPv4 settings the caller sets with its first up, and whose TX checksum
+        is the driver's default (set without reading it first)."""
         changed = False
         # arp_notify: announce on link-up; promote_secondaries: deleting one address of a
         # subnet (someone else's, being replaced by ours) must not take ours with it.
-        conf = {k: 1 for k in (INET_CONF_ARP_NOTIFY, INET_CONF_PROMOTE_SECONDARIES)
-                if peer is None or peer.inet(k) != 1}
+        conf = {} if fresh else {k: v for k, v in _INET_CONF
+                                 if peer is None or peer.inet(k) != v}
         if conf:
             ipr.set_link(index, inet_conf=conf)
             changed = True
-        if spec.tx_checksum is not None \
-                and ns.tx_checksum(spec.ifname, spec.tx_checksum) != spec.tx_checksum:
-            changed = True
+        if spec.tx_checksum is not None:
+            if fresh:
+                ns.set_tx_checksum(spec.ifname, spec.tx_checksum)
+                changed = True
+            elif ns.tx_checksum(spec.ifname, spec.tx_checksum) != spec.tx_checksum:
+                changed = True
         if any(a.version == 6 for a in spec.addresses):
             # docker disables IPv6 in some namespaces; an IPv6 address needs it on.
             path = f"net/ipv6/conf/{spec.ifname}/disable_ipv6"

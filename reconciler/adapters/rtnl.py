@@ -25,7 +25,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 __all__ = [
     "INET_CONF_ARP_NOTIFY",
@@ -45,7 +45,7 @@ RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 # flags
-_F_REQUEST, _F_ACK = 0x1, 0x4
+_F_REQUEST, _F_ACK, _F_ECHO = 0x1, 0x4, 0x8
 _F_DUMP = 0x300
 _F_REPLACE, _F_EXCL, _F_CREATE = 0x100, 0x200, 0x400
 # link attributes
@@ -394,10 +394,15 @@ class Rtnl:
 
     def add_veth(self, name: str, peer: str, *, peer_netns_fd: int | None = None,
                  mtu: int | None = None, peer_mac: str | None = None, up: bool = False,
-                 peer_up: bool = False, alias: str | None = None) -> None:
+                 peer_up: bool = False, alias: str | None = None) -> Link | None:
         """Create veth `name` with its other end `peer` (placed straight into the namespace
         of `peer_netns_fd`, under that name): MAC, MTU and up state set in the same
-        request, so nothing sees the pair half-configured."""
+        request, so nothing sees the pair half-configured.
+
+        Returns `name` as created (its index, and the peer's as `peer_index`), echoed by
+        the kernel with the ACK (NLM_F_ECHO: the notification it builds anyway, so no read
+        after; a read of a veth whose peer is in another namespace walks every namespace
+        id of the host). None from a kernel that does not echo a creation (before 6.3)."""
         peer_attrs = _str(_IFLA_IFNAME, peer)
         if peer_netns_fd is not None:
             peer_attrs += _u32(_IFLA_NET_NS_FD, peer_netns_fd)
@@ -412,14 +417,19 @@ class Rtnl:
         # The peer is an ifinfomsg followed by its attributes, nested as VETH_INFO_PEER.
         attrs += _nest(_IFLA_LINKINFO, _str(_IFLA_INFO_KIND, "veth"),
                        _nest(_IFLA_INFO_DATA, _nest(_VETH_INFO_PEER, peer_info)))
-        self._request(RTM_NEWLINK, _F_CREATE | _F_EXCL,
-                      _ifinfo(flags=_IFF_UP if up else 0, change=_IFF_UP) + attrs,
-                      f"create veth {name}/{peer}")
+        replies = self._request(RTM_NEWLINK, _F_CREATE | _F_EXCL | _F_ECHO,
+                                _ifinfo(flags=_IFF_UP if up else 0, change=_IFF_UP) + attrs,
+                                f"create veth {name}/{peer}")
+        made = next((lk for lk in (_parse_link(d, o, e) for t, d, o, e in replies
+                                   if t == RTM_NEWLINK) if lk.name == name), None)
         if alias is not None:  # not applied by the kernel on create
-            link = self.get_link(name)
+            link = made or self.get_link(name)
             if link is None:
                 raise RtnlError(errno.ENODEV, f"veth {name} vanished after creation")
             self.set_link(link.index, alias=alias)
+            if made is not None:
+                made = replace(made, alias=alias)
+        return made
 
     def add_bridge(self, name: str) -> None:
         attrs = _str(_IFLA_IFNAME, name) + _nest(_IFLA_LINKINFO, _str(_IFLA_INFO_KIND, "bridge"))

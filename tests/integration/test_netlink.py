@@ -7,6 +7,7 @@ everything created is removed in fixtures.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import os
 import secrets
@@ -90,17 +91,20 @@ def test_attach_observe_idempotent_detach(
     nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str],
     fresh: bool,
 ) -> None:
-    """Also with `fresh` (the caller saw neither end: made without reading first): the
-    same result, down to the kernel's view."""
+    """Also with `fresh` (the caller saw neither end: made without reading first, the
+    host end's index from the kernel's echo of the creation, the IPv4 settings with the
+    first up): the same result, down to the kernel's view."""
     ns = netns_factory()
     cid = f"test-{secrets.token_hex(4)}"
-    spec = full_spec(cid, octet)
+    spec = dataclasses.replace(full_spec(cid, octet), tx_checksum=False)
     cleanup_links.append(spec.host_veth)
 
     changes = nl.ensure_interface(ns, spec, fresh=fresh)
     assert Change.CREATED in changes and Change.GARP in changes and Change.ROUTES in changes
     assert changes.host_index == nl.link_index(spec.host_veth)
     assert_matches(nl, ns, spec)
+    obs = nl.observe(ns, cid, "eth1", tx_checksum=True)
+    assert obs.promote_secondaries is True and obs.tx_checksum is False
     # the kernel agrees (checked with iproute2 from inside the namespace)
     out = nsexec(ns.pid, "ip", "-o", "addr", "show", "dev", "eth1").stdout
     assert f"10.77.{octet}.10/24" in out and f"fd77:{octet:x}::10/64" in out

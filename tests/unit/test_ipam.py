@@ -47,8 +47,10 @@ class FakeKV:
         self.puts = 0
         self.steal: set[str] = set()  # keys "another host" creates just before our put
         self.txns = 0
+        self.reads = 0
 
     def read_prefix(self, prefix: str, *, consistent: bool = False) -> FakeSnapshot:
+        self.reads += 1
         return FakeSnapshot({k: v for k, v in self.data.items() if k.startswith(prefix)})
 
     def put(self, key: str, value: bytes, *, cas: int | None = None) -> bool:
@@ -210,6 +212,32 @@ def test_allocate_many_batches_distinct_addresses_that_allocate_then_keeps() -> 
         doc = json.loads(kv.data[f"{P}ipam/vnet1/{a}"].value)
         assert (doc["node"], doc["container"], doc["interface"]) == ("node-a", c, i)
     assert kv.puts == 0
+
+
+def test_allocate_many_returns_what_is_held_already_with_one_read() -> None:
+    """A spec put again for containers that kept their addresses, before the watch holds
+    their network: one read of the network, no write; each held address is in the
+    result as `allocate` would return it, so no reconcile reads the network again.
+    Those that need more than that (another node's record, another entry's, out of the
+    pool) are left to `allocate`."""
+    kv = FakeKV()
+    n = net(start="10.77.1.10", end="10.77.1.200", gateway="10.77.1.1")
+    first = Ipam(kv, P, "node-a")
+    wants = [(n, f"c{i}", "eth1") for i in range(100)]
+    made = first.allocate_many(wants, [], kv.data, specs={f"c{i}": "web" for i in range(100)})
+    assert len(made) == 100
+    kv.raw_put(f"{P}ipam/vnet1/10.77.1.5", alloc_value("node-a", "low", "eth1"))  # not in pool
+    kv.raw_put(f"{P}ipam/vnet1/10.77.1.250", alloc_value("node-b", "theirs", "eth1"))
+    specs = {f"c{i}": "web" for i in range(100)} | {"c99": "api"}  # c99: another entry now
+    again = Ipam(kv, P, "node-a")  # a new daemon: nothing cached, the network not watched
+    reads, txns, puts = kv.reads, kv.txns, kv.puts
+    more = [(n, "low", "eth1"), (n, "theirs", "eth1")]
+    got = again.allocate_many(wants + more, [], {}, covered=set(), specs=specs)
+    assert kv.reads == reads + 1 and kv.txns == txns and kv.puts == puts
+    assert got == {k: v for k, v in made.items() if k[0] != "c99"}
+    for (c, _, i), a in list(got.items())[:5]:
+        assert again.allocate(n, c, i, known=kv.data, spec="web") == a
+    assert kv.puts == puts  # nothing to write for them either
 
 
 def test_allocate_many_leaves_a_lost_batch_to_allocate() -> None:
