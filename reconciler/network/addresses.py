@@ -146,13 +146,19 @@ class AddressBook:
         with 200 replicas scaled out at once, one create round trip each was the largest
         cost of attaching (bench/attach.py). Best effort: whatever it leaves (a lost race,
         an error) is allocated one by one by the reconcile. Returns how many."""
-        view = self._view
+        view, covered = self._view, self._covered
+        if view is None:
+            # No watched view yet (a network this host had no container on until this
+            # spec: its allocations are being watched from now on): read each network
+            # once here rather than once per reconcile (bench/attach.py: 500 reads of a
+            # growing network, O(N^2), most of the daemon's CPU when they held addresses).
+            view, covered = {}, ()
         with self._lock:
             wants = [w for w in wants if (w[1], w[0].name, w[2]) not in self._cache]
-        if view is None or len(wants) < 2:
+        if len(wants) < 2:
             return 0  # one alone: the reconcile's own allocation costs the same
         try:
-            got = self._ipam.allocate_many(wants, list(reserved), view, covered=self._covered,
+            got = self._ipam.allocate_many(wants, list(reserved), view, covered=covered,
                                            specs=specs)
         except (AdapterError, ReconcilerError) as e:
             log.warning("batch address allocation failed (one by one instead): %s", e)
@@ -212,6 +218,7 @@ class AddressBook:
             allocations = [a for n in sorted(mine | set(networks))
                            for a in self._ipam.allocations(n)]
         held: dict[IfaceKey, IPAddress] = {}
+        specs: dict[str, str] = {}  # container -> the entry its allocations record
         for a in allocations:
             if a.node != self._node:
                 continue
@@ -225,8 +232,14 @@ class AddressBook:
                 done.append(f"allocation {a.network}/{a.address}")
             else:
                 held[(a.container, a.network, a.interface)] = a.address
+                if a.spec:
+                    specs[a.container] = a.spec
         with self._lock:
             self._cache = dict(held)
+            # What the records say: a held address is not read again for its spec (a
+            # spec put again for 500 containers that kept their addresses read their
+            # network once per container, O(N^2); bench/attach.py, a second round).
+            self._specs.update(specs)
             if full:
                 self._networks = {}
             for cid, network, _ in held:

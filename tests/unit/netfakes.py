@@ -546,8 +546,8 @@ class FakeIpam(Recorder):
         self.reassert_ok = True
 
     def hold(self, net: Network, address: str, container: str, ifname: str = "eth1",
-             node: str = NODE) -> Allocation:
-        a = Allocation(net.name, ip(address), node, container, ifname)
+             node: str = NODE, spec: str = "") -> Allocation:
+        a = Allocation(net.name, ip(address), node, container, ifname, spec=spec)
         self.allocs.append(a)
         return a
 
