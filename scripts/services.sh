@@ -50,7 +50,8 @@ start_consul() {
 
 # ---------------------------------------------------------------- docker
 # (A wedged dockerd accepts the connection and never answers: give it 20 s.)
-docker_up() { timeout 20 docker info >/dev/null 2>&1; }
+# (libnetwork's store deadlock shows first in the network list: check that too.)
+docker_up() { timeout 20 docker info >/dev/null 2>&1 && timeout 20 docker network ls >/dev/null 2>&1; }
 
 # overlay2 needs a working overlay mount on the docker root's filesystem; probe it.
 detect_storage_driver() {
