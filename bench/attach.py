@@ -476,7 +476,7 @@ class Bench:
         while len(self.ports(self.bridge_d)) < self.n:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"ports missing on {self.bridge_d}")
-            time.sleep(0.01)
+            time.sleep(0.05)  # each look is an ovs-vsctl process and a dump of the database
         self.fig.ports_s = time.perf_counter() - t0
         self.fig.attach_cpu = acct.stop()
         self.fig.attach_wall_s = acct.wall

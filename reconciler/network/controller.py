@@ -152,6 +152,15 @@ class NetworkController:
         return (info.pid, info.start_time, tuple(wanted),
                 tuple(state.networks.get(w.network) for w in wanted))
 
+    def is_clean(self, info: ContainerInfo) -> bool:
+        """Whether a reconcile of this running container would find nothing to do: it was
+        reconciled with this process, spec and networks, and no event marked it since."""
+        with self._lock:
+            state = self._state
+        if self.dry_run or not info.running or not info.pid or self.result(info.id) is None:
+            return False
+        return self._dirty.is_clean(info.id, self._fingerprint(info, self.wanted(info), state))
+
     def reconcile_container(self, cid: str, info: ContainerInfo | None) -> AttachResult:
         """Level-based: make container `cid`'s interfaces equal to its spec (or none).
         `info`: the container as just inspected or cached by the caller (None: gone)."""

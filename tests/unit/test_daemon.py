@@ -6,12 +6,18 @@ event -> key rules whose mistakes showed up there as feedback loops and flaps.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from reconciler.adapters.consul_kv import KVItem, KVSnapshot
-from reconciler.adapters.docker_engine import ContainerEvent, ContainerInfo
+from reconciler.adapters.docker_engine import (
+    ContainerEvent,
+    ContainerInfo,
+    read_process_start_time,
+)
 from reconciler.daemon import Daemon, DaemonOptions
 from reconciler.model import DesiredState
 from reconciler.network.execute import AttachResult
@@ -38,6 +44,7 @@ class FakeNetctl:
     ipam_view: Any = None
     reconciled: list[str] = field(default_factory=list)
     preallocated: list[list[str]] = field(default_factory=list)
+    clean: set[str] = field(default_factory=set)  # containers a reconcile would not touch
 
     def set_state(self, state: DesiredState) -> None:
         self.state = state
@@ -73,6 +80,12 @@ class FakeNetctl:
 
     def wanted(self, info: Any) -> list[Any]:
         return []
+
+    def is_clean(self, info: ContainerInfo) -> bool:
+        return info.id in self.clean
+
+    def claim_pending(self, cid: str) -> bool:
+        return False
 
 
 class FakeDocker:
@@ -221,6 +234,28 @@ def test_deep_pass_every_tenth_resync() -> None:
     assert "*" not in nc.dirty
     d._resync_keys()
     assert "*" in nc.dirty
+
+
+def test_light_resync_queues_only_containers_that_may_have_changed() -> None:
+    """Between deep passes, a container whose reconcile would do nothing (clean, the same
+    process) is checked without going through the queue; every DEEP_EVERY-th resync
+    queues them all."""
+    d, nc = make()
+    me = os.getpid()
+    started = read_process_start_time(me)
+    same, dirty, restarted = (ContainerInfo(c, f"n-{c}", running=True, pid=me,
+                                            start_time=started) for c in ("a", "b", "c"))
+    restarted = dataclasses.replace(restarted, start_time=(started or 0) - 1)  # pid reused
+    d._on_snapshot(snap(5, **{"networks/n": NET}))
+    d._on_docker_list([same, dirty, restarted])
+    drain(d)
+    nc.clean = {"a", "c"}  # "b" had an event since its last reconcile
+    queued = {k for k in d._resync_keys() if isinstance(k, ContainerKey)}
+    assert queued == {ContainerKey("b"), ContainerKey("c")}
+    for _ in range(8):
+        d._resync_keys()
+    deep = {k for k in d._resync_keys() if isinstance(k, ContainerKey)}  # the 10th
+    assert deep == {ContainerKey("a"), ContainerKey("b"), ContainerKey("c")}
 
 
 def test_nothing_before_the_first_snapshot() -> None:

@@ -67,6 +67,22 @@ def attached(rig: Rig, *itfs: InterfaceSpec) -> Rig:
     return rig
 
 
+def test_is_clean_until_an_event_or_another_process(rig: Rig) -> None:
+    """What a light resync asks instead of reconciling: clean after a reconcile with this
+    process, spec and networks; not after an event, with another process, or before any
+    reconcile."""
+    assert not rig.ctrl.is_clean(WEB)
+    attached(rig)
+    assert rig.ctrl.is_clean(WEB)
+    assert not rig.ctrl.is_clean(dataclasses.replace(WEB, pid=WEB.pid + 1))
+    rig.ctrl.mark_dirty(WEB.id)
+    assert not rig.ctrl.is_clean(WEB)
+    rig.reconcile(WEB)
+    assert rig.ctrl.is_clean(WEB)
+    rig.ctrl.set_state(state({"web": [itf("eth1"), itf("eth2")]}))
+    assert not rig.ctrl.is_clean(WEB)  # its spec changed
+
+
 # --------------------------------------------------------------------------- attach
 
 
