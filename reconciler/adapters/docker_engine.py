@@ -271,10 +271,12 @@ class EventStream:
             if event is not None:
                 yield event
 
-    def close_when(self, stop: threading.Event, poll: float = 0.1) -> Callable[[], None]:
+    def close_when(self, stop: threading.Event, poll: float = 1.0) -> Callable[[], None]:
         """Close this stream once `stop` is set; returns a function that cancels that.
 
-        A small thread polls `stop` (an Event cannot wake two waiters' conditions).
+        A small thread waits on `stop` (an Event cannot wake two waiters' conditions): it
+        closes the stream as soon as `stop` is set; `poll` only bounds how long it lingers
+        after a cancel (at 0.1 s, its wake-ups were a tenth of the idle CPU).
         """
         cancelled = threading.Event()
 

@@ -417,7 +417,10 @@ class Controller(Generic[K]):
                 t.join(timeout=0.1)
 
     def _bridge_stop(self, stop: threading.Event) -> None:
-        while not stop.wait(0.1):
+        # `stop.wait` returns as soon as `stop` is set; the timeout only bounds how late
+        # this thread notices that the controller stopped by itself. At 0.1 s its ten
+        # wake-ups a second were a tenth of the idle CPU with 500 containers attached.
+        while not stop.wait(1.0):
             with self._cond:
                 if self._stopping:
                     return
