@@ -570,6 +570,9 @@ class Daemon:
         else:
             self.allocations.sync()
         self._set_ipam_view()
+        if not self.netctl.peer_counts() and not any(
+                n.overlay is not None for n in self.snapshot.state.networks.values()):
+            return  # no overlay, nothing programmed: parsing 500 allocations found nothing
         allocations = parse_allocations(self.opts.prefix, self.allocations.entries())
         hosts = hosts_from(self.opts.prefix, self.hosts.entries.values())
         if refresh:
