@@ -145,7 +145,8 @@ class AddressBook:
         """Allocate many `auto` addresses in a few Consul transactions (up to 64 each):
         with 200 replicas scaled out at once, one create round trip each was the largest
         cost of attaching (bench/attach.py). Best effort: whatever it leaves (a lost race,
-        an error) is allocated one by one by the reconcile. Returns how many."""
+        an error) is allocated one by one by the reconcile. Returns how many it allocated
+        or found held already (both cached: their reconciles read nothing)."""
         view, covered = self._view, self._covered
         if view is None:
             # No watched view yet (a network this host had no container on until this
