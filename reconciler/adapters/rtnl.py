@@ -43,6 +43,8 @@ __all__ = [
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
+_RTM_NEWNSID, _RTM_GETNSID = 88, 90
+_NETNSA_NSID, _NETNSA_FD = 1, 3
 _NLMSG_ERROR, _NLMSG_DONE = 2, 3
 # flags
 _F_REQUEST, _F_ACK, _F_ECHO = 0x1, 0x4, 0x8
@@ -374,6 +376,25 @@ class Rtnl:
                             raise RtnlError(code or errno.EBADMSG, what)
                         return [(t, data, off + _HDR.size, off + n)]
                     off += (n + 3) & ~3
+
+    def nsid(self, ns_fd: int) -> int:
+        """The id this socket's namespace has for the namespace of `ns_fd`, given one
+        first if it has none (what NETLINK_LISTEN_ALL_NSID files reports under)."""
+        body = bytes(4) + struct.pack("=HHI", 8, _NETNSA_FD, ns_fd)  # rtgenmsg, padded
+        for _ in range(2):
+            for _t, data, off, end in self._request_get(_RTM_GETNSID, body, "get nsid"):
+                for kind, value in _attrs(data, off + 4, end):
+                    if kind == _NETNSA_NSID and len(value) >= 4:
+                        nsid = struct.unpack_from("=i", value)[0]
+                        if nsid >= 0:
+                            return int(nsid)
+            try:
+                self._request(_RTM_NEWNSID, 0, body + struct.pack("=HHi", 8, _NETNSA_NSID, -1),
+                              "assign nsid")
+            except RtnlError as exc:
+                if exc.code != errno.EEXIST:  # given one meanwhile: read it again
+                    raise
+        raise RtnlError(errno.ENOENT, "no nsid for the namespace")
 
     def links(self, *, kind: str | None = None, master: int | None = None) -> list[Link]:
         """Every link of the namespace; with `kind` (e.g. "vxlan") and/or `master` (an

@@ -606,3 +606,31 @@ def test_netns_watcher_attach_reports_queued_before_expect_are_no_drift(
         if thread.is_alive():
             thread.join(timeout=5)
         watcher.close()
+
+
+def test_netns_watcher_watches_many_namespaces_on_one_socket(
+        netns_factory: NetnsFactory) -> None:
+    """Watching a namespace opens nothing per namespace (no socket in it: each one
+    joined to a report group would make every report of the kernel, anywhere on the
+    host, cost more), and a change in each is still reported under its own key."""
+    namespaces = {f"c{i}": netns_factory() for i in range(5)}
+    watcher = NetnsWatcher()
+    seen: set[str] = set()
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(seen.add, stop), daemon=True)
+    try:
+        before = len(os.listdir("/proc/self/fd"))
+        for key, ns in namespaces.items():
+            watcher.add(key, ns)
+        assert len(os.listdir("/proc/self/fd")) == before
+        assert watcher.keys() == set(namespaces)
+        thread.start()
+        for i, ns in enumerate(namespaces.values()):
+            nsexec(ns.pid, "ip", "addr", "add", f"127.0.0.{10 + i}/8", "dev", "lo")
+        wait_for(lambda: seen == set(namespaces), timeout=5, interval=0.01,
+                 message=f"a change in every namespace reported (seen {sorted(seen)})")
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=5)
+        watcher.close()

@@ -167,3 +167,24 @@ def _raw_dump_by_kind(kind: str) -> tuple[list[str], list[int]]:
                             names.append(data[a + 4:a + alen].rstrip(b"\0").decode())
                         a += (alen + 3) & ~3
                 off += (n + 3) & ~3
+
+
+def test_nsid_gives_a_namespace_an_id_once_and_reads_it_back(
+        netns_factory: NetnsFactory) -> None:
+    """`nsid`: the id the host has for a namespace, given one if it had none (a fresh
+    namespace with no veth to the host has none); the same id on every later call, as
+    pyroute2's RTM_GETNSID reads it."""
+    ns: ContainerNetns = netns_factory()
+    with Rtnl() as rt, IPRoute() as ipr:
+        assert _signed(ipr.get_netnsid(fd=ns.fd)["nsid"]) == -1  # none yet
+        nsid = rt.nsid(ns.fd)
+        assert nsid >= 0
+        assert rt.nsid(ns.fd) == nsid
+        assert _signed(ipr.get_netnsid(fd=ns.fd)["nsid"]) == nsid
+        other: ContainerNetns = netns_factory()
+        assert rt.nsid(other.fd) not in (nsid, -1)
+
+
+def _signed(nsid: int) -> int:
+    """pyroute2 decodes NETNSA_NSID (an s32) as unsigned."""
+    return nsid - (1 << 32) if nsid >= 1 << 31 else nsid
