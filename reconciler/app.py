@@ -110,7 +110,7 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
         node=settings.node, nl=nl, segments=Segments(drivers),
         addresses=AddressBook(ipam, settings.node),
         batcher=batcher, inspect=docker.inspect, dry_run=dry_run,
-        netns_watcher=None if dry_run else netlink.NetnsWatcher(), tunnels=vx)
+        netns_watcher=None if dry_run else _netns_watcher(), tunnels=vx)
     proxy = _build_proxy(settings, kv, dry_run, metrics) if with_proxy else None
     session_file = os.path.join(settings.proxy.state_dir, f"session-{settings.node}")
     daemon = Daemon(DaemonOptions(settings.node, settings.prefix, settings.resync,
@@ -166,6 +166,18 @@ def _apply_reload(parts: Parts, reload: Callable[[], Settings]) -> None:
         log.error("SIGHUP: keeping the previous settings and templates: %s", e)
         return
     log.info("SIGHUP: settings and templates reloaded")
+
+
+def _netns_watcher() -> netlink.NetnsWatcher | None:
+    """The watch of container namespaces, or None where the daemon may not have it (no
+    CAP_NET_BROADCAST): then every reconcile looks inside the container again, and a
+    change made there is found at the next resync instead of at once."""
+    try:
+        return netlink.NetnsWatcher()
+    except OSError as exc:
+        log.warning("no watch of container namespaces (%s; it needs CAP_NET_BROADCAST): "
+                    "changes inside containers are found at resyncs only", exc)
+        return None
 
 
 def run_forever(parts: Parts, reload: Callable[[], Settings] | None = None) -> int:

@@ -157,8 +157,9 @@ class NetworkController:
         reconciled with this process, spec and networks, and no event marked it since."""
         with self._lock:
             state = self._state
-        if self.dry_run or not info.running or not info.pid or self.result(info.id) is None:
-            return False
+        if self.dry_run or self.netns_watcher is None or not info.running or not info.pid \
+                or self.result(info.id) is None:
+            return False  # without a watch, a change inside the container goes unseen
         return self._dirty.is_clean(info.id, self._fingerprint(info, self.wanted(info), state))
 
     def reconcile_container(self, cid: str, info: ContainerInfo | None) -> AttachResult:
@@ -171,7 +172,8 @@ class NetworkController:
         wanted = self.wanted(info)
         last = self.result(cid)
         fp = self._fingerprint(info, wanted, state)
-        if not self.dry_run and last is not None and self._dirty.is_clean(cid, fp):
+        if not self.dry_run and self.netns_watcher is not None and last is not None \
+                and self._dirty.is_clean(cid, fp):
             return AttachResult(addresses=dict(last.addresses),
                                 interfaces=set(last.interfaces))  # nothing to do
         self._dirty.begin(cid)

@@ -14,6 +14,7 @@ import secrets
 import socket
 import struct
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -634,3 +635,24 @@ def test_netns_watcher_watches_many_namespaces_on_one_socket(
         if thread.is_alive():
             thread.join(timeout=5)
         watcher.close()
+
+
+@pytest.mark.parametrize("broadcast", [True, False])
+def test_netns_watch_needs_cap_net_broadcast_and_the_daemon_does_without(
+        broadcast: bool) -> None:
+    """The one socket for every namespace's reports needs CAP_NET_BROADCAST. A daemon
+    without it (a deployment that drops it) warns, naming the capability, and runs
+    without the watch instead of failing to start."""
+    code = ("import logging; logging.basicConfig(level=logging.WARNING); "
+            "from reconciler import app; w = app._netns_watcher(); "
+            "print(type(w).__name__); w is None or w.close()")
+    argv = [sys.executable, "-c", code]
+    if not broadcast:
+        argv = ["setpriv", "--bounding-set=-net_broadcast", "--inh-caps=-net_broadcast",
+                "--", *argv]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=60)
+    if broadcast:
+        assert out.stdout.strip() == "NetnsWatcher", out.stderr
+    else:
+        assert out.stdout.strip() == "NoneType", out.stderr
+        assert "CAP_NET_BROADCAST" in out.stderr and "resyncs only" in out.stderr

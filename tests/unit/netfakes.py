@@ -704,7 +704,11 @@ class Rig:
 
 def make_rig(monkeypatch: pytest.MonkeyPatch, *, dry_run: bool = False,
              notify: bool = True, datapath: str = "system",
-             watcher: FakeWatcher | None = None) -> Rig:
+             watcher: FakeWatcher | None = None, watch: bool = True) -> Rig:
+    """`watcher`: the fake watch of container namespaces (one is made if none is given);
+    `watch=False`: none at all, as for a daemon without CAP_NET_BROADCAST."""
+    if watcher is None and watch:
+        watcher = FakeWatcher()
     nl = FakeNetlink()
     ovs = FakeOvs(nl, datapath)
     fw = FakeFirewall()

@@ -760,3 +760,16 @@ def test_allocations_record_the_entry_the_container_matches(rig: Rig) -> None:
     rig.ipam.allocs.clear()  # reclaimed while the daemon was away
     rig.ctrl.sweep([WEB])
     assert {a.spec for a in rig.ipam.allocs} == {"web"}
+
+
+def test_without_a_namespace_watch_every_reconcile_looks_again(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon that could not watch container namespaces (no CAP_NET_BROADCAST) cannot
+    know a container stayed as it left it: it is never clean, and each reconcile looks
+    inside again (and repairs what it finds)."""
+    rig = make_rig(monkeypatch, watch=False)
+    attached(rig)
+    assert not rig.ctrl.is_clean(WEB)
+    rig.clear()
+    rig.reconcile(WEB)
+    assert rig.netns.opened, "the reconcile did not look inside the container"
