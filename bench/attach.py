@@ -60,7 +60,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,9 +87,6 @@ _IFF_LOWER_UP = 0x10000
 _RTMGRP_LINK = 0x1
 _RTM_NEWLINK, _RTM_DELLINK, _RTM_NEWADDR = 16, 17, 20
 _RTMGRP_IPV4_IFADDR = 0x10
-_RTM_NEWNSID, _RTM_GETNSID = 88, 90
-_NETNSA_NSID, _NETNSA_FD = 1, 3
-_RTGEN = bytes(4)  # struct rtgenmsg, padded
 _SOL_NETLINK, _NETLINK_LISTEN_ALL_NSID = 270, 8
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -163,18 +160,7 @@ class NsEvents:
     def nsid_of(self, ns_fd: int) -> int:
         """The id the host's namespace has for the namespace of `ns_fd`, given one
         first if it has none (reports come only from namespaces with an id)."""
-        for _ in range(2):
-            got = self._rtnl._request(_RTM_GETNSID, 0, _RTGEN + _nsattr(_NETNSA_FD, ns_fd),
-                                      "get nsid")
-            for _t, data, off, end in got:
-                for kind, value in _nsattrs(data, off + 4, end):
-                    if kind == _NETNSA_NSID:
-                        nsid = struct.unpack("=i", value[:4])[0]
-                        if nsid >= 0:
-                            return int(nsid)
-            self._rtnl._request(_RTM_NEWNSID, 0, _RTGEN + _nsattr(_NETNSA_FD, ns_fd)
-                                + _nsattr(_NETNSA_NSID, -1), "assign nsid")
-        raise RuntimeError("the kernel gave the namespace no id")
+        return self._rtnl.nsid(ns_fd)
 
     def drain(self) -> set[int] | None:
         """Ids of the namespaces whose reports since the last call can have completed an
@@ -211,19 +197,6 @@ class NsEvents:
         with contextlib.suppress(Exception):
             self.sock.close()
             self._rtnl.close()
-
-
-def _nsattr(kind: int, value: int) -> bytes:
-    return struct.pack("=HHi", 8, kind, value)
-
-
-def _nsattrs(data: bytes, off: int, end: int) -> Iterator[tuple[int, bytes]]:
-    while off + 4 <= end:
-        length, kind = struct.unpack_from("=HH", data, off)
-        if length < 4:
-            return
-        yield kind, data[off + 4:off + length]
-        off += (length + 3) & ~3
 
 
 BLOCK = 8  # a /21 of eight /24s: pools from x.10 of the first to .250 of the last
