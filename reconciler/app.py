@@ -231,7 +231,8 @@ def run_forever(parts: Parts, reload: Callable[[], Settings] | None = None) -> i
             watcher.run(d.on_netns_event, s)
 
         extra.append(netns_watch)
-    unsubscribe = parts.ovs.subscribe(d.on_port_event)
+    # The daemon looks again only when a port of its own is deleted (Daemon.on_port_event).
+    unsubscribe = parts.ovs.subscribe(d.on_port_event, kinds={"delete"}, tables={"Port"})
     try:
         d.run(stop, extra)
     finally:

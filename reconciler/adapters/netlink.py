@@ -699,6 +699,13 @@ class NetlinkAdapter:
                 changes.append(Change.ALIAS)
         return Changes(changes, host.index)
 
+    def create_interface(self, ns: ContainerNetns, spec: InterfaceSpec) -> Changes | None:
+        """Make `spec.ifname` in `ns` as a new veth pair, set up as `ensure_interface`
+        would, without reading either end first; None, having changed nothing, when
+        either end exists (EEXIST): then observe it and use `ensure_interface`."""
+        with _translate(f"create {spec.ifname} ({spec.host_veth}) in pid {ns.pid}"):
+            return self._create(ns, self._host(), ns.iproute(), spec)
+
     def _create(self, ns: ContainerNetns, hipr: Rtnl, nipr: Rtnl, spec: InterfaceSpec
                 ) -> Changes | None:
         """The fresh path of `ensure_interface`; None when an end exists (EEXIST)."""

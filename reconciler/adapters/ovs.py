@@ -29,7 +29,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +51,7 @@ __all__ = [
     "NewPort",
     "OvsAdapter",
     "OwnedPort",
+    "PortDatapath",
     "PortEvent",
     "detect_datapath",
 ]
@@ -65,22 +66,18 @@ IFINDEX_KEY = "reconciler-ifindex"
 _MANAGED_PREFIX = "reconciler-"
 """external_ids keys with this prefix are ours: set exactly; other keys are left alone."""
 
-# Only the columns we use are replicated: Interface statistics would otherwise stream in.
+# Only the columns the daemon decides on are replicated: the columns ovs-vswitchd writes
+# itself (statistics, and ofport, ifindex, link_state, error for every port it opens)
+# would otherwise stream in. Parsing those updates was most of the replica's work in an
+# attach of 500 containers, and the replica's thread held the GIL for more of it than the
+# attaches did (bench/attach.py with py-spy --gil). `datapath_state` reads them on demand.
 _COLUMNS: dict[str, list[str] | None] = {
     "Open_vSwitch": None,  # all: bridges, next_cfg, cur_cfg, datapath_types
     "Bridge": ["name", "ports", "datapath_type", "external_ids"],
     "Port": ["name", "interfaces", "tag", "external_ids"],
-    "Interface": [
-        "name",
-        "type",
-        "external_ids",
-        "ofport",
-        "error",
-        "mtu_request",
-        "link_state",
-        "ifindex",
-    ],
+    "Interface": ["name", "type", "external_ids", "mtu_request"],
 }
+_DATAPATH_COLUMNS = ["name", "ofport", "error", "link_state", "ifindex"]
 
 
 def detect_datapath() -> str:
@@ -97,6 +94,12 @@ class OwnedPort:
     tag: int | None
     external_ids: Mapping[str, str] = field(hash=False)
     type: str = ""  # Interface type: "" (system/veth) or "internal"
+
+
+@dataclass(frozen=True)
+class PortDatapath:
+    """How ovs-vswitchd has an interface open, as it last wrote it to OVSDB."""
+
     ofport: int | None = None  # None or -1: vswitchd could not open the netdev
     error: str | None = None  # Interface.error, e.g. "could not open network device"
     link_state: str | None = None  # "up"/"down" as vswitchd sees the netdev
@@ -137,7 +140,7 @@ def _merge_ids(current: Mapping[str, str], wanted: Mapping[str, str]) -> dict[st
 class _Idl(ovs_connection.OvsdbIdl):  # type: ignore[misc]
     """The IDL replica, dispatching Port/Interface row changes to subscribers."""
 
-    listeners: list[Callable[[PortEvent], None]]
+    listeners: list[_Listener]
     cfg_changed: threading.Condition
     cfg_seq: int
     bridge_seq: int  # moves with every change of a Bridge row (its ports among them)
@@ -160,7 +163,13 @@ class _Idl(ovs_connection.OvsdbIdl):  # type: ignore[misc]
         if table == "Bridge":
             self.bridge_seq += 1
             return
-        if table not in ("Port", "Interface") or not self.listeners:
+        if table not in ("Port", "Interface"):
+            return
+        # Only for someone who asked for this kind of change: reading a row's columns
+        # converts them, and an attach of 500 containers brought thousands of row
+        # changes nobody here wanted (the daemon wants the deletions of ports).
+        wanted = [ls.callback for ls in self.listeners if ls.wants(event, table)]
+        if not wanted:
             return
         try:
             name = str(row.name)
@@ -170,8 +179,19 @@ class _Idl(ovs_connection.OvsdbIdl):  # type: ignore[misc]
         if event == "delete" and table == "Port" and self.own_deletes.take(name):
             return  # deleted by this adapter: not news to anyone here
         ev = PortEvent(event, table, name, ids)
-        for callback in list(self.listeners):
+        for callback in wanted:
             callback(ev)
+
+
+@dataclass(frozen=True)
+class _Listener:
+    callback: Callable[[PortEvent], None]
+    kinds: frozenset[str] | None
+    tables: frozenset[str] | None
+
+    def wants(self, kind: str, table: str) -> bool:
+        return (self.kinds is None or kind in self.kinds) \
+            and (self.tables is None or table in self.tables)
 
 
 def _find(api: Any, table: str, name: str) -> Any | None:
@@ -291,14 +311,25 @@ class NewPort:
     ifindex: int | None = None
 
 
-def _transact(path: str, ops: list[Any], timeout: float) -> list[Any]:
-    """One OVSDB ``transact`` over a fresh connection to the server's unix socket."""
+def _transact(db: str, ops: list[Any], timeout: float) -> list[Any]:
+    """One OVSDB ``transact`` over a fresh connection to the server (``unix:PATH`` or
+    ``tcp:HOST:PORT``)."""
     request = json.dumps({"method": "transact", "params": ["Open_vSwitch", *ops],
                           "id": 1}).encode()
     decoder = json.JSONDecoder()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    kind, _, where = db.partition(":")
+    address: str | tuple[str, int]
+    if kind == "unix":
+        family, address = socket.AF_UNIX, where
+    elif kind == "tcp" and ":" in where:
+        host, _, port = where.rpartition(":")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        address = (host.strip("[]"), int(port))
+    else:
+        raise OvsError(f"OVSDB at {db!r}: only unix: and tcp: addresses are read directly")
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
-        sock.connect(path)
+        sock.connect(address)
         sock.sendall(request)
         buf = ""
         while True:
@@ -517,13 +548,19 @@ class OvsAdapter:
         with _translate(what), self._conn.lock:
             yield self._api
 
-    def subscribe(self, callback: Callable[[PortEvent], None]) -> Callable[[], None]:
-        """Call `callback` on every Port/Interface row change; returns an unsubscribe."""
-        self._idl.listeners.append(callback)
+    def subscribe(self, callback: Callable[[PortEvent], None], *,
+                  kinds: Collection[str] | None = None,
+                  tables: Collection[str] | None = None) -> Callable[[], None]:
+        """Call `callback` on every Port/Interface row change (of `kinds`: "create",
+        "update", "delete"; in `tables`: "Port", "Interface"; None: all); returns an
+        unsubscribe."""
+        listener = _Listener(callback, None if kinds is None else frozenset(kinds),
+                             None if tables is None else frozenset(tables))
+        self._idl.listeners.append(listener)
 
         def unsubscribe() -> None:
             with contextlib.suppress(ValueError):
-                self._idl.listeners.remove(callback)
+                self._idl.listeners.remove(listener)
 
         return unsubscribe
 
@@ -658,7 +695,7 @@ class OvsAdapter:
         ops.append({"op": "select", "table": "Open_vSwitch", "where": [],
                     "columns": ["next_cfg"]})
         with _translate(f"add {len(ports)} port(s)"):
-            results = _transact(self.db[len("unix:"):], ops, self.timeout)
+            results = _transact(self.db, ops, self.timeout)
         bad = [r for r in results if not isinstance(r, dict) or "error" in r]
         if bad or len(results) < len(ops):
             # e.g. a port of that name created meanwhile: nothing was applied.
@@ -785,7 +822,7 @@ class OvsAdapter:
         for name in done:
             self._idl.own_deletes.add(name)
         with _translate(f"delete {len(done)} port(s)"):
-            results = _transact(self.db[len("unix:"):], ops, self.timeout)
+            results = _transact(self.db, ops, self.timeout)
         bad = [r for r in results if not isinstance(r, dict) or "error" in r]
         if bad:
             raise OvsError(f"delete {len(done)} port(s): {bad[0]}")
@@ -829,6 +866,35 @@ class OvsAdapter:
                     out.append(_owned_port(port, str(br.name)))
         return sorted(out, key=lambda p: p.name)
 
+    def datapath_state(self, names: Collection[str]) -> dict[str, PortDatapath]:
+        """How ovs-vswitchd has the interfaces `names` open (ofport, error, link state,
+        ifindex), read from ovsdb-server now: the replica leaves these columns out. An
+        interface without a row is absent from the result."""
+        wanted = set(names)
+        if not wanted:
+            return {}
+        with _translate(f"read the datapath state of {len(wanted)} interface(s)"):
+            results = _transact(self.db, [{"op": "select", "table": "Interface", "where": [],
+                                           "columns": _DATAPATH_COLUMNS}], self.timeout)
+        rows = results[0].get("rows", []) if results and isinstance(results[0], dict) else []
+        out: dict[str, PortDatapath] = {}
+        for row in rows:
+            name = row.get("name")
+            if name in wanted:
+                out[name] = PortDatapath(
+                    ofport=_json_opt(row.get("ofport")), error=_json_opt(row.get("error")),
+                    link_state=_json_opt(row.get("link_state")),
+                    ifindex=_json_opt(row.get("ifindex")))
+        return out
+
+
+def _json_opt(value: Any) -> Any | None:
+    """An optional column as OVSDB's JSON gives it: ``["set", []]`` or the value."""
+    if isinstance(value, list) and value[:1] == ["set"]:
+        items = value[1] if len(value) > 1 else []
+        return items[0] if items else None
+    return value
+
 
 def _owned_port(port: Any, bridge: str) -> OwnedPort:
     iface = port.interfaces[0] if port.interfaces else None
@@ -838,8 +904,4 @@ def _owned_port(port: Any, bridge: str) -> OwnedPort:
         tag=_opt(port.tag),
         external_ids=dict(port.external_ids),
         type="" if iface is None else str(iface.type),
-        ofport=None if iface is None else _opt(iface.ofport),
-        error=None if iface is None else _opt(iface.error),
-        link_state=None if iface is None else _opt(iface.link_state),
-        ifindex=None if iface is None else _opt(iface.ifindex),
     )

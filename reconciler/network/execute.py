@@ -27,6 +27,12 @@ from reconciler.network.plan import (
 from reconciler.network.portbatch import PortBatcher
 from reconciler.network.segments import Segments
 
+
+class EndExists(Exception):
+    """An interface planned without observing it (`CreateInterface.unobserved`) has an
+    end already: nothing was done to it; plan the container again, observed."""
+
+
 # A change after which neighbours (the host's gateway too) must learn the address/MAC.
 _ANNOUNCE_AFTER = frozenset({netlink.Change.CREATED, netlink.Change.RECREATED,
                              netlink.Change.ADDRESSES, netlink.Change.MAC})
@@ -72,6 +78,17 @@ class Executor:
                     except (AdapterError, ReconcilerError):
                         failed_nets.add(a.network.name)
                         raise
+                elif isinstance(a, CreateInterface) and a.unobserved:
+                    try:
+                        made = self._nl.create_interface(ns, a.link)
+                    except (AdapterError, ReconcilerError):
+                        res.interfaces.add(ifname)  # made in part, perhaps: ours
+                        raise
+                    if made is None:  # an end is there (ours or not): nothing was done
+                        raise EndExists(ifname)
+                    res.interfaces.add(ifname)
+                    changed[ifname] = made
+                    res.changes += [f"{ifname} {c}" for c in made]
                 elif isinstance(a, CreateInterface | RepairInterface):
                     res.interfaces.add(ifname)
                     # Neither end was there a moment ago: made without reading first.

@@ -81,11 +81,15 @@ class AllocateAddress:
 
 @dataclass(frozen=True)
 class CreateInterface:
-    """A veth pair: the container end named and configured, the host end ready to plug."""
+    """A veth pair: the container end named and configured, the host end ready to plug.
+    `unobserved`: planned without reading the interface (the controller's first attach
+    of it): should either end exist after all, the creation stops and the container is
+    planned again, observed."""
 
     network: str
     link: InterfaceSpec
     recreate: bool = False  # a stale host end (its peer gone) is replaced
+    unobserved: bool = False
 
     def describe(self) -> str:
         addrs = ", ".join(str(a) for a in self.link.addresses) or "a pool address"
@@ -193,8 +197,9 @@ def port_drift(want: PortWant, obs: PortObs) -> str | None:
 
 
 def plan_interface(want: Wanted, obs: Observed | None) -> tuple[Action, ...]:
-    """The actions for one wanted interface. `obs` None: not observable (dry-run of a
-    container whose namespace cannot be read) — planned as a fresh attachment."""
+    """The actions for one wanted interface. `obs` None: not observed (a first attach,
+    or a dry run of a container whose namespace cannot be read) — planned as a fresh
+    attachment."""
     ifname = want.link.ifname
     net = want.network.name
     out: list[Action] = []
@@ -206,7 +211,8 @@ def plan_interface(want: Wanted, obs: Observed | None) -> tuple[Action, ...]:
                                 f"{want.link.host_veth}"),)
     fresh = link is None or not link.exists
     if fresh:
-        out.append(CreateInterface(net, want.link, recreate=bool(link and link.host_present)))
+        out.append(CreateInterface(net, want.link, recreate=bool(link and link.host_present),
+                                   unobserved=obs is None))
     else:
         assert link is not None
         drift = link_drift(want.link, link)

@@ -12,6 +12,7 @@ owns the scheduling (the daemon's `ovs-ports` work key) calls `flush`. Without a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -76,6 +77,11 @@ class PortBatcher:
     def add(self, p: PendingPort) -> None:
         with self._lock:
             self._deletes.discard(p.port.name)
+            queued = self._adds.get(p.port.name)
+            if queued is not None and queued.announce and not p.announce:
+                # Plugged again before the commit (its container planned again): the
+                # announcement the first plug asked for still has to happen.
+                p = dataclasses.replace(p, announce=True)
             self._adds[p.port.name] = p
         self._kick()
 

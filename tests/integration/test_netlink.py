@@ -277,6 +277,35 @@ def test_gratuitous_arp_is_sent(
         cap.close()
 
 
+def test_create_interface_does_nothing_when_an_end_exists(
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str],
+) -> None:
+    """The daemon's first attach makes the pair without reading (`create_interface`).
+    When an end is there after all — the pair made by an earlier run, or someone's eth1
+    — it answers None and leaves everything as it was (the caller then observes)."""
+    ns, spec = attach_full(nl, netns_factory, octet, cleanup_links)
+    before = nl.observe(ns, spec.container_id, spec.ifname)
+    assert nl.create_interface(ns, spec) is None
+    assert nl.observe(ns, spec.container_id, spec.ifname) == before
+    assert_matches(nl, ns, spec)
+
+    other = netns_factory()
+    nsexec(other.pid, "ip", "link", "add", "eth1", "type", "veth", "peer", "name", "eth1p")
+    stranger = InterfaceSpec(f"test-{secrets.token_hex(4)}", "eth1")
+    cleanup_links.append(stranger.host_veth)
+    assert nl.create_interface(other, stranger) is None
+    assert not nl.link_exists(stranger.host_veth)  # no half-made pair on the host
+    assert "eth1@eth1p" in nsexec(other.pid, "ip", "link", "show", "eth1").stdout
+
+    fresh = netns_factory()
+    new = full_spec(f"test-{secrets.token_hex(4)}", octet)
+    cleanup_links.append(new.host_veth)
+    made = nl.create_interface(fresh, new)
+    assert made is not None and Change.CREATED in made
+    assert made.host_index == nl.link_index(new.host_veth)
+    assert_matches(nl, fresh, new)
+
+
 def test_foreign_interface_of_same_name_is_an_error(
     nl: NetlinkAdapter, netns_factory: NetnsFactory
 ) -> None:

@@ -132,7 +132,9 @@ def test_port_lifecycle_and_drift(ovs: OvsAdapter, bridge: str, veth: Callable[[
     assert vsctl_get("Port", port, "external_ids:reconciler-network") == "vnet1"
     got = ovs.get_port(port)
     assert got is not None and got.bridge == bridge and got.tag == 101
-    assert got.ofport is not None and got.ofport > 0  # the datapath really took the port
+    dp = ovs.datapath_state([port])[port]
+    assert dp.ofport is not None and dp.ofport > 0  # the datapath really took the port
+    assert dp.error is None and dp.ifindex is not None and dp.ifindex > 0
 
     assert ovs.ensure_port(bridge, port, 101, ids) is False
     assert ovs.ensure_port(bridge, port, 102, ids) is True
@@ -246,6 +248,55 @@ def test_own_port_deletions_are_not_reported_back(
     assert not {p.name for p in ovs.list_owned_ports() if p.bridge == bridge}
 
 
+def test_a_subscriber_gets_only_the_changes_it_asked_for(
+        ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
+    """The daemon asks for deletions of ports only; everyone else still gets everything."""
+    port = veth()
+    asked: list[tuple[str, str]] = []
+    everything: list[tuple[str, str]] = []
+    unsub_asked = ovs.subscribe(lambda e: asked.append((e.kind, e.table)),
+                                kinds={"delete"}, tables={"Port"})
+    unsub_all = ovs.subscribe(lambda e: everything.append((e.kind, e.table)))
+    try:
+        ovs.ensure_port(bridge, port, 7, {})
+        wait_for(lambda: ("create", "Interface") in everything, timeout=5,
+                 message="create events")
+        assert asked == []
+        ovs_vsctl("del-port", port)
+        wait_for(lambda: ("delete", "Port") in asked, timeout=5, message="the delete")
+        wait_for(lambda: ("delete", "Interface") in everything, timeout=5,
+                 message="the Interface delete")
+    finally:
+        unsub_asked()
+        unsub_all()
+    assert set(asked) == {("delete", "Port")}
+    assert {("create", "Port"), ("delete", "Port")} <= set(everything)
+
+
+def test_the_replica_is_not_woken_by_what_vswitchd_writes_about_a_port(
+        ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
+    """ovs-vswitchd rewrites an interface's link state (and ofport, ifindex, error) as it
+    opens it and as its carrier changes: those columns are read on demand, and the
+    replica, which the daemon's readers share under one lock, does not parse them."""
+    port = veth()
+    subprocess.run(["ip", "link", "set", port + "p", "down"], check=True)
+    ovs.ensure_port(bridge, port, 9, {})
+    wait_for(lambda: ovs.datapath_state([port]).get(port), timeout=5, message="the row")
+    assert wait_for(lambda: ovs.datapath_state([port])[port].link_state == "down", timeout=5)
+    updates: list[str] = []
+    unsubscribe = ovs.subscribe(lambda e: updates.append(e.name) if e.name == port else None)
+    try:
+        subprocess.run(["ip", "link", "set", port + "p", "up"], check=True)
+        assert wait_for(lambda: ovs.datapath_state([port])[port].link_state == "up",
+                        timeout=10, message="vswitchd writing link_state up")
+        ovs.ensure_port(bridge, port, 10, {})  # a change of ours, after vswitchd's
+        wait_for(lambda: updates, timeout=5, message="the update of the tag")
+    finally:
+        unsubscribe()
+    assert updates == [port]  # the Port's tag; nothing of the Interface
+    assert ovs.datapath_state([port, "no-such-port"]).keys() == {port}
+
+
 def test_batched_ports(ovs: OvsAdapter, bridge: str, veth: Callable[[], str]) -> None:
     ports = [veth() for _ in range(20)]
     with ovs.transaction():
@@ -276,7 +327,9 @@ def test_add_ports_in_one_transaction_like_ensure_port(
     owned = {p.name: p for p in ovs.list_owned_ports(node="n1") if p.bridge == bridge}
     assert set(owned) == set(ports)
     assert owned[ports[0]].tag is None and owned[ports[5]].tag == 305
-    assert all((o.ofport or 0) > 0 for o in owned.values()), owned
+    opened = ovs.datapath_state(ports)
+    assert set(opened) == set(ports)
+    assert all((d.ofport or 0) > 0 for d in opened.values()), opened
     assert owned[ports[3]].external_ids[IFINDEX_KEY] == "1003"
     assert vsctl_get("Interface", ports[3], "external_ids:reconciler-owner") == OWNER
     assert vsctl_get("Port", ports[5], "tag") == "305"
@@ -415,6 +468,6 @@ def test_attach_cost_50(rig: Rig) -> None:
         f"= {per_nl + per_ovs:.1f} ms per attach"
     )
     assert per_nl + per_ovs < 100
-    owned = {p.name: p for p in ovs.list_owned_ports() if p.bridge == bridge}
-    assert all(owned[s.host_veth].ofport for s in specs)
+    opened = ovs.datapath_state([s.host_veth for s in specs])
+    assert all(opened[s.host_veth].ofport for s in specs)
     assert wait_for(lambda: pings(handles[0].pid, f"10.77.{octet}.149"), timeout=10)

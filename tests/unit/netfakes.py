@@ -181,9 +181,9 @@ class HostLink:
 class FakeNetlink(Recorder):
     """Host links by name; container interfaces as last configured (by spec)."""
 
-    MUTATING = frozenset({"ensure_interface", "announce", "detach", "delete_host_veth",
-                          "ensure_linux_bridge", "ensure_host_address", "enslave",
-                          "delete_linux_bridge"})
+    MUTATING = frozenset({"ensure_interface", "create_interface", "announce", "detach",
+                          "delete_host_veth", "ensure_linux_bridge", "ensure_host_address",
+                          "enslave", "delete_linux_bridge"})
 
     def __init__(self) -> None:
         super().__init__()
@@ -253,6 +253,20 @@ class FakeNetlink(Recorder):
         if fresh:
             self.fresh_creates += 1
         return netlink.Changes(changes, self.host[spec.host_veth].index)
+
+    def create_interface(self, ns: netlink.ContainerNetns, spec: InterfaceSpec
+                         ) -> netlink.Changes | None:
+        """As the real one: None, having done nothing, when either end exists."""
+        self._rec("create_interface", spec.ifname, spec)
+        key = (spec.container_id, spec.ifname)
+        if spec.host_veth in self.host or key in self.inside or key in self.foreign:
+            return None
+        if spec.ifname in self.fail_ifnames:
+            raise NetlinkError(f"create {spec.ifname}: injected failure")
+        self.add_link(spec.host_veth, alias=spec.owner, mtu=spec.mtu)
+        self.inside[key] = spec
+        self.fresh_creates += 1
+        return netlink.Changes([Change.CREATED], self.host[spec.host_veth].index)
 
     def announce(self, ns: netlink.ContainerNetns, ifname: str, mac: str | None = None,
                  addresses: tuple[IpInterface, ...] | None = None) -> int:
@@ -402,6 +416,7 @@ class FakeOvs(Recorder):
         self.nl = nl  # internal ports appear there as host links
         self.bridges: dict[str, dict[str, str]] = {}
         self.ports: dict[str, OwnedPort] = {}
+        self.recorded_ifindex: dict[str, int | None] = {}  # as in external_ids, real one
         self.add_ports_ok = True
 
     @contextlib.contextmanager
@@ -425,8 +440,8 @@ class FakeOvs(Recorder):
         if not self.add_ports_ok:
             return False
         for p in ports:
-            self.ports[p.name] = OwnedPort(p.name, p.bridge, p.vlan, dict(p.external_ids),
-                                           ifindex=p.ifindex)
+            self.ports[p.name] = OwnedPort(p.name, p.bridge, p.vlan, dict(p.external_ids))
+            self.recorded_ifindex[p.name] = p.ifindex
         return True
 
     def port_differs(self, bridge: str, port_name: str, vlan: int | None,
@@ -434,23 +449,27 @@ class FakeOvs(Recorder):
         p = self.ports.get(port_name)
         return p is None or p.bridge != bridge or p.tag != vlan \
             or any(p.external_ids.get(k) != v for k, v in external_ids.items()) \
-            or (ifindex is not None and p.ifindex not in (None, ifindex))
+            or (ifindex is not None
+                and self.recorded_ifindex.get(port_name) not in (None, ifindex))
 
     def ensure_port(self, bridge: str, port_name: str, vlan: int | None,
                     external_ids: Mapping[str, str], ifindex: int | None = None) -> bool:
         self._rec("ensure_port", port_name)
         changed = self.port_differs(bridge, port_name, vlan, external_ids, ifindex)
-        self.ports[port_name] = OwnedPort(port_name, bridge, vlan, dict(external_ids),
-                                          ifindex=ifindex)
+        self.ports[port_name] = OwnedPort(port_name, bridge, vlan, dict(external_ids))
+        self.recorded_ifindex[port_name] = ifindex
         return changed
 
     def delete_port(self, name: str) -> bool:
         self._rec("delete_port", name)
+        self.recorded_ifindex.pop(name, None)
         return self.ports.pop(name, None) is not None
 
     def delete_ports(self, names: Iterable[str]) -> list[str]:
         names = list(names)
         self._rec("delete_ports", tuple(names))
+        for n in names:
+            self.recorded_ifindex.pop(n, None)
         return [n for n in names if self.ports.pop(n, None) is not None]
 
     def get_port(self, name: str) -> OwnedPort | None:

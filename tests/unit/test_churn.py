@@ -150,8 +150,8 @@ def test_container_churn_through_the_daemon_leaves_no_state(rig: Rig, traced: No
             id=cid, name=f"web-{n}", labels=LABELS, running=True, pid=4000 + n,
             start_time=None)
         if n % 25 == 0:  # its first attach fails: an error, a backoff, a failing key
-            rig.nl.fail["ensure_interface"] = NetlinkError("injected")
-            rig.nl.fail_times["ensure_interface"] = 1
+            rig.nl.fail["create_interface"] = NetlinkError("injected")
+            rig.nl.fail_times["create_interface"] = 1
         member = member_key(P, NODE, info)
         assert member is not None
         if n % 7 == 0:  # its member key is held by another node's session: an error

@@ -94,7 +94,9 @@ def test_fresh_ovs_container_is_created_queued_and_announced_after_the_commit(
     assert res.errors == []
     assert res.addresses == {"eth1": "10.77.1.10/24"}
     assert res.interfaces == {"eth1"}
-    [(ifname, spec)] = rig.nl.called("ensure_interface")
+    # A first attach: planned as new without reading the interface, and made so.
+    assert rig.nl.called("observe") == [] and rig.nl.called("ensure_interface") == []
+    [(ifname, spec)] = rig.nl.called("create_interface")
     assert ifname == "eth1"
     assert spec.addresses == (cidr("10.77.1.10/24"),)
     assert (spec.mtu, spec.tx_checksum, spec.announce) == (1400, None, False)
@@ -115,13 +117,39 @@ def test_fresh_ovs_container_is_created_queued_and_announced_after_the_commit(
 
     assert done.added == (VETH1,)
     port = rig.ovs.ports[VETH1]
-    assert (port.bridge, port.tag, port.ifindex) == ("br-v", 101, rig.nl.link_index(VETH1))
+    assert (port.bridge, port.tag) == ("br-v", 101)
+    assert rig.ovs.recorded_ifindex[VETH1] == rig.nl.link_index(VETH1)
     assert port.external_ids == {NODE_ID: NODE, "reconciler-container": CID,
                                  "reconciler-interface": "eth1", "reconciler-network": "vnet"}
     assert rig.nl.called("announce") == [("eth1", (cidr("10.77.1.10/24"),))]
     assert rig.netns.opened[-1] == (WEB.pid, CID)  # announced inside the container
     assert rig.ctrl.queued_containers() == []
     assert all(ns.closed for ns in rig.netns.handles)
+
+
+def test_an_interface_made_before_this_process_is_found_and_planned_observed(
+        rig: Rig) -> None:
+    """After a restart the daemon has attached nothing yet: its first try to make an
+    interface that is there (EEXIST) does nothing, and the container is planned again
+    with the interface read — only what drifted is repaired, nothing is re-created."""
+    rig.ctrl.set_state(state({"web": [itf("eth1")]}))
+    rig.reconcile(WEB)
+    rig.ctrl.flush_ports()
+    rig.ctrl._results.clear()  # a new process: nothing attached by it yet
+    rig.ovs.ports[VETH1] = dataclasses.replace(rig.ovs.ports[VETH1], tag=999)  # drifted
+    rig.clear()
+
+    res = rig.reconcile(WEB)
+
+    assert res.errors == []
+    assert [i for i, _ in rig.nl.called("create_interface")] == ["eth1"]  # EEXIST
+    assert rig.nl.called("observe") == [("eth1",)]
+    assert rig.nl.called("ensure_interface") == []  # the link itself is right
+    assert res.changes == ["eth1 port"]  # only the port's tag is repaired
+    assert res.interfaces == {"eth1"} and res.addresses == {"eth1": "10.77.1.10/24"}
+    rig.ctrl.flush_ports()
+    assert rig.ovs.ports[VETH1].tag == 101
+    assert rig.nl.called("announce") == []  # nothing about the address changed
 
 
 def test_fresh_linux_container_is_enslaved_and_announced_at_once(rig: Rig) -> None:
@@ -132,7 +160,7 @@ def test_fresh_linux_container_is_enslaved_and_announced_at_once(rig: Rig) -> No
     assert rig.nl.called("enslave") == [(VETH1, "br-l")]
     assert rig.nl.called("announce") == [("eth1", (cidr("10.88.0.10/24"),))]
     names = rig.nl.names()
-    assert names.index("ensure_interface") < names.index("enslave") < names.index("announce")
+    assert names.index("create_interface") < names.index("enslave") < names.index("announce")
     assert len(rig.batcher) == 0 and rig.kicks == []
     bridge = rig.nl.host["br-l"]
     assert (bridge.kind, bridge.mtu, bridge.up) == ("bridge", 1450, True)
@@ -148,7 +176,7 @@ def test_netdev_datapath_turns_tx_checksum_offload_off(monkeypatch: pytest.Monke
     rig = make_rig(monkeypatch, datapath="netdev")
     rig.ctrl.set_state(state({"web": [itf("eth1")]}))
     rig.reconcile(WEB)
-    [(_, spec)] = rig.nl.called("ensure_interface")
+    [(_, spec)] = rig.nl.called("create_interface")
     assert spec.tx_checksum is False
 
 
@@ -276,6 +304,9 @@ def test_a_blocked_interface_is_not_created_reported_and_not_published(rig: Rig)
 
     res = rig.ctrl.result(CID)
     assert res is not None
+    # Planned as new, eth1 was found there (not ours): nothing done to it, and the
+    # container planned again, observed.
+    assert [i for i, _ in rig.nl.called("create_interface")] == ["eth1"]
     assert [i for i, _ in rig.nl.called("ensure_interface")] == ["eth2"]
     assert res.addresses == {"eth2": "10.77.1.11/24"}  # the other interface is attached
     assert "eth1" not in res.interfaces
@@ -302,7 +333,7 @@ def test_a_static_address_held_by_another_container_is_a_conflict(rig: Rig) -> N
     assert res.addresses == {"eth2": "10.77.1.10/24"}
     assert "eth1" not in res.interfaces
     assert (CID, "eth1") in rig.nl.called("detach")  # the loser must not keep it
-    assert [i for i, _ in rig.nl.called("ensure_interface")] == ["eth2"]
+    assert [i for i, _ in rig.nl.called("create_interface")] == ["eth2"]
     assert ("vnet", "10.77.1.5", OTHER, "eth0") in rig.ipam.held()
 
 
@@ -552,7 +583,7 @@ def test_a_failing_segment_leaves_its_interfaces_alone(rig: Rig) -> None:
         rig.reconcile(WEB)
     res = rig.ctrl.result(CID)
     assert res is not None
-    assert [i for i, _ in rig.nl.called("ensure_interface")] == ["eth2"]  # not eth1
+    assert [i for i, _ in rig.nl.called("create_interface")] == ["eth2"]  # not eth1
     # The other network's segment is still built, and its interface attached.
     assert rig.nl.called("ensure_linux_bridge") == [("br-l",)]
     assert rig.fw.rules == {"br-l"}

@@ -284,8 +284,22 @@ def test_batch_deletes_first_then_new_ports_at_once_then_the_rest_in_one_transac
                          ("add_ports", ("y",)),
                          ("begin",), ("ensure_port", "x"), ("commit",)]
     assert (done.added, done.deleted) == (("x", "y"), ("old",))
-    assert ovs.ports["x"].tag == 101 and ovs.ports["y"].ifindex == 7
+    assert ovs.ports["x"].tag == 101 and ovs.recorded_ifindex["y"] == 7
     assert len(b) == 0
+
+
+def test_batch_a_port_plugged_again_before_its_commit_still_announces() -> None:
+    """A container planned again before the batch was committed (its first, unobserved
+    plan found another interface of it there) plugs its new port again without an
+    announcement of its own: the first plug's announcement is kept."""
+    ovs = FakeOvs()
+    announced: list[PendingPort] = []
+    b = batcher(ovs, announced=announced)
+    b.add(pending("y", announce=True))
+    b.add(pending("y", announce=False))
+    b.add(pending("z", announce=False))
+    b.flush()
+    assert [p.port.name for p in announced] == ["y"]
 
 
 def test_batch_falls_back_to_ensure_port_when_add_ports_cannot_apply() -> None:
