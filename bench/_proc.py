@@ -1,12 +1,17 @@
 """Process helpers the benchmarks share: run a command, a free local port, a percentile,
-a process's CPU seconds, RSS and open fds, stopping a child or a process by pid."""
+a process's CPU seconds (also per thread, with Python thread names), RSS and open fds,
+stopping a child or a process by pid."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +39,42 @@ def cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat", "rb") as f:
         rest = f.read().rsplit(b")", 1)[1].split()
     return (int(rest[11]) + int(rest[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """Thread id -> (user, system) CPU seconds of each thread of a process (from
+    /proc/<pid>/task/<tid>/stat; a thread that ended meanwhile is left out)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[float, float]] = {}
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    rest = f.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            out[int(tid)] = (int(rest[11]) / tick, int(rest[12]) / tick)
+    return out
+
+
+def python_thread_names(pid: int) -> dict[int, str]:
+    """Thread id -> Python thread name of a Python process, from ``py-spy dump`` (next to
+    this interpreter or on PATH); empty without py-spy. A trailing ``-<n>`` is dropped,
+    so a pool's threads share one name."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not os.access(exe, os.X_OK):
+        return {}
+    try:
+        out = subprocess.run([exe, "dump", "--pid", str(pid)], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    names: dict[int, str] = {}
+    for m in re.finditer(r'^Thread (0x[0-9a-fA-F]+|\d+) \([^)]*\): "([^"]*)"', out, re.M):
+        tid = m.group(1)
+        names[int(tid, 16) if tid.startswith("0x") else int(tid)] = \
+            re.sub(r"-\d+$", "", m.group(2))
+    return names
 
 
 def rss_mib(pid: int) -> float:

@@ -33,7 +33,9 @@ Owns the attach figures of docs/performance.md. For each N (``--n 50,200``):
 7. Where the time goes, over the attach (until every port is on the bridge) and the
    detach: CPU seconds of the daemon (user; system = the kernel's work in its netlink
    requests), ovs-vswitchd, ovsdb-server, Consul, Docker, kernel threads, this waiter,
-   and the rest of the (shared) machine, from /proc (bench/_machine.py). ``--profile
+   and the rest of the (shared) machine, from /proc (bench/_machine.py); and the
+   daemon's own threads over the attach (/proc/<pid>/task, named by ``py-spy dump``:
+   the workers' user and system time, the watches, the OVSDB replica). ``--profile
    DIR`` also records the daemon with py-spy and the machine with `perf` (perturbs).
 
 Prints figures; asserts nothing about time (it fails only if something does not work).
@@ -72,7 +74,7 @@ from _machine import (  # bench/_machine.py (run as scripts)
     machine_cpu,
     pid_of,
 )
-from _proc import cpu_seconds, pct, rss_mib, sh
+from _proc import cpu_seconds, pct, python_thread_names, rss_mib, sh, thread_cpu
 
 from reconciler.adapters.consul_kv import ConsulKV, ConsulSettings
 from reconciler.adapters.ovs import detect_datapath
@@ -336,6 +338,8 @@ class Figures:
     attach_others: dict[str, float] = field(default_factory=dict)  # comm -> CPU s
     detach_others: dict[str, float] = field(default_factory=dict)
     detach_wall_s: float = 0.0
+    # The daemon's threads over the attach (until every eth1 is up): name -> (user, sys).
+    attach_threads: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def per(self, total: float) -> float:
         return 1000 * total / self.n
@@ -497,6 +501,7 @@ class Bench:
         prof = Profiler(self.profile, pid, f"attach-{self.n}-{self.fig.round}")
         acct.start()
         cpu0 = cpu_seconds(pid)
+        threads0 = thread_cpu(pid)
         t0 = time.perf_counter()
         self.put(f"containers/{self.spec}", {"interfaces": [
             {"name": IFNAME, "network": f"bn-{self.rid}", "address": "auto"}]})
@@ -504,6 +509,7 @@ class Bench:
         self.fig.attach_s = max(seen.values())
         self.fig.attach_p50_s = pct(seen.values(), 0.5)
         self.fig.attach_cpu_s = cpu_seconds(pid) - cpu0
+        threads1 = thread_cpu(pid)
         # And until the last port is on the bridge (reported beside, not the figure).
         deadline = time.monotonic() + 60
         while len(self.ports(self.bridge_d)) < self.n:
@@ -515,6 +521,7 @@ class Bench:
         self.fig.attach_wall_s = acct.wall
         self.fig.attach_others = acct.others
         prof.stop()
+        self.fig.attach_threads = by_thread_name(threads0, threads1, python_thread_names(pid))
         addrs = {p.address(IFNAME) for p in self.probes.values()}
         if len(addrs) != self.n:
             raise RuntimeError(f"{len(addrs)} distinct addresses for {self.n} containers")
@@ -681,6 +688,20 @@ def _groups(cpu: dict[str, float]) -> list[tuple[str, float]]:
     return rows
 
 
+def by_thread_name(before: dict[int, tuple[float, float]],
+                   after: dict[int, tuple[float, float]], names: dict[int, str],
+                   ) -> dict[str, tuple[float, float]]:
+    """(user, system) CPU seconds between two `thread_cpu` readings, summed per thread
+    name (an unnamed thread: "other")."""
+    out: dict[str, tuple[float, float]] = {}
+    for tid, (u, s) in after.items():
+        u0, s0 = before.get(tid, (0.0, 0.0))
+        name = names.get(tid, "other")
+        have = out.get(name, (0.0, 0.0))
+        out[name] = (have[0] + u - u0, have[1] + s - s0)
+    return dict(sorted(out.items(), key=lambda kv: -sum(kv[1])))
+
+
 def report_breakdown(f: Figures) -> None:
     cores = os.cpu_count() or 1
     print(f"\nwhere the time goes, N={f.n}: CPU seconds (ms per interface) over the attach "
@@ -696,6 +717,12 @@ def report_breakdown(f: Figures) -> None:
         top = [f"{c} {v:.2f}" for c, v in list(others.items())[:6] if v >= 0.01]
         print(f"busiest other processes during the {what} (CPU s): "
               + (", ".join(top) or "none"))
+    # Per thread, from the kernel's accounting: a sampling profiler's view of who holds
+    # the GIL charged the OVSDB replica's thread with the daemon's idle moments.
+    shown = [f"{n} {u:.2f} + {s:.2f}" for n, (u, s) in f.attach_threads.items()
+             if u + s >= 0.01]
+    print("the daemon's threads over the attach until every eth1 was up (CPU s, user + "
+          "system; names from py-spy dump): " + (", ".join(shown) or "not read"))
 
 
 def row(f: Figures) -> str:
