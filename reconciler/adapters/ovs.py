@@ -67,10 +67,9 @@ _MANAGED_PREFIX = "reconciler-"
 """external_ids keys with this prefix are ours: set exactly; other keys are left alone."""
 
 # Only the columns the daemon decides on are replicated: the columns ovs-vswitchd writes
-# itself (statistics, and ofport, ifindex, link_state, error for every port it opens)
-# would otherwise stream in. Parsing those updates was most of the replica's work in an
-# attach of 500 containers, and the replica's thread held the GIL for more of it than the
-# attaches did (bench/attach.py with py-spy --gil). `datapath_state` reads them on demand.
+# itself (statistics, and ofport, ifindex, link_state, error for every port it opens or
+# whose carrier changes) would otherwise stream in, each update parsed by the replica
+# under the lock its readers share. `datapath_state` reads them on demand.
 _COLUMNS: dict[str, list[str] | None] = {
     "Open_vSwitch": None,  # all: bridges, next_cfg, cur_cfg, datapath_types
     "Bridge": ["name", "ports", "datapath_type", "external_ids"],
