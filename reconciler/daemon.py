@@ -44,8 +44,8 @@ from reconciler.adapters.docker_engine import (
     ContainerInfo,
     DockerEngine,
     EventWatcher,
-    read_process_start_time,
 )
+from reconciler.adapters.procfs import start_time
 from reconciler.errors import ConsulError, DockerError, ReconcilerError
 from reconciler.ipam import parse_allocations
 from reconciler.kvlayout import Layout, member_bucket, user_digest
@@ -99,7 +99,7 @@ def _summarize(items: list[str], show: int = 3) -> str:
 def _same_process(info: ContainerInfo) -> bool:
     """The cached container's process still runs (PIDs get reused: compare start time)."""
     return bool(info.pid) and info.start_time is not None \
-        and read_process_start_time(info.pid) == info.start_time
+        and start_time(info.pid) == info.start_time
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import docker.errors
 import requests.exceptions
 import urllib3.exceptions
 
+from reconciler.adapters.procfs import start_time
 from reconciler.errors import DockerError
 
 log = logging.getLogger(__name__)
@@ -125,23 +126,6 @@ def format_since(time_nano: int) -> str:
     return f"{time_nano // 1_000_000_000}.{time_nano % 1_000_000_000:09d}"
 
 
-def read_process_start_time(pid: int, proc: str = "/proc") -> int | None:
-    """Start time of process `pid` in clock ticks since boot (stat field 22), or None."""
-    if pid <= 0:
-        return None
-    try:
-        with open(f"{proc}/{pid}/stat", encoding="ascii", errors="replace") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # Field 2 (comm) is in parentheses and may itself contain spaces and ')'.
-    fields = stat[stat.rfind(")") + 2 :].split()
-    try:
-        return int(fields[22 - 3])
-    except (IndexError, ValueError):
-        return None
-
-
 def _parse_rfc3339_nano(value: str) -> int | None:
     """``2024-01-02T03:04:05.123456789Z`` (or with an offset) → ns since the epoch."""
     value = value.strip()
@@ -190,8 +174,7 @@ def container_info_from_inspect(data: Mapping[str, Any]) -> ContainerInfo:
         running=running,
         pid=pid,
         started_at=str(state.get("StartedAt") or ""),
-        start_time=read_process_start_time(
-            pid, os.environ.get("RECONCILER_HOST_PROC", "/proc")) if running else None,
+        start_time=start_time(pid) if running else None,
         networks=MappingProxyType(networks),
         image=str(config.get("Image") or ""),
     )

@@ -52,6 +52,7 @@ from typing import Any
 
 from pyroute2.netlink.rtnl import RTM_NEWLINK, RTMGRP_LINK
 
+from reconciler.adapters.procfs import HOST_PROC, cgroup, parse_start_time, read_proc_file
 from reconciler.adapters.rtnl import (
     INET_CONF_ARP_NOTIFY,
     INET_CONF_PROMOTE_SECONDARIES,
@@ -69,7 +70,6 @@ log = logging.getLogger(__name__)
 # promote_secondaries (deleting one address of a subnet keeps the others).
 _INET_CONF = ((INET_CONF_ARP_NOTIFY, 1), (INET_CONF_PROMOTE_SECONDARIES, 1))
 
-HOST_PROC = os.environ.get("RECONCILER_HOST_PROC", "/proc")
 """Where other processes' /proc entries are read: ``/proc``, or the host's /proc mounted
 into the daemon's container (``-v /proc:/host/proc:ro``), so a containerised daemon
 reaches container namespaces without the host PID namespace (swarm services cannot
@@ -269,22 +269,39 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
+_threads = threading.local()  # .home: the thread's own netns (an fd), .depth: _inside's
+
+
 @contextlib.contextmanager
 def _inside(ns_fd: int) -> Iterator[None]:
-    """Run the body with the *calling thread* in netns `ns_fd`; always switch back."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    """Run the body with the *calling thread* in netns `ns_fd`; always switch back.
+
+    The thread's own namespace is opened once per thread and kept (not once per entry:
+    the daemon enters every container it attaches, and twice for some); a nested entry
+    returns to the namespace it was entered from."""
+    depth: int = getattr(_threads, "depth", 0)
+    home: int | None = getattr(_threads, "home", None) if depth == 0 else None
+    opened = home is None
+    if home is None:
+        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        if depth == 0:
+            _threads.home, opened = home, False
     try:
         _setns(ns_fd)
+        _threads.depth = depth + 1
         try:
             yield
         finally:
+            _threads.depth = depth
             # If this failed the thread would stay in the container's netns: make it loud.
             _setns(home)
     finally:
-        os.close(home)
+        if opened:
+            os.close(home)
 
 
 _SIOCETHTOOL = 0x8946
+_SIOCGIFHWADDR = 0x8927  # ifreq: name[16], then sockaddr (family u16, MAC in sa_data)
 _ETHTOOL_GTXCSUM = 0x16
 _ETHTOOL_STXCSUM = 0x17
 
@@ -298,12 +315,12 @@ def _ethtool_value(fd: int, ifname: str, cmd: int, data: int = 0) -> int:
 
 
 def process_start_time(pid: int) -> int:
-    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot)."""
-    with open(f"{HOST_PROC}/{pid}/stat", "rb") as f:
-        data = f.read()
-    # comm (field 2) may contain spaces and parentheses: split after the last ')'.
-    rest = data[data.rindex(b")") + 2 :].split()
-    return int(rest[19])
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot); OSError if
+    the process is gone."""
+    start = parse_start_time(read_proc_file(f"{HOST_PROC}/{pid}/stat", one_record=True))
+    if start is None:
+        raise OSError(errno.EINVAL, f"unreadable /proc/{pid}/stat")
+    return start
 
 
 def _addresses(ipr: Rtnl, index: int) -> frozenset[IpInterface]:
@@ -326,13 +343,6 @@ def _gateway_routes(ipr: Rtnl, index: int) -> frozenset[Route]:
         out.add(Route(ipaddress.ip_network(f"{r.dst or zero}/{r.dst_len}"),
                       ipaddress.ip_address(r.gateway)))
     return frozenset(out)
-
-
-def _mac_of(ipr: Rtnl, index: int) -> str:
-    link = ipr.get_link(index=index)
-    if link is None or not link.mac:
-        raise NetlinkError(f"link {index} has no MAC address")
-    return link.mac.lower()
 
 
 def _garp_frame(mac: str, ip: ipaddress.IPv4Address) -> bytes:
@@ -409,11 +419,8 @@ class ContainerNetns:
                 raise NetlinkError(
                     f"pid {pid} was reused: start time {start} != expected {expected_start_time}"
                 )
-            if container_id is not None:
-                with open(f"{HOST_PROC}/{pid}/cgroup", encoding="utf-8") as f:
-                    cgroup = f.read()
-                if container_id not in cgroup:
-                    raise NetlinkError(f"pid {pid} does not belong to container {container_id}")
+            if container_id is not None and container_id not in cgroup(pid):
+                raise NetlinkError(f"pid {pid} does not belong to container {container_id}")
         except OSError as exc:
             os.close(fd)
             raise NetlinkError(f"pid {pid} vanished while opening its netns: {exc}") from exc
@@ -468,14 +475,22 @@ class ContainerNetns:
         with _translate(f"ethtool tx checksum on {ifname}"):
             _ethtool_value(self.iproute().fileno(), ifname, _ETHTOOL_STXCSUM, int(enable))
 
-    def send_garp(self, ifname: str, mac: str, ips: list[ipaddress.IPv4Address]) -> None:
-        """Send one gratuitous ARP per address out of `ifname` inside the namespace."""
+    def send_garp(self, ifname: str, mac: str | None, ips: list[ipaddress.IPv4Address]
+                  ) -> None:
+        """Send one gratuitous ARP per address out of `ifname` inside the namespace;
+        `mac` None: the interface's own, asked of the kernel with one ioctl."""
         with self._lock, _translate(f"gratuitous ARP on {ifname}"):
             if self._packet is None:
                 with _inside(self.fd):
                     # Protocol 0: send-only, no receive hook. Kept for the life of the handle:
                     # closing a packet socket waits for an RCU grace period (~12 ms).
                     self._packet = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+            if not mac:
+                # Any socket of the namespace takes device ioctls: no netlink socket (and
+                # its two namespace switches) only to read the MAC.
+                ifr = fcntl.ioctl(self._packet.fileno(), _SIOCGIFHWADDR,
+                                  struct.pack("16s16x", ifname.encode()))
+                mac = ":".join(f"{b:02x}" for b in ifr[18:24])
             for ip in ips:
                 self._packet.sendto(_garp_frame(mac, ip), (ifname, _ETH_P_ARP))
 
@@ -746,7 +761,7 @@ class NetlinkAdapter:
         changes.append(Change.UP)
         v4 = [a.ip for a in spec.addresses if isinstance(a, ipaddress.IPv4Interface)]
         if spec.announce and v4:
-            ns.send_garp(spec.ifname, (spec.mac or "").lower() or _mac_of(nipr, index), v4)
+            ns.send_garp(spec.ifname, spec.mac.lower() if spec.mac else None, v4)
             changes.append(Change.GARP)
         if self._ensure_routes(nipr, index, spec.wanted_routes(), fresh=True):
             changes.append(Change.ROUTES)
@@ -760,10 +775,11 @@ class NetlinkAdapter:
         For after the host end was (re)attached to a switch, e.g. when OVS re-opened a
         recreated veth after `ensure_interface` already announced: neighbours (the host's
         gateway address included) otherwise keep the old MAC until their entry times out.
-        `mac` and `addresses`, when the caller knows them, spare reading them.
+        `addresses`, when the caller knows them, spare reading the interface (its MAC,
+        unless given, is then asked of the kernel by the announcing socket).
         """
         with _translate(f"announce {ifname} in pid {ns.pid}"):
-            if mac is None or addresses is None:
+            if addresses is None:
                 nipr = ns.iproute()
                 link = nipr.get_link(ifname)
                 if link is None:
@@ -1184,7 +1200,41 @@ class LinkWatcher:
 _NETNS_GROUPS = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
 _SOL_NETLINK, _NETLINK_LISTEN_ALL_NSID = 270, 8
 _SO_RCVBUFFORCE = 33
+_SO_ATTACH_FILTER = 26
 _NSID_CMSG_SPACE = socket.CMSG_SPACE(4)
+
+
+def _be16(value: int) -> int:
+    """A host-order u16 of a message as a classic BPF half-word load sees it (BPF loads
+    are big-endian; netlink headers are in host order)."""
+    return int.from_bytes(struct.pack("=H", value), "big")
+
+
+# Classic BPF on the watch socket: let through what `_foreign_change` can count (every
+# report a request caused: nlmsg_pid != 0; the kernel's own reports of links), drop the
+# kernel's own address and route reports (pid 0: the local, broadcast and subnet routes
+# that follow an address, IPv6 link-local addresses and routes), which it never counts.
+# Half of an attach's reports (7 of 14 in a namespace with IPv6), each a receive and a
+# parse by the daemon, not made. One report per message: the kernel sends reports one to
+# a buffer. Instructions: (code, jump if true, jump if false, k).
+_WATCH_FILTER = (
+    (0x20, 0, 0, 12),                      # ld  nlmsg_pid
+    (0x15, 0, 4, 0),                       # jeq #0 ? next : accept
+    (0x28, 0, 0, 4),                       # ldh nlmsg_type
+    (0x15, 2, 0, _be16(RTM_NEWLINK)),      # jeq RTM_NEWLINK ? accept : next
+    (0x15, 1, 0, _be16(_RTM_DELLINK)),     # jeq RTM_DELLINK ? accept : drop
+    (0x06, 0, 0, 0),                       # ret 0: drop
+    (0x06, 0, 0, 0xFFFFFFFF),              # ret all: accept
+)
+
+
+def _attach_filter(sock: socket.socket, program: Iterable[tuple[int, int, int, int]]
+                   ) -> None:
+    """SO_ATTACH_FILTER: the kernel copies the program before setsockopt returns."""
+    code = b"".join(struct.pack("=HBBI", *insn) for insn in program)
+    buf = ctypes.create_string_buffer(code, len(code))
+    sock.setsockopt(socket.SOL_SOCKET, _SO_ATTACH_FILTER,
+                    struct.pack("@HP", len(code) // 8, ctypes.addressof(buf)))
 
 
 class _RecentPorts:
@@ -1318,6 +1368,7 @@ class NetnsWatcher:
             except OSError:
                 self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
             self._sock.setsockopt(_SOL_NETLINK, _NETLINK_LISTEN_ALL_NSID, 1)
+            _attach_filter(self._sock, _WATCH_FILTER)
             self._sock.bind((0, _NETNS_GROUPS))
             self._sock.setblocking(False)
             self._ids = Rtnl()  # asks the kernel for namespace ids

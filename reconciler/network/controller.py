@@ -62,6 +62,15 @@ def spec_key_for(layout: Layout, name: str, labels: Mapping[str, str], state: De
     return None
 
 
+def _open_netns(pid: int, start_time: int | None, container: str) -> netlink.ContainerNetns:
+    """The container's namespace, checked to be its process's: by the start time read
+    when Docker was asked (a pid with its start time names one process), or where that
+    is unknown, by the container's id in the process's cgroup (one more file to read)."""
+    if start_time is not None:
+        return netlink.ContainerNetns.open(pid, expected_start_time=start_time)
+    return netlink.ContainerNetns.open(pid, container_id=container)
+
+
 class NetworkController:
     """Applies networking for containers on this node."""
 
@@ -179,7 +188,7 @@ class NetworkController:
         self._dirty.begin(cid)
         res = AttachResult()
         try:
-            ns = netlink.ContainerNetns.open(info.pid, container_id=info.id)
+            ns = _open_netns(info.pid, info.start_time, info.id)
         except NetlinkError as e:
             res.errors.append(f"{info.name}: {e}")
             self._store(cid, res)
@@ -444,7 +453,7 @@ class NetworkController:
         switch: announce now. The container may be gone meanwhile."""
         for p in ports:
             try:
-                with netlink.ContainerNetns.open(p.pid, container_id=p.container) as ns:
+                with _open_netns(p.pid, p.start_time, p.container) as ns:
                     self._nl.announce(ns, p.ifname, addresses=p.addresses or None)
             except NetlinkError as e:
                 log.debug("announce %s %s: %s", p.container[:12], p.ifname, e)

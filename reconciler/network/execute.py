@@ -126,7 +126,8 @@ class Executor:
               changed: tuple[netlink.Change, ...], res: AttachResult) -> bool:
         """Plug the port; True when done now (announced here if needed), False when the
         driver queued it (and announces after its commit)."""
-        owner = PortOwner(self._node, cid, a.ifname, w.network.name, ns.pid)
+        owner = PortOwner(self._node, cid, a.ifname, w.network.name, ns.pid,
+                          ns.start_time)
         index = changed.host_index if isinstance(changed, netlink.Changes) else None
         done = self._segments.driver(w.network).plug(Plug(
             w.network, a.host_veth, owner,

@@ -36,6 +36,7 @@ class PendingPort:
     pid: int
     announce: bool
     addresses: tuple[IpInterface, ...] = field(default=(), hash=False)
+    start_time: int | None = None  # of `pid`: the announcement's namespace is its
 
 
 @dataclass(frozen=True)
@@ -134,10 +135,11 @@ class PortBatcher:
         fresh = [p.port for p in pending.values() if not self._ovs.port_exists(p.port.name)]
         if not (fresh and self._ovs.add_ports(fresh)):
             fresh = []
-        with self._ovs.transaction():
-            for p in pending.values():
-                if p.port not in fresh:
-                    n = p.port
+        added = {n.name for n in fresh}
+        rest = [p.port for p in pending.values() if p.port.name not in added]
+        if rest:  # (a set: a list's `in` compared every pair of a batch of 500 ports)
+            with self._ovs.transaction():
+                for n in rest:
                     self._ovs.ensure_port(n.bridge, n.name, n.vlan, n.external_ids,
                                           ifindex=n.ifindex)
         with self._lock:

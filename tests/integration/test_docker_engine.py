@@ -23,8 +23,8 @@ from reconciler.adapters.docker_engine import (
     EventStream,
     EventWatcher,
     format_since,
-    read_process_start_time,
 )
+from reconciler.adapters.procfs import start_time
 from reconciler.errors import DockerError
 
 pytestmark = pytest.mark.integration
@@ -111,7 +111,7 @@ def test_inspect_and_list_a_net_none_container(
     assert dict(info.networks) == {"none": (None, None)}
     assert info.started_at.startswith("20") or info.started_at[:2].isdigit()
     assert info.start_time is not None
-    assert info.start_time == read_process_start_time(info.pid)
+    assert info.start_time == start_time(info.pid)
     assert info.node is None
     # Inspect by name gives the same thing.
     assert engine.inspect(c.name) == info

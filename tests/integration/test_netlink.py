@@ -21,6 +21,8 @@ import pytest
 from helpers import NetnsFactory, ip_if, nsexec, pings, wait_for
 
 from reconciler.adapters.netlink import (
+    _NETNS_GROUPS,
+    _WATCH_FILTER,
     RETIRED_GROUP,
     RETIRED_VETH_PREFIX,
     Change,
@@ -32,10 +34,13 @@ from reconciler.adapters.netlink import (
     NetlinkAdapter,
     NetnsWatcher,
     Route,
+    _attach_filter,
+    _inside,
     host_veth_name,
     process_start_time,
     watch_links,
 )
+from reconciler.adapters.rtnl import Rtnl
 from reconciler.errors import NetlinkError
 
 pytestmark = pytest.mark.integration
@@ -275,6 +280,63 @@ def test_gratuitous_arp_is_sent(
         wait_for(garp_seen, timeout=3, interval=0, message="gratuitous ARP on the host veth")
     finally:
         cap.close()
+
+
+def test_announce_without_a_mac_sends_the_interfaces_own(
+    nl: NetlinkAdapter, netns_factory: NetnsFactory, octet: int, cleanup_links: list[str]
+) -> None:
+    """The announcement after a port's commit knows the addresses but not the MAC (the
+    kernel chose it): the frames carry the interface's own, asked of the kernel."""
+    ns = netns_factory()
+    spec = InterfaceSpec(f"test-{secrets.token_hex(4)}", "eth1",
+                         (ip_if(f"10.77.{octet}.21/24"),))
+    cleanup_links.append(spec.host_veth)
+    nl.ensure_interface(ns, spec)
+    mac = nl.observe(ns, spec.container_id, spec.ifname).mac
+    assert mac
+    cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806))
+    cap.bind((spec.host_veth, 0x0806))
+    cap.settimeout(3)
+    try:
+        assert nl.announce(ns, "eth1", addresses=spec.addresses) == 1
+        frame = cap.recv(2048)
+    finally:
+        cap.close()
+    raw = bytes.fromhex(mac.replace(":", ""))
+    assert frame[6:12] == raw and frame[14 + 8:14 + 14] == raw  # Ethernet and ARP sender
+    assert frame[14 + 14:14 + 18] == ipaddress.ip_address(f"10.77.{octet}.21").packed
+
+
+def test_inside_goes_back_where_it_was_entered_from(netns_factory: NetnsFactory) -> None:
+    """Entering a namespace keeps the thread's own one open for the way back; an entry
+    made from inside another returns there, and every thread has its own way home."""
+    outer, inner = netns_factory(), netns_factory()
+
+    def here() -> int:
+        return os.stat("/proc/thread-self/ns/net").st_ino
+
+    def visit() -> list[int]:
+        seen = [here()]
+        with _inside(outer.fd):
+            seen.append(here())
+            with _inside(inner.fd):
+                seen.append(here())
+            seen.append(here())
+        seen.append(here())
+        with _inside(inner.fd):
+            seen.append(here())
+        seen.append(here())
+        return seen
+
+    home = host_ns_inode()
+    want = [home, outer.inode, inner.inode, outer.inode, home, inner.inode, home]
+    assert visit() == want
+    assert visit() == want  # the kept way home serves again
+    other: list[list[int]] = []
+    thread = threading.Thread(target=lambda: other.append(visit()))
+    thread.start()
+    thread.join(timeout=10)
+    assert other == [want]
 
 
 def test_create_interface_does_nothing_when_an_end_exists(
@@ -664,6 +726,63 @@ def test_netns_watcher_watches_many_namespaces_on_one_socket(
         if thread.is_alive():
             thread.join(timeout=5)
         watcher.close()
+
+
+def _reports(sock: socket.socket, nsid: int, marker: bytes) -> list[tuple[int, int]]:
+    """(type, port id) of every report from namespace `nsid` read from `sock`, up to the
+    one whose body holds `marker` (an address added last, by a process)."""
+    out: list[tuple[int, int]] = []
+    while True:
+        data, anc, _, _ = sock.recvmsg(1 << 16, socket.CMSG_SPACE(4))
+        if not any(level == 270 and struct.unpack_from("=i", value)[0] == nsid
+                   for level, _, value in anc):
+            continue
+        off = 0
+        while off + 16 <= len(data):
+            length, kind, _, _, pid = struct.unpack_from("=IHHII", data, off)
+            out.append((kind, pid))
+            if marker in data[off:off + length]:
+                return out
+            off += (length + 3) & ~3
+
+
+def test_netns_watch_socket_is_not_sent_the_kernels_own_address_and_route_reports(
+        netns_factory: NetnsFactory, octet: int) -> None:
+    """The watch socket's filter drops, in the kernel, the reports the watch never
+    counts (the kernel's own address and route reports: port id 0, not a link), and lets
+    through every report a request caused and every link report, as a socket without
+    it sees them."""
+    ns = netns_factory()
+    with Rtnl() as ids:
+        nsid = ids.nsid(ns.fd)
+    socks = []
+    for filtered in (False, True):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+        sock.setsockopt(270, 8, 1)  # NETLINK_LISTEN_ALL_NSID
+        if filtered:
+            _attach_filter(sock, _WATCH_FILTER)
+        sock.bind((0, _NETNS_GROUPS))
+        sock.settimeout(5)
+        socks.append(sock)
+    try:
+        nsexec(ns.pid, "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1")
+        nsexec(ns.pid, "ip", "addr", "add", f"10.77.{octet}.5/24", "dev", "d0")
+        nsexec(ns.pid, "ip", "link", "set", "d1", "up")
+        nsexec(ns.pid, "ip", "link", "set", "d0", "up")
+        nsexec(ns.pid, "ip", "route", "add", "10.77.99.0/24", "via", f"10.77.{octet}.1")
+        nsexec(ns.pid, "ip", "addr", "add", "127.0.0.77/8", "dev", "lo")  # the marker
+        marker = ipaddress.ip_address("127.0.0.77").packed
+        plain, kept = (_reports(sock, nsid, marker) for sock in socks)
+    finally:
+        for sock in socks:
+            sock.close()
+    links = (16, 17)  # RTM_NEWLINK, RTM_DELLINK
+    kernels = [r for r in plain if r[1] == 0 and r[0] not in links]
+    assert len(kernels) >= 3, plain  # local, broadcast and subnet routes of the address
+    assert [r for r in kept if r[1] == 0 and r[0] not in links] == []
+    requested = [r for r in plain if r[1] != 0]
+    assert len(requested) >= 3 and [r for r in kept if r[1] != 0] == requested
+    assert any(kind in links for kind, _ in kept)
 
 
 @pytest.mark.parametrize("broadcast", [True, False])

@@ -121,8 +121,9 @@ class Recorder:
 class FakeNs:
     """Stands for a netlink.ContainerNetns: a pid, closable."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, start_time: int | None = None) -> None:
         self.pid = pid
+        self.start_time = start_time
         self.closed = False
 
     def close(self) -> None:
@@ -140,19 +141,21 @@ def as_ns(ns: FakeNs) -> netlink.ContainerNetns:
 
 
 class NetnsLog:
-    """Replaces ContainerNetns.open: records (pid, container id); `dead` pids fail."""
+    """Replaces ContainerNetns.open: records (pid, what the process was checked by: the
+    container id or the expected start time); `dead` pids fail."""
 
     def __init__(self) -> None:
-        self.opened: list[tuple[int, str | None]] = []
+        self.opened: list[tuple[int, str | int | None]] = []
         self.handles: list[FakeNs] = []
         self.dead: set[int] = set()
 
     def open(self, pid: int, *, expected_start_time: int | None = None,
              container_id: str | None = None) -> FakeNs:
-        self.opened.append((pid, container_id))
+        self.opened.append((pid, container_id if container_id is not None
+                            else expected_start_time))
         if pid in self.dead:
             raise NetlinkError(f"cannot open netns of pid {pid}: No such process")
-        ns = FakeNs(pid)
+        ns = FakeNs(pid, expected_start_time)
         self.handles.append(ns)
         return ns
 

@@ -16,8 +16,8 @@ from reconciler.adapters.consul_kv import KVItem, KVSnapshot
 from reconciler.adapters.docker_engine import (
     ContainerEvent,
     ContainerInfo,
-    read_process_start_time,
 )
+from reconciler.adapters.procfs import start_time
 from reconciler.daemon import Daemon, DaemonOptions
 from reconciler.model import DesiredState
 from reconciler.network.execute import AttachResult
@@ -242,7 +242,7 @@ def test_light_resync_queues_only_containers_that_may_have_changed() -> None:
     queues them all."""
     d, nc = make()
     me = os.getpid()
-    started = read_process_start_time(me)
+    started = start_time(me)
     same, dirty, restarted = (ContainerInfo(c, f"n-{c}", running=True, pid=me,
                                             start_time=started) for c in ("a", "b", "c"))
     restarted = dataclasses.replace(restarted, start_time=(started or 0) - 1)  # pid reused

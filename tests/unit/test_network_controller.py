@@ -122,7 +122,8 @@ def test_fresh_ovs_container_is_created_queued_and_announced_after_the_commit(
     assert port.external_ids == {NODE_ID: NODE, "reconciler-container": CID,
                                  "reconciler-interface": "eth1", "reconciler-network": "vnet"}
     assert rig.nl.called("announce") == [("eth1", (cidr("10.77.1.10/24"),))]
-    assert rig.netns.opened[-1] == (WEB.pid, CID)  # announced inside the container
+    # Announced inside the container, whose process is known by its start time.
+    assert rig.netns.opened[-1] == (WEB.pid, WEB.start_time)
     assert rig.ctrl.queued_containers() == []
     assert all(ns.closed for ns in rig.netns.handles)
 

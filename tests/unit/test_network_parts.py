@@ -288,6 +288,18 @@ def test_batch_deletes_first_then_new_ports_at_once_then_the_rest_in_one_transac
     assert len(b) == 0
 
 
+def test_batch_of_new_ports_only_opens_no_transaction_for_the_rest() -> None:
+    """Scaled-out replicas: every port is new and goes in the one direct transaction;
+    no transaction of the replica is opened for nothing."""
+    ovs = FakeOvs()
+    b = batcher(ovs)
+    for name in ("y", "z", "w"):
+        b.add(pending(name))
+    done = b.flush()
+    assert ovs.calls == [("add_ports", ("y", "z", "w"))]
+    assert set(done.added) == {"y", "z", "w"} and set(ovs.ports) == {"y", "z", "w"}
+
+
 def test_batch_a_port_plugged_again_before_its_commit_still_announces() -> None:
     """A container planned again before the batch was committed (its first, unobserved
     plan found another interface of it there) plugs its new port again without an

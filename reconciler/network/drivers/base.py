@@ -51,6 +51,7 @@ class PortOwner:
     ifname: str
     network: str
     pid: int = 0  # the container's process, for announcing once the port is live
+    start_time: int | None = None  # of that process (see adapters.procfs.start_time)
 
 
 @dataclass(frozen=True)

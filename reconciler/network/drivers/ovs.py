@@ -121,7 +121,8 @@ class OvsDriver:
         self._batcher.add(PendingPort(
             NewPort(p.net.bridge, p.host_veth, p.net.vlan, self._port_ids(p.owner),
                     p.ifindex),
-            p.owner.container, p.owner.ifname, p.owner.pid, p.announce, p.addresses))
+            p.owner.container, p.owner.ifname, p.owner.pid, p.announce, p.addresses,
+            p.owner.start_time))
         return False
 
     def unplug(self, host_veth: str) -> None:
