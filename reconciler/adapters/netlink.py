@@ -1483,19 +1483,26 @@ class NetnsWatcher:
         with self._lock:
             return set(self._nsids)
 
-    def run(self, callback: Callable[[str], None], stop: threading.Event) -> None:
+    def run(self, callback: Callable[[str], None], stop: threading.Event, *,
+            batch: float = 0.02) -> None:
+        """Call `callback(key)` for the keys whose namespaces changed, until `stop`.
+        Reports are read at most every `batch` seconds: an attach makes several reports
+        per container, and waking (the GIL, the lock `expect` takes) for each of 500
+        containers' cost more than reading them together. Drift waits that long more."""
         while not stop.is_set():
             try:
-                self._poll_once(callback)
+                if self._poll_once(callback) and batch > 0:
+                    stop.wait(batch)
             except Exception:
                 log.exception("netns watch failed (continuing)")
                 stop.wait(0.5)
 
-    def _poll_once(self, callback: Callable[[str], None]) -> None:
+    def _poll_once(self, callback: Callable[[str], None]) -> bool:
+        """One wait for reports (0.5 s at most) and their judgement; whether any came."""
         try:
             ready = self._ep.poll(0.5)
         except OSError:
-            return
+            return False
         if any(fd == self._wake for fd, _ in ready):
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._wake)
@@ -1510,6 +1517,7 @@ class NetnsWatcher:
                     found.add(key)
         for key in found:
             callback(key)
+        return bool(ready)
 
     def close(self) -> None:
         with self._lock:

@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 
 import pytest
 from helpers import NetnsFactory, ip_if, nsexec, pings, wait_for
@@ -721,6 +722,48 @@ def test_netns_watcher_watches_many_namespaces_on_one_socket(
             nsexec(ns.pid, "ip", "addr", "add", f"127.0.0.{10 + i}/8", "dev", "lo")
         wait_for(lambda: seen == set(namespaces), timeout=5, interval=0.01,
                  message=f"a change in every namespace reported (seen {sorted(seen)})")
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=5)
+        watcher.close()
+
+
+@pytest.mark.parametrize("batch", [0.0, 1.0])
+def test_netns_watcher_reads_a_burst_of_reports_together(
+        netns_factory: NetnsFactory, monkeypatch: pytest.MonkeyPatch, batch: float) -> None:
+    """After a wake the watch lets reports gather for `batch` seconds: changes in five
+    namespaces, made one after another, are read in two wakes (the first change's and
+    the rest's), not one each. With no batch each change is a wake of its own."""
+    namespaces = {f"b{i}": netns_factory() for i in range(5)}
+    watcher = NetnsWatcher()
+    seen: set[str] = set()
+    wakes: list[bool] = []
+    poll = watcher._poll_once
+
+    def counted(callback: Callable[[str], None]) -> bool:
+        woke = poll(callback)
+        if woke:
+            wakes.append(woke)
+        return woke
+
+    monkeypatch.setattr(watcher, "_poll_once", counted)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(seen.add, stop),
+                              kwargs={"batch": batch}, daemon=True)
+    try:
+        for key, ns in namespaces.items():
+            watcher.add(key, ns)
+        thread.start()
+        for ns in namespaces.values():
+            before = len(wakes)
+            nsexec(ns.pid, "ip", "addr", "add", "127.0.0.9/8", "dev", "lo")
+            if not batch:  # each read before the next change: a wake of its own
+                wait_for(lambda n=before: len(wakes) > n, timeout=5, interval=0.005,
+                         message="the watch woke for a change")
+        wait_for(lambda: seen == set(namespaces), timeout=5, interval=0.01,
+                 message=f"a change in every namespace reported (seen {sorted(seen)})")
+        assert len(wakes) == (2 if batch else 5)
     finally:
         stop.set()
         if thread.is_alive():
