@@ -8,6 +8,7 @@ everything created is removed in fixtures.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import secrets
@@ -759,8 +760,8 @@ def test_netns_watcher_reads_a_burst_of_reports_together(
             before = len(wakes)
             nsexec(ns.pid, "ip", "addr", "add", "127.0.0.9/8", "dev", "lo")
             if not batch:  # each read before the next change: a wake of its own
-                wait_for(lambda n=before: len(wakes) > n, timeout=5, interval=0.005,
-                         message="the watch woke for a change")
+                wait_for(functools.partial(lambda n: len(wakes) > n, before), timeout=5,
+                         interval=0.005, message="the watch woke for a change")
         wait_for(lambda: seen == set(namespaces), timeout=5, interval=0.01,
                  message=f"a change in every namespace reported (seen {sorted(seen)})")
         assert len(wakes) == (2 if batch else 5)
