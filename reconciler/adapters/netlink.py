@@ -36,6 +36,7 @@ import enum
 import errno
 import fcntl
 import hashlib
+import io
 import ipaddress
 import logging
 import os
@@ -69,11 +70,6 @@ log = logging.getLogger(__name__)
 # The IPv4 settings of a container's interface: arp_notify (announce on link-up) and
 # promote_secondaries (deleting one address of a subnet keeps the others).
 _INET_CONF = ((INET_CONF_ARP_NOTIFY, 1), (INET_CONF_PROMOTE_SECONDARIES, 1))
-
-"""Where other processes' /proc entries are read: ``/proc``, or the host's /proc mounted
-into the daemon's container (``-v /proc:/host/proc:ro``), so a containerised daemon
-reaches container namespaces without the host PID namespace (swarm services cannot
-have it; issue 10). The daemon's own entries (``/proc/thread-self``) stay ``/proc``."""
 
 __all__ = [
     "HOST_VETH_PREFIX",
@@ -269,7 +265,8 @@ def _setns(fd: int) -> None:
         raise OSError(err, f"setns: {os.strerror(err)}")
 
 
-_threads = threading.local()  # .home: the thread's own netns (an fd), .depth: _inside's
+# .home: the thread's own netns, a file closed with the thread; .depth: _inside's.
+_threads = threading.local()
 
 
 @contextlib.contextmanager
@@ -280,12 +277,12 @@ def _inside(ns_fd: int) -> Iterator[None]:
     the daemon enters every container it attaches, and twice for some); a nested entry
     returns to the namespace it was entered from."""
     depth: int = getattr(_threads, "depth", 0)
-    home: int | None = getattr(_threads, "home", None) if depth == 0 else None
-    opened = home is None
+    home: io.FileIO | None = getattr(_threads, "home", None) if depth == 0 else None
+    kept = home is not None or depth == 0
     if home is None:
-        home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        home = io.FileIO("/proc/thread-self/ns/net", "r")  # O_CLOEXEC, closed when freed
         if depth == 0:
-            _threads.home, opened = home, False
+            _threads.home = home
     try:
         _setns(ns_fd)
         _threads.depth = depth + 1
@@ -294,10 +291,10 @@ def _inside(ns_fd: int) -> Iterator[None]:
         finally:
             _threads.depth = depth
             # If this failed the thread would stay in the container's netns: make it loud.
-            _setns(home)
+            _setns(home.fileno())
     finally:
-        if opened:
-            os.close(home)
+        if not kept:
+            home.close()
 
 
 _SIOCETHTOOL = 0x8946

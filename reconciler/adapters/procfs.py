@@ -13,6 +13,10 @@ from __future__ import annotations
 import os
 
 HOST_PROC = os.environ.get("RECONCILER_HOST_PROC", "/proc")
+"""Where other processes' /proc entries are read: ``/proc``, or the host's /proc mounted
+into the daemon's container (``-v /proc:/host/proc:ro``), so a containerised daemon
+reaches container namespaces without the host PID namespace (swarm services cannot
+have it; issue 10). The daemon's own entries (``/proc/thread-self``) stay ``/proc``."""
 
 _CHUNK = 1 << 16
 

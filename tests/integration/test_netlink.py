@@ -311,7 +311,8 @@ def test_announce_without_a_mac_sends_the_interfaces_own(
 
 def test_inside_goes_back_where_it_was_entered_from(netns_factory: NetnsFactory) -> None:
     """Entering a namespace keeps the thread's own one open for the way back; an entry
-    made from inside another returns there, and every thread has its own way home."""
+    made from inside another returns there, and every thread has its own way home,
+    closed when the thread ends."""
     outer, inner = netns_factory(), netns_factory()
 
     def here() -> int:
@@ -335,10 +336,12 @@ def test_inside_goes_back_where_it_was_entered_from(netns_factory: NetnsFactory)
     assert visit() == want
     assert visit() == want  # the kept way home serves again
     other: list[list[int]] = []
+    fds = len(os.listdir("/proc/self/fd"))
     thread = threading.Thread(target=lambda: other.append(visit()))
     thread.start()
     thread.join(timeout=10)
     assert other == [want]
+    assert len(os.listdir("/proc/self/fd")) == fds  # its way home closed with it
 
 
 def test_create_interface_does_nothing_when_an_end_exists(
