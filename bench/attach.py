@@ -5,9 +5,10 @@ Owns the attach figures of docs/performance.md. For each N (``--n 50,200``):
 1. N containers run with ``--net none`` from the local test image, all labelled
    ``reconciler.name=<spec>``; one OVS network (vlan 100, a /21 pool: N up to 1000) is
    in Consul.
-2. `reconciler run` starts (its own process, default settings: resync 30 s, 4 workers)
-   and settles (its start-up pass over N unattached containers is not measured); then
-   the machine settles too (dockerd and containerd finish starting the containers).
+2. `reconciler run` starts (its own process, default settings: resync 30 s, a worker per
+   CPU between 2 and 4) and settles (its start-up pass over N unattached containers is
+   not measured); then the machine settles too (dockerd and containerd finish starting
+   the containers).
 3. Attach: the clock starts just before ONE put of ``containers/<spec>`` (``auto``
    address) and stops when every container's eth1 is up (IFF_UP and carrier) with an
    address of the subnet, as read from inside each namespace: per container, a netlink

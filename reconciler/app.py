@@ -65,8 +65,7 @@ class Parts:
                 continue
 
 
-def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
-          workers: int = 4) -> Parts:
+def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True) -> Parts:
     metrics = Metrics()
     kv = ConsulKV(ConsulSettings.from_env(), observe=metrics.consul_request)
     docker = DockerEngine()
@@ -114,7 +113,7 @@ def build(settings: Settings, *, dry_run: bool = False, with_proxy: bool = True,
     proxy = _build_proxy(settings, kv, dry_run, metrics) if with_proxy else None
     session_file = os.path.join(settings.proxy.state_dir, f"session-{settings.node}")
     daemon = Daemon(DaemonOptions(settings.node, settings.prefix, settings.resync,
-                                  workers=workers, dry_run=dry_run,
+                                  workers=settings.workers, dry_run=dry_run,
                                   session_file=session_file, advertise=advertise,
                                   serve=settings.proxy.serve, freeze_heap=not dry_run),
                     kv=kv, docker=docker, netctl=netctl, proxy=proxy, metrics=metrics,

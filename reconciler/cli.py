@@ -34,6 +34,7 @@ from reconciler.settings import (
     default_haproxy_user,
     default_node,
     default_ovs_db,
+    default_workers,
     env_prefix,
     parse_log_target,
     parse_serve,
@@ -111,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print what would change and exit, changing nothing (implies --once)")
     r.add_argument("--resync", type=_positive_float, default=_env_float("RECONCILER_RESYNC", 30),
                    metavar="SECONDS", help="full resync period (default 30)")
+    r.add_argument("--workers", type=_positive_int, default=os.environ.get("RECONCILER_WORKERS"),
+                   metavar="N", help="keys reconciled at once (default: $RECONCILER_WORKERS, "
+                   "else one per CPU, at least 2 and at most 4)")
     r.add_argument("--listen", default=os.environ.get("RECONCILER_LISTEN", DEFAULT_LISTEN),
                    metavar="HOST:PORT", help="serve /livez, /readyz and /metrics here, or "
                    f"`off` (default: $RECONCILER_LISTEN or {DEFAULT_LISTEN})")
@@ -177,6 +181,16 @@ def _positive_float(v: str) -> float:
     if f <= 0:
         raise argparse.ArgumentTypeError("must be > 0")
     return f
+
+
+def _positive_int(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return n
 
 
 def _env_float(name: str, default: float) -> float:
@@ -249,6 +263,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         read_stats_auth(stats_auth)  # refuse a bad file now, not at the first render
     return Settings(
         prefix=args.prefix, node=node, resync=getattr(args, "resync", 30.0),
+        workers=getattr(args, "workers", None) or default_workers(),
         network=NetworkSettings(ovs_db=getattr(args, "ovs_db", None) or default_ovs_db(),
                                 ovs_datapath=getattr(args, "ovs_datapath", "auto"),
                                 advertise=_advertise(getattr(args, "advertise_addr", None))),
@@ -480,6 +495,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         fixed = [name for name, old, now in (
             ("--node", settings.node, new.node), ("--prefix", settings.prefix, new.prefix),
             ("--resync", settings.resync, new.resync),
+            ("--workers", settings.workers, new.workers),
             ("--state-dir", settings.proxy.state_dir, new.proxy.state_dir),
             ("--ovs-db", settings.network.ovs_db, new.network.ovs_db),
             ("--listen", settings.observe.listen, new.observe.listen)) if old != now]

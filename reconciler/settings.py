@@ -26,6 +26,16 @@ def env_prefix(environ: Mapping[str, str] = os.environ) -> str:
     return normalize_prefix(environ.get("RECONCILER_PREFIX", DEFAULT_PREFIX))
 
 
+def default_workers(cpus: int | None = None) -> int:
+    """How many keys the daemon reconciles at once: one per CPU, at least 2 (one Docker
+    or Consul call that waits does not stop everything) and at most 4. The work is
+    Python's under one GIL plus short system calls: on 2 CPUs, 4 workers attached 500
+    containers no faster than 2, with a tenth more of the daemon's CPU, a fifth more of
+    ovs-vswitchd's, and the ports on the bridge a fifth later (bench/attach.py, seven
+    alternating pairs, docs/performance.md)."""
+    return min(4, max(2, cpus if cpus is not None else os.cpu_count() or 2))
+
+
 def default_node(environ: Mapping[str, str] = os.environ) -> str:
     """The node name: RECONCILER_NODE, else the host name (first label)."""
     node = environ.get("RECONCILER_NODE") or socket.gethostname().split(".")[0]
@@ -244,6 +254,8 @@ class Settings:
     """This host's node name in status, allocations and published members."""
     resync: float = 30.0
     """Seconds between full resyncs."""
+    workers: int = field(default_factory=default_workers)
+    """Keys reconciled at once (`default_workers`)."""
     network: NetworkSettings = field(default_factory=NetworkSettings)
     proxy: ProxySettings = field(default_factory=ProxySettings)
     observe: ObserveSettings = field(default_factory=ObserveSettings)
