@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from reconciler import model
 from reconciler.errors import (
@@ -173,24 +174,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _positive_float(v: str) -> float:
-    try:
-        f = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
-    if f <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return f
+_Number = TypeVar("_Number", int, float)
 
 
-def _positive_int(v: str) -> int:
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return n
+def _positive(convert: Callable[[str], _Number], what: str) -> Callable[[str], _Number]:
+    """An argparse type: `convert` of the text, which must be > 0."""
+    def parse(v: str) -> _Number:
+        try:
+            n = convert(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what}: {v!r}") from None
+        if n <= 0:
+            raise argparse.ArgumentTypeError("must be > 0")
+        return n
+    return parse
+
+
+_positive_float = _positive(float, "a number")
+_positive_int = _positive(int, "a whole number")
 
 
 def _env_float(name: str, default: float) -> float:
