@@ -32,8 +32,11 @@ def default_workers(cpus: int | None = None) -> int:
     Python's under one GIL plus short system calls: on 2 CPUs, 4 workers attached 500
     containers no faster than 2, with a tenth more of the daemon's CPU, a fifth more of
     ovs-vswitchd's, and the ports on the bridge a fifth later (bench/attach.py, seven
-    alternating pairs, docs/performance.md)."""
-    return min(4, max(2, cpus if cpus is not None else os.cpu_count() or 2))
+    alternating pairs, docs/performance.md). CPUs: those this process may run on (a
+    daemon pinned by its container or unit counts its own, not the host's)."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) or 2
+    return min(4, max(2, cpus))
 
 
 def default_node(environ: Mapping[str, str] = os.environ) -> str:

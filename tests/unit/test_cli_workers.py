@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from reconciler.cli import build_parser, settings_from
@@ -11,6 +13,13 @@ from reconciler.settings import default_workers
 @pytest.mark.parametrize(("cpus", "workers"), [(1, 2), (2, 2), (3, 3), (4, 4), (64, 4)])
 def test_default_is_one_worker_per_cpu_between_2_and_4(cpus: int, workers: int) -> None:
     assert default_workers(cpus) == workers
+
+
+def test_default_counts_the_cpus_this_process_may_run_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert default_workers() == 3
 
 
 def _settings(argv: list[str]) -> int:
